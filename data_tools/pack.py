@@ -1,0 +1,190 @@
+"""Pack a corpus into fixed-length token sequences stored as `datasets` Arrow, split into train/validation by
+document.
+
+`python -m data_tools.pack CONFIG [overrides]` writes into `out_dir`:
+  tokenizer/       HF tokenizer directory (trained, copied from `tokenizer.path`, or reused if already there)
+  train/           Arrow dataset, one row per sequence: `input_ids` (int32, length seq_len)
+  validation/      same, from held-out documents only
+  manifest.json    tokenizer fingerprint, seq_len and counts; written last, so it marks a complete dataset
+Each document is followed by EOS; sequences are cut from the concatenated stream, and the tail shorter than
+seq_len is dropped (counted in the manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_tools.corpus import CorpusConfig, read_documents
+from data_tools.tokenizer import TokenizerConfig, load_tokenizer, prepare_tokenizer, tokenizer_fingerprint
+from slm_assist.config import check, load_config, save_config, split_argv
+from slm_assist.errors import UserError
+from slm_assist.fsutil import atomic_output_dir, atomic_write_text
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation")
+
+
+@dataclass
+class PackConfig:
+    seq_len: int = 256
+    """Tokens per sequence."""
+    val_fraction: float = 0.02
+    """Fraction of *documents* held out for validation (0 = no validation split)."""
+    seed: int = 0
+    """Seeds the document-level split."""
+    batch_docs: int = 512
+    """Documents tokenized per call (speed only)."""
+
+    def __post_init__(self) -> None:
+        check(self.seq_len >= 2, "seq_len", self.seq_len, ">= 2")
+        check(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "in [0, 1)")
+        check(self.batch_docs > 0, "batch_docs", self.batch_docs, "> 0")
+
+
+@dataclass
+class PrepareConfig:
+    out_dir: str = "data/demo"
+    """Dataset directory (tokenizer/, train/, validation/, manifest.json)."""
+    overwrite: bool = False
+    """Replace an existing non-empty output."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+
+
+def load_prepare_config(argv: Sequence[str], usage: str) -> PrepareConfig:
+    path, overrides = split_argv(argv, usage)
+    return load_config(PrepareConfig, path, overrides)
+
+
+def is_validation_doc(index: int, seed: int, fraction: float) -> bool:
+    """Deterministic, order-independent document split: a hash of (seed, index) against the fraction."""
+    if fraction <= 0:
+        return False
+    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+def pack_token_stream(docs_ids: Sequence[Sequence[int]], eos_id: int, seq_len: int) -> tuple[np.ndarray, int]:
+    """Concatenate documents, each followed by EOS, and cut into rows of seq_len. Returns (rows, dropped tail)."""
+    lengths = [len(d) + 1 for d in docs_ids]
+    stream = np.empty(sum(lengths), dtype=np.int32)
+    pos = 0
+    for ids, n in zip(docs_ids, lengths):
+        stream[pos : pos + n - 1] = ids
+        stream[pos + n - 1] = eos_id
+        pos += n
+    n_rows = len(stream) // seq_len
+    return stream[: n_rows * seq_len].reshape(n_rows, seq_len), len(stream) - n_rows * seq_len
+
+
+def _save_rows(rows: np.ndarray, path: Path) -> None:
+    import datasets
+    import pyarrow as pa
+
+    flat = pa.array(rows.reshape(-1), type=pa.int32())
+    col = pa.FixedSizeListArray.from_arrays(flat, rows.shape[1]) if rows.size else pa.array([], pa.list_(pa.int32(), rows.shape[1]))
+    datasets.Dataset(pa.table({"input_ids": col})).save_to_disk(str(path))
+
+
+def tokenize_documents(docs: list[str], tok, batch_docs: int) -> list[list[int]]:
+    from tqdm.auto import tqdm
+
+    out: list[list[int]] = []
+    with tqdm(total=len(docs), desc="tokenize", unit="doc") as bar:
+        for i in range(0, len(docs), batch_docs):
+            batch = docs[i : i + batch_docs]
+            out.extend(tok(batch, add_special_tokens=False)["input_ids"])
+            bar.update(len(batch))
+    return out
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """Tokenizer -> tokenize -> split by document -> pack -> save. Returns the manifest."""
+    out = Path(cfg.out_dir)
+    tok_dir = out / "tokenizer"
+    for name in (*SPLITS, MANIFEST):  # a tokenizer/ left by `data_tools.tokenizer` is fine: it is reused
+        if (out / name).exists() and not cfg.overwrite:
+            raise UserError(f"output {out / name} exists in {out}; set overwrite=true to replace it")
+    (out / MANIFEST).unlink(missing_ok=True)  # the dataset is incomplete until a new manifest is written
+
+    t0 = time.time()
+    docs = list(read_documents(cfg.corpus))
+    if cfg.tokenizer.path or not tok_dir.is_dir() or cfg.overwrite:
+        with atomic_output_dir(tok_dir, overwrite=True) as tmp:
+            prepare_tokenizer(cfg.tokenizer, docs, tmp)
+    else:
+        print(f"reusing tokenizer {tok_dir}")
+    tok = load_tokenizer(tok_dir)
+
+    ids = tokenize_documents(docs, tok, cfg.pack.batch_docs)
+    is_val = [is_validation_doc(i, cfg.pack.seed, cfg.pack.val_fraction) for i in range(len(ids))]
+    manifest: dict[str, Any] = {
+        "format_version": 1,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "vocab_size": len(tok),
+        "eos_token_id": tok.eos_token_id,
+        "seq_len": cfg.pack.seq_len,
+        "val_fraction": cfg.pack.val_fraction,
+        "seed": cfg.pack.seed,
+        "sources": list(cfg.corpus.paths) or ["<embedded demo corpus>"],
+        "splits": {},
+    }
+    for split in SPLITS:
+        want_val = split == "validation"
+        if want_val and cfg.pack.val_fraction == 0:
+            continue
+        split_ids = [d for d, v in zip(ids, is_val) if v == want_val]
+        rows, dropped = pack_token_stream(split_ids, tok.eos_token_id, cfg.pack.seq_len)
+        if len(rows) == 0:
+            raise UserError(
+                f"split '{split}' has {len(split_ids)} documents, too few tokens for one sequence of "
+                f"pack.seq_len={cfg.pack.seq_len}; use a larger corpus, a shorter seq_len or another pack.val_fraction"
+            )
+        with atomic_output_dir(out / split, overwrite=True) as tmp:
+            _save_rows(rows, tmp)
+        manifest["splits"][split] = {
+            "documents": len(split_ids),
+            "sequences": int(rows.shape[0]),
+            "tokens": int(rows.size),
+            "dropped_tail_tokens": int(dropped),
+        }
+    save_config(cfg, out / "prepare_config.yaml")
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    s = manifest["splits"]
+    print(
+        f"packed {out}: train {s['train']['sequences']} x {cfg.pack.seq_len} tokens from {s['train']['documents']} docs"
+        + (f", validation {s['validation']['sequences']} from {s['validation']['documents']} docs" if "validation" in s else "")
+        + f" ({time.time() - t0:.1f}s)"
+    )
+    return manifest
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a packed dataset; its absence means the dataset is missing or incomplete."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{data_dir}: no {MANIFEST}; not a packed dataset (or packing did not finish). "
+                        "Run `python -m data_tools.pack CONFIG`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt manifest: {e}") from None
+
+
+def main(argv: Sequence[str]) -> None:
+    prepare(load_prepare_config(argv, "python -m data_tools.pack CONFIG [key=value ...]"))
+
+
+if __name__ == "__main__":
+    from slm_assist.errors import run_cli
+
+    run_cli(main)

@@ -1,0 +1,199 @@
+"""Typed run configs: dataclass defaults -> YAML file (with optional `base:` includes) -> dotted CLI overrides.
+
+Every component owns a dataclass for its section; a run config composes them. Unknown keys and values of the
+wrong type are errors that name the key, the value and the file they came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from slm_assist.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping; a top-level `base: other.yaml` (relative to this file) is merged in underneath."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular `base:` include ({' -> '.join(map(str, seen + (path,)))})")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = [base] if isinstance(base, str) else base
+    merged: dict[str, Any] = {}
+    for b in bases:
+        merged = deep_merge(merged, _load_yaml(path.parent / b, seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `top` wins. Mappings merge key by key, everything else is replaced."""
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`a.b=3 c=x` -> {"a": {"b": 3}, "c": "x"}; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        node[parts[-1]] = value
+    return tree
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp` (int/float/str/bool, Optional, Literal, list, dict, dataclass)."""
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad(f"a mapping for section {_type_name(tp)}")
+        return _build(tp, value, key, source)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise bad("one of " + ", ".join(repr(a) for a in get_args(tp)))
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise bad(" or ".join(_type_name(a) for a in args))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a bug in a config class, not user input
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str, source: str) -> T:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(
+            f"{source}: unknown config key '{_join(prefix, unknown[0])}' in {where}; "
+            f"known keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], _join(prefix, k), source) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # __post_init__ checks name the field; add the prefix and source
+        raise ConfigError(f"{source}: {_join(prefix, str(e))}" if prefix else f"{source}: {e}") from None
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Resolve a config: dataclass defaults <- YAML file <- dotted overrides. Errors name key, value and source."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        data = _load_yaml(Path(path))
+        source = str(path)
+    if overrides:
+        data = deep_merge(data, parse_overrides(list(overrides)))
+        source = f"{source} + overrides"
+    return _build(cls, data, "", source)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from slm_assist.fsutil import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def split_argv(argv: typing.Sequence[str], usage: str) -> tuple[str, list[str]]:
+    """`CONFIG [key=value ...]` -> (config path, overrides)."""
+    args = list(argv)
+    if not args or args[0] in ("-h", "--help") or "=" in args[0]:
+        raise ConfigError(f"usage: {usage}")
+    bad = [a for a in args[1:] if "=" not in a]
+    if bad:
+        raise ConfigError(f"argument {bad[0]!r} is not an override of the form key=value; usage: {usage}")
+    return args[0], args[1:]
+
+
+def check(cond: bool, field: str, value: Any, expected: str) -> None:
+    """Validation helper for __post_init__: raises ConfigError naming the field and the bad value."""
+    if not cond:
+        raise ConfigError(f"{field}: expected {expected}, got {value!r}")

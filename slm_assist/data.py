@@ -1,0 +1,88 @@
+"""Packed token data for training: a deterministic, resumable batch order, sharded by data-parallel rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slm_assist.config import check
+from slm_assist.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    path: str = "runs/demo/data"
+    """A directory written by `python -m data_tools.pack` (manifest.json, tokenizer/, train/, validation/)."""
+    seed: int = 0
+    """Seeds the shuffle order; epoch e uses a permutation seeded by (seed, e)."""
+
+
+def load_split(data_dir: str | Path, split: str):
+    """The Arrow dataset of one split, as numpy rows of int32 token ids (memory-mapped, not copied)."""
+    import datasets
+
+    path = Path(data_dir) / split
+    if not path.is_dir():
+        raise UserError(f"{data_dir}: split '{split}' not found ({path})")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: cannot load the packed split: {e}") from None
+    if "input_ids" not in ds.column_names:
+        raise UserError(f"{path}: no 'input_ids' column (columns: {ds.column_names})")
+    return ds.with_format("numpy")
+
+
+class ShardedBatches:
+    """Micro-batches of `input_ids` for one data-parallel rank, in a seeded order that spans epochs.
+
+    The whole state is (epoch, cursor): `cursor` counts sequences consumed by *all* ranks in the current epoch's
+    permutation, so the same state resumes exactly, and rank r of W takes rows [cursor + r*B, cursor + (r+1)*B).
+    The tail of an epoch that cannot fill a global batch is skipped.
+    """
+
+    def __init__(self, dataset, micro_batch: int, rank: int, world: int, seed: int) -> None:
+        self.ds, self.mb, self.rank, self.world, self.seed = dataset, micro_batch, rank, world, seed
+        self.n = len(dataset)
+        if self.n < micro_batch * world:
+            raise UserError(f"the training split has {self.n} sequences, fewer than one global micro-batch "
+                            f"(train.micro_batch_size={micro_batch} x {world} ranks)")
+        self.epoch, self.cursor = 0, 0
+        self._perm: np.ndarray | None = None
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm = torch.randperm(self.n, generator=g).numpy()
+        return self._perm
+
+    def next(self) -> torch.Tensor:
+        if self.cursor + self.mb * self.world > self.n:
+            self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
+        start = self.cursor + self.rank * self.mb
+        idx = np.sort(self._permutation()[start : start + self.mb])  # sorted reads are faster on Arrow
+        self.cursor += self.mb * self.world
+        return torch.from_numpy(np.asarray(self.ds[idx]["input_ids"], dtype=np.int64))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "world": self.world, "mb": self.mb}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["world"], state["mb"]) != (self.world, self.mb):
+            # Positions are counted in global sequences, so a different layout resumes at the same point.
+            print(f"note: resuming data order with world x micro_batch {self.world}x{self.mb} "
+                  f"(checkpoint had {state['world']}x{state['mb']})")
+        self.epoch, self.cursor, self.seed, self._perm = state["epoch"], state["cursor"], state["seed"], None
+
+
+def validation_batches(dataset, micro_batch: int, max_batches: int, rank: int, world: int) -> list[torch.Tensor]:
+    """A fixed list of validation micro-batches for this rank (the first max_batches*world*B rows, strided)."""
+    check(micro_batch > 0, "micro_batch", micro_batch, "> 0")
+    total = len(dataset) if max_batches < 0 else min(len(dataset), max_batches * micro_batch * world)
+    rows = list(range(rank * micro_batch, total, micro_batch * world))
+    return [torch.from_numpy(np.asarray(dataset[r : min(r + micro_batch, total)]["input_ids"], dtype=np.int64))
+            for r in rows]

@@ -1,0 +1,40 @@
+"""The one place that calls `deepspeed.initialize`. Its JSON config is derived from the typed run config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from slm_assist.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_factor, param_groups
+
+
+def deepspeed_config(*, micro_batch: int, grad_accum: int, world: int, dtype: str, zero_stage: int,
+                     grad_clip: float) -> dict[str, Any]:
+    """DeepSpeed settings from the run config; nothing here is maintained by hand elsewhere."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # export gathers full weights on rank 0
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW on CPU
+        "steps_per_print": 1 << 30,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model: torch.nn.Module, ds_config: dict[str, Any], optim: OptimConfig, schedule: ScheduleConfig,
+               total_steps: int, device: torch.device):
+    """Wrap the model: optimizer (AdamW), LR schedule (a LambdaLR DeepSpeed steps and checkpoints), engine."""
+    import deepspeed
+
+    optimizer = build_optimizer(param_groups(model, optim.weight_decay), optim, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, schedule))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine

@@ -1,0 +1,121 @@
+"""Build any HF causal LM from a YAML section, or load a `save_pretrained` directory; choose attention explicitly.
+
+The model stays a plain `nn.Module` (an HF `PreTrainedModel`); DeepSpeed wrapping happens in `engine.py` only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from slm_assist.config import check
+from slm_assist.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = ""
+    """A local `save_pretrained` directory to start from ("" = build from the fields below, random init)."""
+    model_type: str = "llama"
+    """Any transformers model type with a causal-LM head (llama, qwen2, mistral, gpt2, ...)."""
+    vocab_size: int = -1
+    """-1 = the tokenizer's vocabulary size, rounded up to `pad_vocab_to`."""
+    pad_vocab_to: int = 64
+    """Round the embedding size up to a multiple of this (tensor-core friendly); 1 = no padding."""
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = -1
+    """Grouped-query attention; -1 = num_heads (plain multi-head)."""
+    ffn_size: int = 688
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    hf_overrides: dict = field(default_factory=dict)
+    """Extra attributes passed to the HF config as is (e.g. rope_theta, rms_norm_eps)."""
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    """auto = flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa."""
+
+    def __post_init__(self) -> None:
+        check(self.vocab_size == -1 or self.vocab_size > 0, "vocab_size", self.vocab_size, "-1 or > 0")
+        check(self.pad_vocab_to >= 1, "pad_vocab_to", self.pad_vocab_to, ">= 1")
+        for name in ("hidden_size", "num_layers", "num_heads", "ffn_size", "max_position_embeddings"):
+            check(getattr(self, name) > 0, name, getattr(self, name), "> 0")
+        check(self.hidden_size % self.num_heads == 0, "hidden_size", self.hidden_size,
+              f"a multiple of num_heads={self.num_heads}")
+        kv = self.num_kv_heads
+        check(kv == -1 or (kv > 0 and self.num_heads % kv == 0), "num_kv_heads", kv,
+              f"-1 or a divisor of num_heads={self.num_heads}")
+
+
+def resolve_attn_implementation(requested: str, device: torch.device) -> str:
+    """transformers does not fall back on its own when flash-attn is missing, so we decide here, explicitly."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if has_flash and device.type == "cuda" else "sdpa"
+    if requested == "flash_attention_2" and not (has_flash and device.type == "cuda"):
+        raise UserError(
+            "model.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
+            f"(pip install -e .[gpu]); device={device.type}, flash_attn installed={has_flash}. Use auto or sdpa."
+        )
+    return requested
+
+
+def padded_vocab_size(vocab: int, multiple: int) -> int:
+    return -(-vocab // multiple) * multiple
+
+
+def build_hf_config(cfg: ModelConfig, tokenizer_vocab: int, special_ids: dict[str, int | None]):
+    from transformers import AutoConfig
+
+    vocab = cfg.vocab_size if cfg.vocab_size > 0 else padded_vocab_size(tokenizer_vocab, cfg.pad_vocab_to)
+    if vocab < tokenizer_vocab:
+        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})")
+    kwargs: dict[str, Any] = dict(
+        vocab_size=vocab,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads if cfg.num_kv_heads > 0 else cfg.num_heads,
+        intermediate_size=cfg.ffn_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=special_ids.get("bos"),
+        eos_token_id=special_ids.get("eos"),
+        pad_token_id=special_ids.get("pad"),
+    )
+    kwargs.update(cfg.hf_overrides)
+    try:
+        return AutoConfig.for_model(cfg.model_type, **kwargs)
+    except ValueError as e:
+        raise UserError(f"model.model_type={cfg.model_type!r}: {e}") from None
+
+
+def build_model(cfg: ModelConfig, tokenizer, device: torch.device, dtype: torch.dtype = torch.float32):
+    """Random-init model from the config, or a pretrained directory. Parameters live in `dtype` on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    attn = resolve_attn_implementation(cfg.attn_implementation, device)
+    if cfg.pretrained:
+        path = Path(cfg.pretrained)
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.pretrained={path}: not a save_pretrained directory (no config.json)")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attn, dtype=dtype)
+        except Exception as e:
+            raise UserError(f"model.pretrained={path}: cannot load: {e}") from None
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise UserError(f"model.pretrained={path}: embedding size {model.get_input_embeddings().num_embeddings} "
+                            f"< tokenizer vocabulary {len(tokenizer)}; wrong tokenizer for this model")
+    else:
+        specials = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+        hf_cfg = build_hf_config(cfg, len(tokenizer), specials)
+        model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn, dtype=dtype)
+    return model.to(device)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
