@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as torch_dist
@@ -37,6 +38,8 @@ def init() -> None:
     import deepspeed
 
     ensure_env()
+    # DeepSpeed's ZeRO calls the deprecated collective names once per step; the warning floods the logs.
+    warnings.filterwarnings("ignore", message=r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)`")
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
     if not torch_dist.is_initialized():
