@@ -118,9 +118,9 @@ def prepare_tokenizer(cfg: TokenizerConfig, docs: Iterable[str], out_dir: Path) 
 
 
 def main(argv: Sequence[str]) -> None:
-    from slm_assist.fsutil import atomic_output_dir
     from data_tools.corpus import read_documents
     from data_tools.pack import PrepareConfig, load_prepare_config
+    from slm_assist.fsutil import atomic_output_dir
 
     cfg: PrepareConfig = load_prepare_config(argv, "python -m data_tools.tokenizer CONFIG [key=value ...]")
     target = Path(cfg.out_dir) / "tokenizer"

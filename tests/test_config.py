@@ -19,7 +19,7 @@ def write(path: Path, data: dict) -> Path:
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
-    base = write(tmp_path / "base.yaml", {"seed": 3, "train": {"max_steps": 50, "micro_batch_size": 2}})
+    write(tmp_path / "base.yaml", {"seed": 3, "train": {"max_steps": 50, "micro_batch_size": 2}})
     top = write(tmp_path / "top.yaml", {"base": "base.yaml", "train": {"max_steps": 70}, "model": {"hidden_size": 64}})
     cfg = load_config(RunConfig, top, ["train.micro_batch_size=5", "optim.lr=0.5", "run_dir=x"])
     assert cfg.seed == 3  # from base

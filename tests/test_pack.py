@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -106,7 +107,6 @@ def test_cli_bad_corpus_exits_nonzero_with_message(tmp_path, content, message):
     res = run_module("data_tools.pack", ["configs/demo/data.yaml", f"corpus.paths=[{bad}]", f"out_dir={out}"])
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
-    import re
     assert re.search(message, res.stderr), res.stderr
     assert not (out / "manifest.json").exists()
 
