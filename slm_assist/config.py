@@ -127,6 +127,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad("an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `6e-4` as a string; accept it as a number
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)

@@ -27,6 +27,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     assert cfg.train.micro_batch_size == 5  # CLI overrides both
     assert cfg.model.hidden_size == 64 and cfg.model.num_layers == RunConfig().model.num_layers  # merged per key
     assert cfg.optim.lr == 0.5 and isinstance(cfg.optim.lr, float)
+    assert load_config(RunConfig, None, ["optim.lr=6e-4"]).optim.lr == 6e-4  # YAML 1.1 reads this as a string
     assert cfg.run_dir == "x"
 
 
@@ -47,6 +48,7 @@ def test_unknown_key_names_key_and_file(tmp_path):
 
 @pytest.mark.parametrize("override, pattern", [
     ("train.max_steps=abc", r"train\.max_steps: expected an integer, got 'abc'"),
+    ("optim.lr=fast", r"optim\.lr: expected a number, got 'fast'"),
     ("train.max_steps=0", r"train\.max_steps: expected > 0, got 0"),
     ("train.dtype=fp16", r"train\.dtype: expected one of 'bf16', 'fp32', got 'fp16'"),
     ("train.zero_stage=4", r"train\.zero_stage: expected 0, 1, 2 or 3, got 4"),
