@@ -112,7 +112,7 @@ class Trainer:
         dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
         model = build_model(cfg.model, self.tokenizer, self.device, dtype=torch.float32)
         if cfg.train.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.n_params = count_params(model)
         self.ds_config = deepspeed_config(
             micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=dist.world_size(),

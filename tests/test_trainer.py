@@ -209,3 +209,38 @@ def test_cli_bad_override_exits_2():
     assert "train.max_steps: expected an integer, got 'abc'" in res.stderr and "Traceback" not in res.stderr
     res = run_module("slm_assist.train", [str(REPO / "configs/demo/llm.yaml"), "data.path=/nonexistent", *TINY_MODEL])
     assert res.returncode == 2 and "/nonexistent: no manifest.json" in res.stderr
+
+
+def test_grad_accumulation_matches_a_bigger_micro_batch(tiny_data, tmp_path):
+    """4 sequences in one micro-batch == 2 micro-batches of 2 (same global batch, same sequences)."""
+    common = ("train.max_steps=3", "train.dtype=fp32", "checkpoint.every=0")
+    main(run_overrides(tiny_data, tmp_path / "mb4", *common, "train.micro_batch_size=4"))
+    main(run_overrides(tiny_data, tmp_path / "ga2", *common, "train.micro_batch_size=2", "train.grad_accum=2"))
+    a, b = _weights(tmp_path / "mb4"), _weights(tmp_path / "ga2")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert [r["loss"] for r in read_metrics(tmp_path / "ga2")] == pytest.approx(
+        [r["loss"] for r in read_metrics(tmp_path / "mb4")], rel=1e-5)
+
+
+def test_activation_checkpointing_keeps_the_numerics(tiny_data, tmp_path):
+    common = ("train.max_steps=3", "train.dtype=fp32", "checkpoint.every=0")
+    main(run_overrides(tiny_data, tmp_path / "plain", *common))
+    args = run_overrides(tiny_data, tmp_path / "ckpt", *common, "train.activation_checkpointing=true")
+    main(args)
+    assert _losses(tmp_path / "ckpt") == _losses(tmp_path / "plain")
+    from slm_assist.config import load_config, split_argv
+    from slm_assist.train import RunConfig, Trainer
+
+    path, overrides = split_argv(args, "")
+    assert Trainer(load_config(RunConfig, path, overrides)).engine.module.is_activation_checkpointing
+
+
+def test_start_from_pretrained_directory(tiny_data, straight_run, tmp_path):
+    """model.pretrained loads the exported weights: the first validation loss is the export's, not random init."""
+    run = tmp_path / "cont"
+    main(run_overrides(tiny_data, run, f"model.pretrained={straight_run / 'final'}", "train.max_steps=1",
+                       "optim.lr=1e-9", "schedule.warmup_steps=0", "schedule.kind=constant"))
+    assert read_metrics(run)[-1]["val_loss"] == pytest.approx(read_metrics(straight_run)[-1]["val_loss"], abs=2e-2)
+    with pytest.raises(UserError, match="not a save_pretrained directory"):
+        main(run_overrides(tiny_data, tmp_path / "x", f"model.pretrained={tmp_path}", "train.max_steps=1"))
