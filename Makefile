@@ -30,7 +30,7 @@ lint: setup
 	.venv/bin/ruff check slm_assist data_tools tests bench
 
 # Tokenizer + packed dataset; rebuilt only when the data config changes.
-$(DEMO)/data/manifest.json: configs/demo/data.yaml
+$(DEMO)/data/manifest.json: configs/demo/data.yaml | .venv/.installed
 	$(PY) -m data_tools.pack configs/demo/data.yaml overwrite=true
 
 pack: setup $(DEMO)/data/manifest.json

@@ -97,14 +97,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key, source)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise bad(" or ".join(_type_name(a) for a in args))
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from slm_assist.config import check
 from slm_assist.errors import UserError
 
 
@@ -81,7 +80,6 @@ class ShardedBatches:
 
 def validation_batches(dataset, micro_batch: int, max_batches: int, rank: int, world: int) -> list[torch.Tensor]:
     """A fixed list of validation micro-batches for this rank (the first max_batches*world*B rows, strided)."""
-    check(micro_batch > 0, "micro_batch", micro_batch, "> 0")
     total = len(dataset) if max_batches < 0 else min(len(dataset), max_batches * micro_batch * world)
     rows = list(range(rank * micro_batch, total, micro_batch * world))
     return [torch.from_numpy(np.asarray(dataset[r : min(r + micro_batch, total)]["input_ids"], dtype=np.int64))

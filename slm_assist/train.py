@@ -109,7 +109,7 @@ class Trainer:
         self.batches = ShardedBatches(self.train_ds, cfg.train.micro_batch_size, dist.rank(), dist.world_size(),
                                       cfg.data.seed)
 
-        dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+        # Built in fp32: with bf16 on, DeepSpeed casts the module and keeps fp32 masters in the optimizer.
         model = build_model(cfg.model, self.tokenizer, self.device, dtype=torch.float32)
         if cfg.train.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -118,7 +118,6 @@ class Trainer:
             micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=dist.world_size(),
             dtype=cfg.train.dtype, zero_stage=cfg.train.zero_stage, grad_clip=cfg.optim.grad_clip)
         self.engine = initialize(model, self.ds_config, cfg.optim, cfg.schedule, cfg.train.max_steps, self.device)
-        self.dtype = dtype
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
         self.state = TrainState()
         self.tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * dist.world_size() * self.manifest["seq_len"]
