@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,14 +20,25 @@ TINY_MODEL = [
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    """The first 40 demo-corpus documents, a 400-piece BPE tokenizer, seq_len 32."""
+def tiny_corpus(tmp_path_factory) -> Path:
+    """60 demo-corpus documents cut to 1,500 characters each (jsonl): ~900 sequences of 32 tokens."""
+    from data_tools.corpus import CorpusConfig, read_documents
+
+    path = tmp_path_factory.mktemp("corpus") / "tiny.jsonl"
+    docs = read_documents(CorpusConfig(max_docs=60))
+    path.write_text("".join(json.dumps({"text": d[:1500]}) + "\n" for d in docs))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_corpus, tmp_path_factory) -> Path:
+    """The tiny corpus with a 400-piece BPE tokenizer, seq_len 32, 10% of documents held out."""
     from data_tools.pack import PrepareConfig, prepare
     from slm_assist.config import load_config
 
     out = tmp_path_factory.mktemp("data") / "tiny"
     cfg = load_config(PrepareConfig, None, [
-        f"out_dir={out}", "corpus.max_docs=40", "tokenizer.vocab_size=400", "pack.seq_len=32",
+        f"out_dir={out}", f"corpus.paths=[{tiny_corpus}]", "tokenizer.vocab_size=400", "pack.seq_len=32",
         "pack.val_fraction=0.1",
     ])
     prepare(cfg)
@@ -48,3 +60,22 @@ def run_module(module: str, args: list[str], env: dict | None = None, timeout: i
         full_env.pop(var, None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_slm(tiny_data, tmp_path_factory) -> Path:
+    """A random-init tiny Llama saved with the tiny dataset's tokenizer (a scoring model)."""
+    import torch
+
+    from data_tools.tokenizer import load_tokenizer
+    from slm_assist.config import load_config
+    from slm_assist.models import ModelConfig, build_model
+
+    tok = load_tokenizer(tiny_data / "tokenizer")
+    torch.manual_seed(0)
+    cfg = load_config(ModelConfig, None, [o.removeprefix("model.") for o in TINY_MODEL])
+    model = build_model(cfg, tok, torch.device("cpu"))
+    out = tmp_path_factory.mktemp("models") / "slm"
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out

@@ -5,7 +5,13 @@ import torch
 
 from slm_assist.config import load_config
 from slm_assist.errors import UserError
-from slm_assist.models import ModelConfig, build_model, count_params, padded_vocab_size, resolve_attn_implementation
+from slm_assist.models import (
+    ModelConfig,
+    build_model,
+    count_params,
+    padded_vocab_size,
+    resolve_attn_implementation,
+)
 
 
 class Tok:

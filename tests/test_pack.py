@@ -33,11 +33,11 @@ def test_validation_split_is_deterministic_and_near_fraction():
     assert picks != [is_validation_doc(i, seed=1, fraction=0.1) for i in range(5000)]
 
 
-def test_packed_dataset_matches_documents(tiny_data):
+def test_packed_dataset_matches_documents(tiny_data, tiny_corpus):
     """Token counts, EOS placement, the by-document split and the manifest, checked against the raw corpus."""
     manifest = read_manifest(tiny_data)
     tok = load_tokenizer(tiny_data / "tokenizer")
-    docs = list(read_documents(load_config(CorpusConfig, None, ["max_docs=40"])))
+    docs = list(read_documents(load_config(CorpusConfig, None, [f"paths=[{tiny_corpus}]"])))
     ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
     val_mask = [is_validation_doc(i, 0, 0.1) for i in range(len(docs))]
     assert any(val_mask) and not all(val_mask)
@@ -58,12 +58,12 @@ def test_packed_dataset_matches_documents(tiny_data):
     assert manifest["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
 
 
-def test_hf_tokenizer_matches_sentencepiece(tiny_data):
+def test_hf_tokenizer_matches_sentencepiece(tiny_data, tiny_corpus):
     import sentencepiece as spm
 
     tok = load_tokenizer(tiny_data / "tokenizer")
     sp = spm.SentencePieceProcessor(model_file=str(tiny_data / "tokenizer" / "sentencepiece.model"))
-    texts = list(read_documents(load_config(CorpusConfig, None, ["max_docs=40"])))[:10]
+    texts = list(read_documents(load_config(CorpusConfig, None, [f"paths=[{tiny_corpus}]"])))[:10]
     texts.append("def f(x):\n    return  x + 1\t# naïve 🤖")
     for text in texts:
         assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text)

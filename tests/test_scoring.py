@@ -1,0 +1,202 @@
+"""SLM scoring: the math against a hand computation, shard-invariance, kill + resume, the soft-label cache."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.score import FAULT_ENV, main, shard_rows
+from data_tools.scoring import score_logits
+from data_tools.softlabels import SoftLabelCache, sampled_labels, sequence_generator
+from slm_assist.errors import UserError
+
+from .conftest import REPO, run_module
+
+
+def _hand_scores(logits: torch.Tensor, ids: torch.Tensor, k: int) -> list[dict[str, float]]:
+    out = []
+    for b in range(logits.shape[0]):
+        losses, ents, learn, top1 = [], [], [], []
+        for t in range(logits.shape[1] - 1):
+            z = logits[b, t].double().tolist()
+            m = max(z)
+            lse = m + math.log(sum(math.exp(v - m) for v in z))
+            p = [math.exp(v - lse) for v in z]
+            y = int(ids[b, t + 1])
+            losses.append(lse - z[y])
+            ents.append(-sum(pi * math.log(pi) for pi in p if pi > 0))
+            rank = sum(1 for v in z if v > z[y])
+            learn.append(rank < k)
+            top1.append(rank == 0)
+        learn_losses = [x for x, keep in zip(losses, learn) if keep]
+        out.append({
+            "mean_loss": sum(losses) / len(losses), "median_loss": statistics.median(losses),
+            "salt_ds": statistics.median(learn_losses) if learn_losses else float("nan"),
+            "learnable_frac": sum(learn) / len(learn), "mean_entropy": sum(ents) / len(ents),
+            "top1_acc": sum(top1) / len(top1),
+        })
+    return out
+
+
+def test_scores_match_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    B, T, V, k = 3, 7, 11, 3
+    logits = torch.randn(B, T, V, generator=g) * 2
+    ids = torch.randint(0, V, (B, T), generator=g)
+    # sequence 2: every target is the model's least likely token -> no learnable token at all
+    for t in range(T - 1):
+        logits[2, t, ids[2, t + 1]] = logits[2, t].min() - 1.0
+    got = score_logits(logits, ids, k, chunk=2)
+    for b, want in enumerate(_hand_scores(logits, ids, k)):
+        for name, value in want.items():
+            if math.isnan(value):
+                assert math.isnan(got[name][b].item()), (b, name)
+            else:
+                assert got[name][b].item() == pytest.approx(value, rel=1e-5, abs=1e-6), (b, name)
+    assert got["learnable_frac"][2] == 0 and math.isnan(got["salt_ds"][2])
+
+
+def test_shards_cover_rows_in_whole_batches():
+    for n, bs, s in [(100, 16, 3), (7, 4, 5), (64, 8, 1)]:
+        ranges = [shard_rows(n, bs, s, i) for i in range(s)]
+        assert [r for rng in ranges for r in rng] == list(range(n))
+        assert all(rng.start % bs == 0 for rng in ranges)
+
+
+def _score_args(tiny_data, tiny_slm, out, *extra):
+    return [str(REPO / "configs/demo/score.yaml"), f"model={tiny_slm}", f"data={tiny_data}", f"out_dir={out}",
+            "batch_size=16", "dtype=fp32", "torch_threads=1", *extra]
+
+
+def _scores(out):
+    import datasets
+
+    return datasets.load_from_disk(str(out / "scores")).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def single(tiny_data, tiny_slm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scores") / "single"
+    main(_score_args(tiny_data, tiny_slm, out, "num_shards=1"))
+    return out
+
+
+def test_shard_count_does_not_change_scores(tiny_data, tiny_slm, single, tmp_path):
+    main(_score_args(tiny_data, tiny_slm, tmp_path / "s3", "num_shards=3"))
+    a, b = _scores(single), _scores(tmp_path / "s3")
+    assert a["index"].tolist() == list(range(len(a)))
+    assert a.equals(b)
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_gives_the_same_scores(tiny_data, tiny_slm, single, tmp_path):
+    out = tmp_path / "ddp"
+    res = run_module("torch.distributed.run", ["--nproc_per_node", "2", "-m", "data_tools.score",
+                                               *_score_args(tiny_data, tiny_slm, out)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _scores(out).equals(_scores(single))
+
+
+@pytest.mark.slow
+def test_kill_mid_run_then_relaunch_redoes_only_unfinished_shards(tiny_data, tiny_slm, single, tmp_path):
+    out = tmp_path / "killed"
+    args = _score_args(tiny_data, tiny_slm, out, "num_shards=3")
+    res = run_module("data_tools.score", args, env={FAULT_ENV: "kill_after_shard:0"})
+    assert res.returncode == -9, res.stderr[-2000:]
+    shards = sorted(p.name for p in (out / "shards").iterdir())
+    assert shards == ["shard_00000-of-00003"]  # only the finished shard; no temp dirs
+    done_before = (out / "shards" / shards[0] / "DONE").read_text()
+    res = run_module("data_tools.score", [*args, "merge_only=true"])
+    assert res.returncode == 2 and "2 of 3 shards are not done (missing: [1, 2])" in res.stderr
+    res = run_module("data_tools.score", args, env={FAULT_ENV: "kill_after_shard:2"})  # dies after shard 2
+    assert res.returncode == -9 and "skipping 1 finished shard(s)" in res.stdout
+    assert (out / "shards" / shards[0] / "DONE").read_text() == done_before  # not redone
+    res = run_module("data_tools.score", args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "skipping 3 finished shard(s)" in res.stdout
+    assert _scores(out).equals(_scores(single))
+
+
+def test_top_k_cache_matches_a_direct_forward(tiny_data, tiny_slm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from slm_assist.data import load_split
+
+    out = tmp_path / "topk"
+    sel = tmp_path / "sel.npy"
+    np.save(sel, np.array([1, 5, 6, 17]))
+    main(_score_args(tiny_data, tiny_slm, out, "num_shards=2", "cache.mode=top_k", "cache.k=5", f"cache.indices={sel}"))
+    cache = SoftLabelCache(out / "cache")
+    assert len(cache) == 4 and cache.mode == "top_k"
+    got = cache.get([17, 5])
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_slm)).eval()
+    ids = torch.from_numpy(np.asarray(load_split(tiny_data, "train")[[17, 5]]["input_ids"], dtype=np.int64))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+    top, top_ids = logp.topk(5, -1)
+    assert torch.equal(got["ids"], top_ids)
+    torch.testing.assert_close(got["logprobs"], top, atol=2e-3, rtol=2e-3)  # stored in fp16
+    torch.testing.assert_close(got["tail"], 1 - top.exp().sum(-1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="sequence 2 is not in the soft-label cache"):
+        cache.get([2])
+
+
+def test_top_k_with_full_vocab_has_no_tail(tiny_data, tiny_slm, tmp_path):
+    np.save(tmp_path / "sel.npy", np.array([0, 3]))
+    main(_score_args(tiny_data, tiny_slm, tmp_path / "full", "cache.mode=top_k", "cache.k=400",
+                     f"cache.indices={tmp_path / 'sel.npy'}"))
+    got = SoftLabelCache(tmp_path / "full" / "cache").get([0, 3])
+    assert got["ids"].shape[-1] == 400
+    assert got["tail"].abs().max() < 1e-4
+    torch.testing.assert_close(got["logprobs"].exp().sum(-1), torch.ones(got["tail"].shape), atol=3e-3, rtol=0)
+
+
+def test_sampled_estimator_is_unbiased():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 9) * 1.5
+    p = torch.softmax(logits, -1)[0]
+    est = torch.zeros_like(p)
+    draws = 4000
+    for i in range(draws):
+        out = sampled_labels(logits, 4, [sequence_generator(0, i)])
+        ids = torch.from_numpy(out["ids"][0]).long()
+        est.scatter_add_(-1, ids, torch.full(ids.shape, 1.0 / 4))
+    est /= draws
+    torch.testing.assert_close(est, p, atol=0.01, rtol=0)
+    lp = torch.from_numpy(out["logprobs"][0]).float()
+    torch.testing.assert_close(lp, torch.log(p).gather(-1, ids), atol=2e-3, rtol=0)
+
+
+def test_sampled_cache_round_trip(tiny_data, tiny_slm, tmp_path):
+    out = tmp_path / "sampled"
+    np.save(tmp_path / "sel.npy", np.arange(0, 200, 2))
+    sel = f"cache.indices={tmp_path / 'sel.npy'}"
+    main(_score_args(tiny_data, tiny_slm, out, "cache.mode=sampled", "cache.samples=6", sel))
+    got = SoftLabelCache(out / "cache").get([0, 2])
+    assert got["ids"].shape == (2, 31, 6) and torch.allclose(got["weights"].sum(-1), torch.ones(2, 31))
+    # the draws depend on (seed, sequence) only: a 3-shard run stores the same ones
+    main(_score_args(tiny_data, tiny_slm, tmp_path / "s3", "cache.mode=sampled", "cache.samples=6", "num_shards=3", sel))
+    assert torch.equal(SoftLabelCache(tmp_path / "s3" / "cache").get([0, 2])["ids"], got["ids"])
+
+
+def test_tokenizer_mismatch_names_both_sides(tiny_data, tiny_slm, tmp_path):
+    from data_tools.tokenizer import TokenizerConfig, train_sentencepiece
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_slm, other)
+    train_sentencepiece(["some other text entirely, to train a different vocabulary " * 20], 
+                        TokenizerConfig(vocab_size=300), tmp_path / "tok")
+    for f in (tmp_path / "tok").iterdir():
+        shutil.copy(f, other / f.name)
+    with pytest.raises(UserError, match=r"model=.*other: tokenizer fingerprint \w+ differs from the dataset manifest's \w+"):
+        main(_score_args(tiny_data, other, tmp_path / "o"))
+
+
+def test_refuses_to_overwrite_merged_scores(tiny_data, tiny_slm, single):
+    with pytest.raises(UserError, match="already holds merged scores; set overwrite=true"):
+        main(_score_args(tiny_data, tiny_slm, single, "num_shards=1"))
