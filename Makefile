@@ -4,7 +4,7 @@ PY := .venv/bin/python
 DEMO := runs/demo
 ARGS ?=
 
-.PHONY: setup test test-fast demo lint pack bench clean
+.PHONY: setup test test-fast demo lint pack score select bench bench-score clean
 
 setup: .venv/.installed
 
@@ -35,15 +35,28 @@ $(DEMO)/data/manifest.json: configs/demo/data.yaml | .venv/.installed
 
 pack: setup $(DEMO)/data/manifest.json
 
-# tokenizer -> pack -> train the SLM -> train the LLM -> summary. Re-running resumes finished runs instantly.
+# Score the packed data with the SLM, then select a subset (CONFIG= and ARGS= to change them).
+score: setup
+	$(PY) -m data_tools.score $(or $(CONFIG),configs/demo/score.yaml) $(ARGS)
+
+select: setup
+	$(PY) -m data_tools.select $(or $(CONFIG),configs/demo/select.yaml) $(ARGS)
+
+# tokenizer -> pack -> SLM -> score -> select -> LLM -> summary. Re-running resumes finished runs instantly.
 demo: setup $(DEMO)/data/manifest.json
 	$(PY) -m slm_assist.train configs/demo/slm.yaml
+	$(PY) -m data_tools.score configs/demo/score.yaml overwrite=true
+	$(PY) -m data_tools.select configs/demo/select.yaml overwrite=true
 	$(PY) -m slm_assist.train configs/demo/llm.yaml
 	@echo; $(PY) -m slm_assist.report $(DEMO)/slm $(DEMO)/llm
-	@echo "data: $(DEMO)/data   TensorBoard: .venv/bin/tensorboard --logdir $(DEMO)"
+	@echo "data: $(DEMO)/data   scores: $(DEMO)/scores   SALT_DS selection: $(DEMO)/select/report.md (+ hist_*.png)"
+	@echo "TensorBoard: .venv/bin/tensorboard --logdir $(DEMO)"
 
 bench: setup
 	$(PY) bench/trainer_throughput.py $(ARGS)
+
+bench-score: setup
+	$(PY) bench/score_throughput.py $(ARGS)
 
 clean:
 	rm -rf runs

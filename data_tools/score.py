@@ -169,17 +169,23 @@ class Scorer:
             print(f"skipping {skipped} finished shard(s)")
         if not todo:
             return
-        if self.cfg.torch_threads > 0:
-            torch.set_num_threads(self.cfg.torch_threads)
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-        dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32
-        fp = self.data_manifest["tokenizer_fingerprint"]
-        model = _load_scorer(self.cfg.model, fp, device, dtype, "model")
-        ref = _load_scorer(self.cfg.ref_model, fp, device, dtype, "ref_model") if self.cfg.ref_model else None
+        model, ref, device = self.load_models()
         total = sum(len(shard_rows(len(self.ds), self.cfg.batch_size, self.num_shards, i)) for i in todo)
         with tqdm(total=total, desc=f"score[{self.rank}]", unit="seq", disable=self.rank != 0) as bar:
             for i in todo:
                 self.score_shard(i, model, ref, device, bar)
+
+    def load_models(self) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.device]:
+        """The scoring model and optional reference, frozen, after checking they share the data's tokenizer."""
+        if self.cfg.torch_threads > 0:
+            torch.set_num_threads(self.cfg.torch_threads)
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32
+        fp = self.data_manifest["tokenizer_fingerprint"]
+        model = _load_scorer(self.cfg.model, fp, device, dtype, "model")
+        ref = _load_scorer(self.cfg.ref_model, fp, device, dtype, "ref_model") if self.cfg.ref_model else None
+        return model, ref, device
 
     @torch.inference_mode()
     def score_shard(self, i: int, model, ref, device: torch.device, bar) -> None:

@@ -11,20 +11,25 @@ SCORE_COLUMNS = ("mean_loss", "median_loss", "salt_ds", "learnable_frac", "mean_
 
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """Token loss, entropy, "learnable" (target in the model's top-k) and top-1 correctness, all [B, P], in fp32.
+    """Token loss, entropy, "learnable" (target among the model's top-k) and top-1 correctness, all [B, P].
 
-    The target's rank is the number of logits strictly above it, so ties favour the target and no top-k sort over
-    the vocabulary is needed.
+    Written for speed (scoring must stay near a bare forward pass): five passes over the vocabulary, no full
+    log-softmax tensor. The top-k runs on the logits in their own dtype, which orders exactly as fp32 would
+    (bf16 -> fp32 is exact); with z' = z - max(z) and S = sum(exp z'):
+        loss = log S - z'_y,   entropy = log S - sum(exp(z') * z') / S,
+    and the target is learnable iff z_y >= the k-th largest logit (fewer than k logits strictly above it).
     """
-    logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    target_logit = logits.gather(-1, targets.unsqueeze(-1))
-    rank = (logits > target_logit).sum(-1)
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).values
+    z_y = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    shifted = logits.float() - top[..., :1].float()
+    e = shifted.exp()
+    s = e.sum(-1)
+    log_s = s.log()
     return {
-        "loss": -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
-        "entropy": -(logp.exp() * logp).sum(-1),
-        "learnable": rank < k,
-        "top1": rank == 0,
+        "loss": log_s - (z_y.float() - top[..., 0].float()),
+        "entropy": log_s - torch.linalg.vecdot(e, shifted) / s,
+        "learnable": z_y >= top[..., -1],
+        "top1": z_y >= top[..., 0],
     }
 
 
@@ -45,9 +50,9 @@ def sequence_scores(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def score_logits(logits: torch.Tensor, input_ids: torch.Tensor, k: int, chunk: int = 8) -> dict[str, torch.Tensor]:
-    """Scores for a batch from full logits [B, T, V], `chunk` sequences at a time so that only one chunk of
-    fp32 vocabulary-sized intermediates exists at once."""
+def score_logits(logits: torch.Tensor, input_ids: torch.Tensor, k: int, chunk: int = 1) -> dict[str, torch.Tensor]:
+    """Scores for a batch from full logits [B, T, V], `chunk` sequences at a time: the fp32 vocabulary-sized
+    intermediates of one sequence stay in cache (measured 4-5x faster on CPU than whole-batch tensors)."""
     out: dict[str, list[torch.Tensor]] = {c: [] for c in SCORE_COLUMNS}
     for s in range(0, logits.shape[0], chunk):
         stats = token_stats(logits[s : s + chunk, :-1], input_ids[s : s + chunk, 1:], k)

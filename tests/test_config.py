@@ -77,8 +77,9 @@ def test_saved_config_round_trips(tmp_path):
 
 def _entry_point_configs():
     from data_tools.score import ScoreConfig
+    from data_tools.select import SelectConfig
 
-    return [PrepareConfig, RunConfig, ScoreConfig]
+    return [PrepareConfig, RunConfig, ScoreConfig, SelectConfig]
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml")), ids=str)
