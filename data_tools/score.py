@@ -226,15 +226,15 @@ class Scorer:
         keep = [r for r, j in enumerate(idx) if self.cache_indices is None or int(j) in self.cache_indices]
         if not keep:
             return
-        sub = logits[keep, :-1].float().cpu()
-        if mode == "top_k":
-            out = top_k_labels(sub, self.cfg.cache.k)
-        else:
-            gens = [sequence_generator(self.cfg.cache.seed, int(idx[r])) for r in keep]
-            out = sampled_labels(sub, self.cfg.cache.samples, gens)
-        for key, arr in out.items():
-            labels[key].extend(list(arr))
-        cached.extend(int(idx[r]) for r in keep)
+        for r in keep:  # one sequence at a time: its vocabulary-sized intermediates stay in cache
+            sub = logits[r, :-1].cpu()
+            if mode == "top_k":
+                out = top_k_labels(sub, self.cfg.cache.k)
+            else:
+                out = sampled_labels(sub, self.cfg.cache.samples, sequence_generator(self.cfg.cache.seed, int(idx[r])))
+            for key, arr in out.items():
+                labels[key].append(arr)
+            cached.append(int(idx[r]))
 
     # ---- merge -------------------------------------------------------------------------------------------
     def merge(self) -> dict:

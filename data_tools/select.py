@@ -120,6 +120,14 @@ def _plot(values: np.ndarray, keep: np.ndarray, name: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _summary(values: np.ndarray, mask: np.ndarray) -> tuple[str, str]:
+    """(mean, "p10 / p50 / p90") of the finite values under `mask`."""
+    x = values[mask & np.isfinite(values)]
+    if not len(x):
+        return "-", "-"
+    return f"{x.mean():.4f}", " / ".join(f"{q:.4f}" for q in np.percentile(x, [10, 50, 90]))
+
+
 def _report(cols: dict[str, np.ndarray], keep: np.ndarray, cfg: SelectConfig, score_name: str) -> str:
     n, k = len(keep), int(keep.sum())
     lines = [f"# Selection: {cfg.policy}", "", f"- scores: `{cfg.scores}`",
@@ -130,17 +138,8 @@ def _report(cols: dict[str, np.ndarray], keep: np.ndarray, cfg: SelectConfig, sc
     for name, v in cols.items():
         if name == "index":
             continue
-        f = np.isfinite(v)
-
-        def summary(mask: np.ndarray) -> tuple[str, str]:
-            x = v[mask & f]
-            if not len(x):
-                return "-", "-"
-            p = np.percentile(x, [10, 50, 90])
-            return f"{x.mean():.4f}", " / ".join(f"{q:.4f}" for q in p)
-
-        a, b = summary(np.ones_like(keep)), summary(keep)
-        lines.append(f"| {name} | {a[0]} | {a[1]} | {b[0]} | {b[1]} | {int((~f).sum())} |")
+        a, b = _summary(v, np.ones_like(keep)), _summary(v, keep)
+        lines.append(f"| {name} | {a[0]} | {a[1]} | {b[0]} | {b[1]} | {int((~np.isfinite(v)).sum())} |")
     lines += ["", "Histograms (kept region in blue):", ""]
     lines += [f"![{name}](hist_{name}.png)" for name in _plotted(cols, score_name)]
     return "\n".join(lines) + "\n"

@@ -71,18 +71,18 @@ def bytes_per_position(cfg: CacheConfig) -> int:
 
 
 def top_k_labels(logits: torch.Tensor, k: int) -> dict[str, np.ndarray]:
-    """[B, P, V] logits -> ids [B, P, k] int32, logprobs [B, P, k] fp16, tail [B, P] fp32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
-    tail = (1.0 - top.exp().sum(-1)).clamp_min(0.0)
-    return {"ids": ids.int().numpy(), "logprobs": top.half().numpy(), "tail": tail.numpy()}
+    """[P, V] logits of one sequence -> ids [P, k] int32, logprobs [P, k] fp16, tail [P] fp32.
+    The top-k runs on the logits' own dtype (same order as fp32), so no full log-softmax is materialised."""
+    top, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    logp = top.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+    tail = (1.0 - logp.exp().sum(-1)).clamp_min(0.0)
+    return {"ids": ids.int().numpy(), "logprobs": logp.half().numpy(), "tail": tail.numpy()}
 
 
-def sampled_labels(logits: torch.Tensor, n: int, generators: list[torch.Generator]) -> dict[str, np.ndarray]:
-    """[B, P, V] logits -> n draws per position from softmax(logits): ids int32 and their log-probs fp16."""
+def sampled_labels(logits: torch.Tensor, n: int, generator: torch.Generator) -> dict[str, np.ndarray]:
+    """[P, V] logits of one sequence -> n draws per position from softmax(logits): ids int32, log-probs fp16."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    ids = torch.stack([torch.multinomial(lp.exp(), n, replacement=True, generator=g)
-                       for lp, g in zip(logp, generators)])
+    ids = torch.multinomial(logp.exp(), n, replacement=True, generator=generator)
     return {"ids": ids.int().numpy(), "logprobs": logp.gather(-1, ids).half().numpy()}
 
 

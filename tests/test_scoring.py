@@ -158,17 +158,17 @@ def test_top_k_with_full_vocab_has_no_tail(tiny_data, tiny_slm, tmp_path):
 
 def test_sampled_estimator_is_unbiased():
     torch.manual_seed(0)
-    logits = torch.randn(1, 2, 9) * 1.5
-    p = torch.softmax(logits, -1)[0]
+    logits = torch.randn(2, 9) * 1.5
+    p = torch.softmax(logits, -1)
     est = torch.zeros_like(p)
     draws = 4000
     for i in range(draws):
-        out = sampled_labels(logits, 4, [sequence_generator(0, i)])
-        ids = torch.from_numpy(out["ids"][0]).long()
+        out = sampled_labels(logits, 4, sequence_generator(0, i))
+        ids = torch.from_numpy(out["ids"]).long()
         est.scatter_add_(-1, ids, torch.full(ids.shape, 1.0 / 4))
     est /= draws
     torch.testing.assert_close(est, p, atol=0.01, rtol=0)
-    lp = torch.from_numpy(out["logprobs"][0]).float()
+    lp = torch.from_numpy(out["logprobs"]).float()
     torch.testing.assert_close(lp, torch.log(p).gather(-1, ids), atol=2e-3, rtol=0)
 
 
@@ -200,3 +200,16 @@ def test_tokenizer_mismatch_names_both_sides(tiny_data, tiny_slm, tmp_path):
 def test_refuses_to_overwrite_merged_scores(tiny_data, tiny_slm, single):
     with pytest.raises(UserError, match="already holds merged scores; set overwrite=true"):
         main(_score_args(tiny_data, tiny_slm, single, "num_shards=1"))
+
+
+def test_reference_model_adds_ref_mean_loss(tiny_data, tiny_slm, single, tmp_path):
+    """With the SLM as its own reference, ref_mean_loss equals mean_loss (difference selection then keeps ties)."""
+    out = tmp_path / "ref"
+    main(_score_args(tiny_data, tiny_slm, out, "num_shards=2", f"ref_model={tiny_slm}"))
+    df = _scores(out)
+    assert (df["ref_mean_loss"] == df["mean_loss"]).all()
+    assert df.drop(columns="ref_mean_loss").equals(_scores(single))
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ref_model_fingerprint"] == manifest["model_fingerprint"] and manifest["topk"] == 10
