@@ -187,8 +187,16 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def split_argv(argv: typing.Sequence[str], usage: str) -> tuple[str, list[str]]:
-    """`CONFIG [key=value ...]` -> (config path, overrides)."""
-    args = list(argv)
+    """`CONFIG [key=value ...]` -> (config path, overrides). The deepspeed launcher's `--local_rank=N` is dropped:
+    LOCAL_RANK in the environment carries the same information."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.startswith("--local_rank"):
+            skip = a == "--local_rank"
+        else:
+            args.append(a)
     if not args or args[0] in ("-h", "--help") or "=" in args[0]:
         raise ConfigError(f"usage: {usage}")
     bad = [a for a in args[1:] if "=" not in a]

@@ -231,7 +231,7 @@ class Trainer:
 
 
 def main(argv: Sequence[str]) -> dict:
-    path, overrides = split_argv(_strip_launcher_args(argv), USAGE)
+    path, overrides = split_argv(argv, USAGE)
     cfg = load_config(RunConfig, path, overrides)
     trainer = Trainer(cfg)
     if dist.is_main():
@@ -242,19 +242,6 @@ def main(argv: Sequence[str]) -> dict:
     if dist.is_main():
         print(f"done: step {result['step']}, val_loss {result['val_loss']}, model in {trainer.run_dir / 'final'}")
     return result
-
-
-def _strip_launcher_args(argv: Sequence[str]) -> list[str]:
-    """The deepspeed launcher appends `--local_rank=N`; LOCAL_RANK in the env carries the same information."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a.startswith("--local_rank"):
-            skip = a == "--local_rank"
-        else:
-            out.append(a)
-    return out
 
 
 if __name__ == "__main__":

@@ -62,6 +62,15 @@ def test_bad_values_name_key_and_value(override, pattern):
         load_config(RunConfig, None, [override])
 
 
+def test_deepspeed_launcher_local_rank_is_dropped():
+    from slm_assist.config import split_argv
+
+    assert split_argv(["--local_rank=1", "c.yaml", "a=1"], "u") == ("c.yaml", ["a=1"])
+    assert split_argv(["c.yaml", "--local_rank", "0", "a=1"], "u") == ("c.yaml", ["a=1"])
+    with pytest.raises(ConfigError, match="usage: u"):
+        split_argv(["a=1"], "u")
+
+
 def test_circular_base_is_an_error(tmp_path):
     write(tmp_path / "a.yaml", {"base": "b.yaml"})
     write(tmp_path / "b.yaml", {"base": "a.yaml"})

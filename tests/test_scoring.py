@@ -213,3 +213,11 @@ def test_reference_model_adds_ref_mean_loss(tiny_data, tiny_slm, single, tmp_pat
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["ref_model_fingerprint"] == manifest["model_fingerprint"] and manifest["topk"] == 10
+
+
+def test_bad_model_dir_and_cache_index(tiny_data, tiny_slm, tmp_path):
+    with pytest.raises(UserError, match=r"model=.*nope: not a save_pretrained model directory"):
+        main(_score_args(tiny_data, tmp_path / "nope", tmp_path / "a"))
+    np.save(tmp_path / "bad.npy", np.array([0, 10**9]))
+    with pytest.raises(UserError, match=r"cache\.indices=.*bad\.npy: expected a 1-D array of sequence indices"):
+        main(_score_args(tiny_data, tiny_slm, tmp_path / "b", "cache.mode=top_k", f"cache.indices={tmp_path / 'bad.npy'}"))
