@@ -88,6 +88,8 @@ def throughput(args, model_dir: Path, with_cache: bool) -> dict:
     def timed(fn) -> float:
         t0 = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     runs = {"bare": bare, **{n: (lambda s=s: s.score_shard(0, model, None, device, _NoBar())) for n, s in scorers.items()}}
@@ -107,6 +109,7 @@ def throughput(args, model_dir: Path, with_cache: bool) -> dict:
         "model_params": sum(p.numel() for p in model.parameters()),
         "rows_per_round": len(rows), "rounds": args.rounds, "batch_size": bs, "dtype": "bf16",
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
     }
     if with_cache:
         result["cache_bytes_per_token"] = {
@@ -177,11 +180,19 @@ def main() -> None:
     ap.add_argument("--corpus", default=str(REPO.parent / "shared/corpora/train_perldoc.txt.gz"))
     ap.add_argument("--max-docs", type=int, default=20000)
     ap.add_argument("--out", default=str(REPO / "bench/results/score.json"))
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="random-init scorers of the demo SLM's size and larger, no training, no real corpus (GPU check)")
     args = ap.parse_args()
-    ensure_demo()
-    demo_slm = throughput(args, REPO / "runs/demo/slm/final", with_cache=True)
-    bigger = throughput(args, random_model(hidden=512, layers=8, ffn=1376), with_cache=False)
-    result = {**demo_slm, "larger_scorer": bigger, "real_corpus": real_corpus(args)}
+    if args.throughput_only:
+        if not (REPO / "runs/demo/data/manifest.json").is_file():
+            subprocess.run([sys.executable, "-m", "data_tools.pack", "configs/demo/data.yaml", "overwrite=true"], cwd=REPO, check=True)
+        small = throughput(args, random_model(hidden=128, layers=4, ffn=384), with_cache=True)
+        result = {**small, "larger_scorer": throughput(args, random_model(hidden=512, layers=8, ffn=1376), with_cache=False)}
+    else:
+        ensure_demo()
+        demo_slm = throughput(args, REPO / "runs/demo/slm/final", with_cache=True)
+        bigger = throughput(args, random_model(hidden=512, layers=8, ffn=1376), with_cache=False)
+        result = {**demo_slm, "larger_scorer": bigger, "real_corpus": real_corpus(args)}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -206,7 +206,7 @@ class Scorer:
     def score_shard(self, i: int, model, ref, device: torch.device, bar) -> None:
         cfg = self.cfg
         rows = shard_rows(len(self.ds), cfg.batch_size, self.num_shards, i)
-        cols: dict[str, list[np.ndarray]] = {c: [] for c in ("index", *SCORE_COLUMNS)}
+        cols: dict[str, list[torch.Tensor]] = {c: [] for c in ("index", *SCORE_COLUMNS)}
         if ref is not None:
             cols["ref_mean_loss"] = []
         labels: dict[str, list[np.ndarray]] = {"ids": [], "logprobs": [], "tail": []}
@@ -216,16 +216,17 @@ class Scorer:
             ids = torch.from_numpy(np.asarray(self.ds[idx]["input_ids"], dtype=np.int64)).to(device)
             logits = model(input_ids=ids).logits
             for c, v in score_logits(logits, ids, cfg.topk).items():
-                cols[c].append(v.cpu().numpy())
+                cols[c].append(v)  # stays on the device: one copy per shard, no sync per batch
             if ref is not None:
-                cols["ref_mean_loss"].append(score_logits(ref(input_ids=ids).logits, ids, cfg.topk)["mean_loss"].cpu().numpy())
-            cols["index"].append(idx)
+                cols["ref_mean_loss"].append(score_logits(ref(input_ids=ids).logits, ids, cfg.topk)["mean_loss"])
+            cols["index"].append(torch.from_numpy(idx))
             self._cache_batch(logits, idx, labels, cached)
             bar.update(len(idx))
         with atomic_output_dir(self.shard_dir(i), overwrite=True) as tmp:
             import datasets
 
-            table = {c: np.concatenate(v).astype(np.int64 if c == "index" else np.float32) for c, v in cols.items()}
+            table = {c: torch.cat(v).cpu().numpy().astype(np.int64 if c == "index" else np.float32)
+                     for c, v in cols.items()}
             datasets.Dataset.from_dict(table).save_to_disk(str(tmp / "scores"))
             if cached:
                 write_cache(labels, cached, cfg.cache.mode, tmp / "cache")

@@ -51,7 +51,10 @@ def test_scores_match_hand_computation():
     # sequence 2: every target is the model's least likely token -> no learnable token at all
     for t in range(T - 1):
         logits[2, t, ids[2, t + 1]] = logits[2, t].min() - 1.0
-    got = score_logits(logits, ids, k, chunk=2)
+    got = score_logits(logits, ids, k, chunk_bytes=2 * (T - 1) * V * 4)  # chunks of 2 sequences
+    whole = score_logits(logits, ids, k, chunk_bytes=1 << 30)
+    for name in got:
+        torch.testing.assert_close(got[name], whole[name], equal_nan=True)
     for b, want in enumerate(_hand_scores(logits, ids, k)):
         for name, value in want.items():
             if math.isnan(value):
