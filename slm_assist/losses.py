@@ -1,0 +1,159 @@
+"""Distillation losses: pure functions of tensors, computed in fp32, in chunks of tokens.
+
+Full-vocabulary probabilities are never materialised for more than one chunk per model. The forward pass
+computes per-token losses chunk by chunk without a graph; the backward pass recomputes each chunk with grad
+enabled and writes that chunk's gradient, so autograd never holds more than one chunk of [chunk, V] fp32
+intermediates (the usual OOM spot for KD at 32k+ vocabularies). fp32 matters: a bf16 reduction can make KL
+negative.
+
+The per-token functions return [n] losses; `kd_loss` applies the temperature and Hinton's tau^2 factor (so the
+gradient scale does not shrink with the temperature).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+TokenLossFn = Callable[..., torch.Tensor]
+
+
+class _ChunkedTokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn: TokenLossFn, chunk: int, student: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+        ctx.fn, ctx.chunk = fn, chunk
+        ctx.save_for_backward(student, *extras)
+        out = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
+        for s in range(0, student.shape[0], chunk):
+            out[s : s + chunk] = fn(student[s : s + chunk].float(), *(e[s : s + chunk] for e in extras))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        student, *extras = ctx.saved_tensors
+        grad = torch.empty_like(student)
+        for s in range(0, student.shape[0], ctx.chunk):
+            with torch.enable_grad():
+                piece = student[s : s + ctx.chunk].detach().float().requires_grad_(True)
+                loss = ctx.fn(piece, *(e[s : s + ctx.chunk] for e in extras))
+                (g,) = torch.autograd.grad(loss, piece, grad_out[s : s + ctx.chunk])
+            grad[s : s + ctx.chunk] = g.to(grad.dtype)
+        return (None, None, grad, *([None] * len(extras)))
+
+
+def chunked_token_loss(fn: TokenLossFn, student: torch.Tensor, *extras: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Per-token losses [n] of `fn(student_chunk_fp32, *extra_chunks)` over rows of `student` [n, V], chunked.
+    Gradients flow to `student` only (the extras are teacher-side and constant)."""
+    if chunk <= 0:
+        return fn(student.float(), *extras)
+    return _ChunkedTokenLoss.apply(fn, chunk, student, *extras)
+
+
+# ---- per-token divergences (inputs: student logits / tau in fp32; teacher side as noted) --------------------
+
+def forward_kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student); `t` = teacher logits / tau."""
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t.float(), -1), log_target=True, reduction="none").sum(-1)
+
+
+def reverse_kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """KL(p_student || p_teacher)."""
+    return F.kl_div(F.log_softmax(t.float(), -1), F.log_softmax(s, -1), log_target=True, reduction="none").sum(-1)
+
+
+def jsd(s: torch.Tensor, t: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalised Jensen-Shannon: beta·KL(p_t || m) + (1-beta)·KL(p_s || m), m = beta·p_t + (1-beta)·p_s."""
+    logp_s, logp_t = F.log_softmax(s, -1), F.log_softmax(t.float(), -1)
+    log_m = torch.logsumexp(torch.stack([logp_t + math.log(beta), logp_s + math.log(1 - beta)]), dim=0)
+    kl_t = F.kl_div(log_m, logp_t, log_target=True, reduction="none").sum(-1)
+    kl_s = F.kl_div(log_m, logp_s, log_target=True, reduction="none").sum(-1)
+    return beta * kl_t + (1 - beta) * kl_s
+
+
+def nkd(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, tau: float = 1.0, gamma: float = 1.5) -> torch.Tensor:
+    """Normalized KD (Yang et al., arXiv 2303.13005), per token, from *untempered* logits:
+        -p_t(y) · log p_s(y)  +  gamma · tau^2 · KL(q_t || q_s)
+    where q are the teacher's and student's distributions over the non-target tokens, renormalised at tau.
+    (The paper writes the second term as a cross-entropy; the KL differs by the teacher's entropy, a constant.)
+    """
+    y = target.unsqueeze(-1)
+    target_term = -(F.softmax(t.float(), -1).gather(-1, y) * F.log_softmax(s, -1).gather(-1, y)).squeeze(-1)
+    neg = torch.finfo(torch.float32).min
+    q_s = F.log_softmax((s / tau).scatter(-1, y, neg), -1)
+    q_t = F.log_softmax((t.float() / tau).scatter(-1, y, neg), -1)
+    non_target = F.kl_div(q_s, q_t, log_target=True, reduction="none").scatter(-1, y, 0.0).sum(-1)
+    return target_term + gamma * tau**2 * non_target
+
+
+def top_k_kl(s: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """Forward KL against a top-k teacher (cache): the k tokens plus one tail bucket holding the leftover mass
+    (student side: 1 - the student's mass on the k tokens). With k = vocabulary it equals `forward_kl`."""
+    logp_s = F.log_softmax(s, -1)
+    lp_s_k = logp_s.gather(-1, ids)
+    lp_t_k = logprobs.float()
+    head = (lp_t_k.exp() * (lp_t_k - lp_s_k)).sum(-1)
+    tail = tail.float()
+    s_tail = (1 - lp_s_k.exp().sum(-1)).clamp_min(1e-12)
+    tail_term = torch.where(tail > 0, tail * (torch.log(tail.clamp_min(1e-12)) - torch.log(s_tail)), torch.zeros_like(tail))
+    return head + tail_term
+
+
+def sampled_kl(s: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Unbiased estimate of KL(p_t || p_s) from draws x_j ~ p_t with weights w_j (sum 1):
+    sum_j w_j · (log p_t(x_j) - log p_s(x_j)). Its expectation over the draws is the forward KL."""
+    logp_s = F.log_softmax(s, -1).gather(-1, ids)
+    return (weights.float() * (logprobs.float() - logp_s)).sum(-1)
+
+
+# ---- the loss the trainer calls ------------------------------------------------------------------------------
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None, *, kind: str = "forward_kl",
+            tau: float = 1.0, beta: float = 0.5, gamma: float = 1.5, targets: torch.Tensor | None = None,
+            cache: dict[str, torch.Tensor] | None = None, token_weights: torch.Tensor | None = None,
+            chunk: int = 1024) -> torch.Tensor:
+    """Mean distillation loss over tokens (weighted by `token_weights` when given), times tau^2.
+
+    student_logits: [..., V]; teacher_logits: [..., V'] with V' <= V (a padded student vocabulary is cut to the
+    teacher's). `cache` (from `SoftLabelCache.get`, positions aligned with the student's) replaces the teacher
+    for kind="top_k" or "sampled"; cached labels are at temperature 1, so tau must be 1 there.
+    """
+    scale = tau**2
+    v = student_logits.shape[-1] if teacher_logits is None else teacher_logits.shape[-1]
+    s = student_logits[..., :v].reshape(-1, v)
+    n = s.shape[0]
+    flat = (lambda x: x.reshape(n, *x.shape[student_logits.dim() - 1 :]))  # noqa: E731
+    if kind in ("top_k", "sampled"):
+        if cache is None or tau != 1.0:
+            raise ValueError(f"kind={kind} needs cache= and tau=1 (cached labels are at temperature 1); got tau={tau}")
+        s = student_logits.reshape(n, -1)
+        if kind == "top_k":
+            per_tok = chunked_token_loss(top_k_kl, s, flat(cache["ids"]), flat(cache["logprobs"]), flat(cache["tail"]), chunk=chunk)
+        else:
+            per_tok = chunked_token_loss(sampled_kl, s, flat(cache["ids"]), flat(cache["logprobs"]), flat(cache["weights"]), chunk=chunk)
+    else:
+        if teacher_logits is None:
+            raise ValueError(f"kind={kind} needs teacher_logits")
+        t = teacher_logits.reshape(n, v)
+        if kind == "nkd":
+            if targets is None:
+                raise ValueError("kind=nkd needs targets")
+            per_tok = chunked_token_loss(lambda a, b, y: nkd(a, b, y, tau=tau, gamma=gamma), s, t, targets.reshape(n),
+                                         chunk=chunk)
+            scale = 1.0  # nkd applies tau^2 to its tempered term itself
+        elif kind == "forward_kl":
+            per_tok = chunked_token_loss(lambda a, b: forward_kl(a / tau, b / tau), s, t, chunk=chunk)
+        elif kind == "reverse_kl":
+            per_tok = chunked_token_loss(lambda a, b: reverse_kl(a / tau, b / tau), s, t, chunk=chunk)
+        elif kind == "jsd":
+            if not 0 < beta < 1:
+                raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta}")
+            per_tok = chunked_token_loss(lambda a, b: jsd(a / tau, b / tau, beta), s, t, chunk=chunk)
+        else:
+            raise ValueError(f"unknown KD kind {kind!r}: forward_kl, reverse_kl, jsd, nkd, top_k, sampled")
+    if token_weights is None:
+        return per_tok.mean() * scale
+    w = token_weights.reshape(n).float()
+    return (per_tok * w).sum() / w.sum().clamp_min(1e-12) * scale
