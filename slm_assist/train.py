@@ -20,6 +20,7 @@ from slm_assist import dist
 from slm_assist.checkpoint import CheckpointConfig, Checkpointer, TrainState
 from slm_assist.config import check, load_config, save_config, split_argv, to_dict
 from slm_assist.data import DataConfig, ShardedBatches, load_split, validation_batches
+from slm_assist.distill import DistillConfig, SALTObjective, load_teacher
 from slm_assist.engine import deepspeed_config, initialize
 from slm_assist.errors import UserError
 from slm_assist.metrics import MetricsLogger
@@ -74,6 +75,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 class NonFiniteLossError(UserError):
@@ -87,7 +89,7 @@ class Trainer:
         from data_tools.pack import read_manifest
         from data_tools.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-        self.cfg, self.objective = cfg, objective or CausalLMObjective()
+        self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         dist.init()
         self.device = dist.device()
@@ -114,6 +116,11 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.n_params = count_params(model)
+        if objective is None and cfg.distill.teacher:  # checked before any step: vocabulary, tokenizer
+            vocab = len(self.tokenizer)
+            teacher = load_teacher(cfg.distill.teacher, self.manifest["tokenizer_fingerprint"], vocab, self.device)
+            objective = SALTObjective(cfg.distill, teacher, vocab, cfg.train.max_steps)
+        self.objective = objective or CausalLMObjective()
         self.ds_config = deepspeed_config(
             micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=dist.world_size(),
             dtype=cfg.train.dtype, zero_stage=cfg.train.zero_stage, grad_clip=cfg.optim.grad_clip)
