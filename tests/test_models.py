@@ -59,3 +59,22 @@ def test_vocab_smaller_than_tokenizer_is_an_error():
 def test_unknown_model_type_is_an_error():
     with pytest.raises(UserError, match="model.model_type='nosuchmodel'"):
         build_model(_cfg("model_type=nosuchmodel"), Tok(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("path, params", [("configs/paper/slm_1.5b.yaml", 1.5e9), ("configs/paper/llm_2.8b.yaml", 2.8e9)])
+def test_paper_scale_models_on_meta_device(path, params):
+    """The paper-scale recipe's model sizes, built without allocating memory."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from slm_assist.models import build_hf_config
+    from slm_assist.train import RunConfig
+
+    cfg = load_config(RunConfig, Path(__file__).resolve().parents[1] / path)
+    hf = build_hf_config(cfg.model, 32000, {"bos": 1, "eos": 2, "pad": 0})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    n = count_params(model)
+    assert abs(n - params) / params < 0.05, f"{path}: {n / 1e9:.3f}B params"
+    assert cfg.train.zero_stage in (2, 3) and cfg.train.dtype == "bf16"
