@@ -29,12 +29,20 @@ class DistillConfig:
     """nkd only: weight of the non-target term."""
     chunk_tokens: int = 1024
     """Tokens per chunk of the KD loss (bounds its fp32 [chunk, vocab] memory); 0 = unchunked."""
+    gate_topk: int = 0
+    """Token gating (beyond the paper): KD only on tokens whose target is in the teacher's top-k, CE on the
+    rest, since SLM soft labels add bias where the SLM is wrong. 0 = off."""
+    handover_every: int = 0
+    """Auto handover (beyond the paper): every N steps compare the student's and the teacher's loss on a fixed
+    validation batch and end the KD phase once the student is better. 0 = off."""
     schedule: KDScheduleConfig = field(default_factory=KDScheduleConfig)
 
     def __post_init__(self) -> None:
         check(self.tau > 0, "tau", self.tau, "> 0")
         check(0 < self.beta < 1, "beta", self.beta, "in (0, 1)")
         check(self.chunk_tokens >= 0, "chunk_tokens", self.chunk_tokens, ">= 0 (0 = unchunked)")
+        check(self.gate_topk >= 0, "gate_topk", self.gate_topk, ">= 0 (0 = off)")
+        check(self.handover_every >= 0, "handover_every", self.handover_every, ">= 0 (0 = off)")
 
 
 def load_teacher(path: str, dataset_fingerprint: str, vocab: int, device: torch.device) -> torch.nn.Module:
@@ -62,30 +70,78 @@ def load_teacher(path: str, dataset_fingerprint: str, vocab: int, device: torch.
 
 
 class SALTObjective:
-    """Loss for one micro-batch at step t; metrics: ce, kd (when w_t > 0), w_t, kd_phase."""
+    """Loss for one micro-batch at step t; metrics: ce, kd (when w_t > 0), w_t, kd_phase, gate_frac."""
 
-    def __init__(self, cfg: DistillConfig, teacher: torch.nn.Module, vocab: int, total_steps: int) -> None:
+    def __init__(self, cfg: DistillConfig, teacher: torch.nn.Module, vocab: int, total_steps: int,
+                 probe_batch: torch.Tensor | None = None) -> None:
         self.cfg, self.teacher, self.vocab, self.total_steps = cfg, teacher, vocab, total_steps
+        if cfg.handover_every and probe_batch is None:
+            raise UserError("distill.handover_every needs a validation split (a fixed batch to compare losses on)")
+        self.probe = probe_batch
+        self.handover_step: int | None = None
+        self._checked_step = -1
+
+    def weight(self, step: int) -> float:
+        if self.handover_step is not None and step >= self.handover_step:
+            return 0.0
+        return kd_weight(step, self.total_steps, self.cfg.schedule)
+
+    @torch.no_grad()
+    def _probe_losses(self, model: torch.nn.Module) -> tuple[float, float]:
+        from slm_assist import dist
+
+        ids = self.probe.to(next(self.teacher.parameters()).device)
+        ce = [F.cross_entropy(m(input_ids=ids).logits[:, :-1, : self.vocab].float().reshape(-1, self.vocab),
+                              ids[:, 1:].reshape(-1)).item() for m in (model, self.teacher)]
+        s, t = dist.all_reduce_sum(ce)  # every rank decides the same
+        return s, t
+
+    def _maybe_hand_over(self, model: torch.nn.Module, step: int) -> None:
+        from slm_assist import dist
+
+        every = self.cfg.handover_every
+        if not every or self.handover_step is not None or step % every or step == self._checked_step:
+            return
+        self._checked_step = step
+        if kd_weight(step, self.total_steps, self.cfg.schedule) == 0.0:
+            return
+        student, teacher = self._probe_losses(model)
+        if student < teacher:
+            self.handover_step = step
+            if dist.is_main():
+                print(f"auto handover at step {step}: student probe loss {student:.4f} < teacher {teacher:.4f}; "
+                      "KD phase ends", flush=True)
 
     def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        w = kd_weight(step, self.total_steps, self.cfg.schedule)
+        self._maybe_hand_over(model, step)
+        w = self.weight(step)
         logits = model(input_ids=input_ids).logits[:, :-1]
         targets = input_ids[:, 1:]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-        metrics = {"ce": ce.detach(), "w_t": torch.tensor(w, dtype=torch.float64),
-                   "kd_phase": torch.tensor(float(w > 0))}
+        ce_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+        metrics = {"w_t": torch.tensor(w, dtype=torch.float64), "kd_phase": torch.tensor(float(w > 0))}
+        if self.handover_step is not None:
+            metrics["handover_step"] = torch.tensor(float(self.handover_step))
         if w == 0.0:
-            return ce, metrics
+            ce = ce_tok.mean()
+            return ce, {"ce": ce.detach(), **metrics}
         with torch.no_grad():
             # only the real vocabulary is compared: padded rows of either model are cut off
             t_logits = self.teacher(input_ids=input_ids).logits[:, :-1, : self.vocab]
-        kd = kd_loss(logits, t_logits, kind=self.cfg.kind, tau=self.cfg.tau, beta=self.cfg.beta, gamma=self.cfg.gamma,
-                     targets=targets, chunk=self.cfg.chunk_tokens)
-        metrics["kd"] = kd.detach()
-        return (1 - w) * ce + w * kd, metrics
+            gate = torch.ones_like(ce_tok)
+            if self.cfg.gate_topk:
+                kth = t_logits.topk(self.cfg.gate_topk, dim=-1).values[..., -1]
+                gate = (t_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) >= kth).reshape(-1).float()
+        n, kept = ce_tok.numel(), gate.sum()
+        kd = (kd_loss(logits, t_logits, kind=self.cfg.kind, tau=self.cfg.tau, beta=self.cfg.beta,
+                      gamma=self.cfg.gamma, targets=targets, chunk=self.cfg.chunk_tokens, token_weights=gate)
+              if kept > 0 else logits.sum() * 0.0)
+        # per token: (1 - w·g)·CE + w·g·KD, averaged over all tokens
+        loss = ((1 - w * gate) * ce_tok).mean() + w * kd * kept / n
+        metrics.update(ce=ce_tok.mean().detach(), kd=kd.detach(), gate_frac=(kept / n).detach())
+        return loss, metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # the phase is a function of the step
+        return {"handover_step": self.handover_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self.handover_step = state.get("handover_step")

@@ -119,7 +119,8 @@ class Trainer:
         if objective is None and cfg.distill.teacher:  # checked before any step: vocabulary, tokenizer
             vocab = len(self.tokenizer)
             teacher = load_teacher(cfg.distill.teacher, self.manifest["tokenizer_fingerprint"], vocab, self.device)
-            objective = SALTObjective(cfg.distill, teacher, vocab, cfg.train.max_steps)
+            probe = self.val_batches[0] if self.val_batches else None
+            objective = SALTObjective(cfg.distill, teacher, vocab, cfg.train.max_steps, probe_batch=probe)
         self.objective = objective or CausalLMObjective()
         self.ds_config = deepspeed_config(
             micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=dist.world_size(),

@@ -51,3 +51,87 @@ def test_padded_vocab_sizes_may_differ(tiny_data, tiny_slm, tmp_path):
     main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=0", "model.pad_vocab_to=64",
                        f"distill.teacher={tiny_slm}", "distill.schedule.kind=constant"))
     assert all(r["kd"] > 0 for r in read_metrics(run))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A student trained for 12 steps: better than the random-init tiny_slm on validation data."""
+    run = tmp_path_factory.mktemp("runs") / "trained"
+    main(run_overrides(tiny_data, run, "train.max_steps=12", "checkpoint.every=0", "optim.lr=0.01"))
+    return run / "final"
+
+
+def test_token_gating_matches_its_definition(tiny_data, tiny_slm, trained):
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from slm_assist.config import load_config
+    from slm_assist.data import load_split
+    from slm_assist.distill import DistillConfig, SALTObjective
+
+    student = AutoModelForCausalLM.from_pretrained(str(trained))
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_slm)).eval()
+    ids = torch.from_numpy(np.asarray(load_split(tiny_data, "train")[:3]["input_ids"], dtype=np.int64))
+    w = 0.6
+
+    def objective(*overrides):
+        cfg = load_config(DistillConfig, None, ["schedule.kind=constant", f"schedule.weight={w}", *overrides])
+        return SALTObjective(cfg, teacher, 400, total_steps=10)
+
+    with torch.no_grad():
+        logits = student(input_ids=ids).logits[:, :-1].reshape(-1, 400).float()
+        t = teacher(input_ids=ids).logits[:, :-1].reshape(-1, 400).float()
+        y = ids[:, 1:].reshape(-1)
+        ce = F.cross_entropy(logits, y, reduction="none")
+        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+        for k in (1, 5):
+            g = (t.gather(-1, y[:, None]).squeeze(-1) >= t.topk(k, -1).values[:, -1]).float()
+            want = ((1 - w * g) * ce + w * g * kl).mean()
+            got, metrics = objective(f"gate_topk={k}")(student, ids, 0)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            assert metrics["gate_frac"].item() == pytest.approx(g.mean().item())
+            assert 0 < g.mean() < 1
+        full, _ = objective("gate_topk=400")(student, ids, 0)
+        off, _ = objective()(student, ids, 0)
+        torch.testing.assert_close(full, off)
+
+
+def test_auto_handover_fires_when_the_student_is_better(tiny_data, tiny_slm, trained, tmp_path, capsys):
+    run = tmp_path / "fires"
+    main(run_overrides(tiny_data, run, "train.max_steps=4", "checkpoint.every=0", f"model.pretrained={trained}",
+                       f"distill.teacher={tiny_slm}", "distill.handover_every=2", "distill.schedule.n_kd_steps=4"))
+    recs = read_metrics(run)
+    assert [r["w_t"] for r in recs] == [0.0] * 4 and all(r["handover_step"] == 0 for r in recs)
+    assert "auto handover at step 0" in capsys.readouterr().out
+
+
+def test_auto_handover_stays_off_when_the_teacher_is_better(tiny_data, trained, tmp_path):
+    run = tmp_path / "off"
+    main(run_overrides(tiny_data, run, "train.max_steps=4", "checkpoint.every=0", f"distill.teacher={trained}",
+                       "distill.handover_every=2", "distill.schedule.n_kd_steps=4", "distill.schedule.weight=0.5"))
+    recs = read_metrics(run)
+    assert [r["w_t"] for r in recs] == [0.5] * 4 and not any("handover_step" in r for r in recs)
+
+
+def test_resume_inside_the_kd_phase_is_bit_exact(tiny_data, tiny_slm, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from slm_assist.checkpoint import FAULT_ENV
+
+    from .conftest import run_module
+
+    common = ("train.max_steps=8", "checkpoint.every=3", f"distill.teacher={tiny_slm}",
+              "distill.schedule.n_kd_steps=5", "distill.gate_topk=20")
+    main(run_overrides(tiny_data, tmp_path / "A", *common))
+    args = run_overrides(tiny_data, tmp_path / "B", *common)
+    killed = run_module("slm_assist.train", args, env={FAULT_ENV: "kill_after_checkpoint:3"})  # inside KD phase
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    main(args)
+    a, b = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in ("A", "B"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    keys = ("step", "loss", "ce", "kd", "w_t", "kd_phase", "gate_frac")
+    assert [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "B")] == \
+        [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "A")]
