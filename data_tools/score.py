@@ -101,18 +101,6 @@ def shard_rows(n_rows: int, batch_size: int, num_shards: int, shard: int) -> ran
     return range(lo * batch_size, min(hi * batch_size, n_rows))
 
 
-def _read_index(path: str, n_rows: int) -> set[int]:
-    """A selection index (index.npy of data_tools.select): integer sequence indices within the split."""
-    try:
-        idx = np.load(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cache.indices={path}: cannot read a .npy index: {e}") from None
-    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (len(idx) and (idx.min() < 0 or idx.max() >= n_rows)):
-        raise UserError(f"cache.indices={path}: expected a 1-D array of sequence indices in [0, {n_rows}), "
-                        f"got shape {idx.shape}, dtype {idx.dtype}")
-    return set(idx.tolist())
-
-
 def _load_scorer(path: str, dataset_fp: str, device: torch.device, dtype: torch.dtype, role: str):
     from data_tools.tokenizer import load_tokenizer, tokenizer_fingerprint
     from slm_assist.models import ModelConfig, build_model
@@ -131,7 +119,7 @@ def _load_scorer(path: str, dataset_fp: str, device: torch.device, dtype: torch.
 class Scorer:
     def __init__(self, cfg: ScoreConfig) -> None:
         from data_tools.pack import read_manifest
-        from slm_assist.data import load_split
+        from slm_assist.data import load_split, read_index
 
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
@@ -148,7 +136,7 @@ class Scorer:
                 raise UserError(f"{role}={path}: not a save_pretrained model directory (no config.json)")
         self.cache_indices: set[int] | None = None
         if cfg.cache.mode != "none" and cfg.cache.indices:
-            self.cache_indices = _read_index(cfg.cache.indices, len(self.ds))
+            self.cache_indices = set(read_index(cfg.cache.indices, len(self.ds), "cache.indices").tolist())
         self.identity = {  # a shard made under any other identity must not be reused
             "model_fingerprint": model_fingerprint(cfg.model),
             "ref_model_fingerprint": model_fingerprint(cfg.ref_model) if cfg.ref_model else None,

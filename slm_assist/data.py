@@ -41,14 +41,18 @@ class ShardedBatches:
 
     The whole state is (epoch, cursor): `cursor` counts sequences consumed by *all* ranks in the current epoch's
     permutation, so the same state resumes exactly, and rank r of W takes rows [cursor + r*B, cursor + (r+1)*B).
-    The tail of an epoch that cannot fill a global batch is skipped.
+    The tail of an epoch that cannot fill a global batch is skipped. `rows` restricts the stream to a subset of
+    the split (e.g. a data_tools.select index), shuffled the same way.
     """
 
-    def __init__(self, dataset, micro_batch: int, rank: int, world: int, seed: int) -> None:
+    def __init__(self, dataset, micro_batch: int, rank: int, world: int, seed: int,
+                 rows: np.ndarray | None = None) -> None:
         self.ds, self.mb, self.rank, self.world, self.seed = dataset, micro_batch, rank, world, seed
-        self.n = len(dataset)
+        self.rows = rows
+        self.n = len(dataset) if rows is None else len(rows)
         if self.n < micro_batch * world:
-            raise UserError(f"the training split has {self.n} sequences, fewer than one global micro-batch "
+            what = "the training split" if rows is None else "the selected subset"
+            raise UserError(f"{what} has {self.n} sequences, fewer than one global micro-batch "
                             f"(train.micro_batch_size={micro_batch} x {world} ranks)")
         self.epoch, self.cursor = 0, 0
         self._perm: np.ndarray | None = None
@@ -63,7 +67,8 @@ class ShardedBatches:
         if self.cursor + self.mb * self.world > self.n:
             self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
         start = self.cursor + self.rank * self.mb
-        idx = np.sort(self._permutation()[start : start + self.mb])  # sorted reads are faster on Arrow
+        idx = self._permutation()[start : start + self.mb]
+        idx = np.sort(idx if self.rows is None else self.rows[idx])  # sorted reads are faster on Arrow
         self.cursor += self.mb * self.world
         return torch.from_numpy(np.asarray(self.ds[idx]["input_ids"], dtype=np.int64))
 
@@ -76,6 +81,18 @@ class ShardedBatches:
             print(f"note: resuming data order with world x micro_batch {self.world}x{self.mb} "
                   f"(checkpoint had {state['world']}x{state['mb']})")
         self.epoch, self.cursor, self.seed, self._perm = state["epoch"], state["cursor"], state["seed"], None
+
+
+def read_index(path: str | Path, n_rows: int, field: str) -> np.ndarray:
+    """A selection index (index.npy of data_tools.select): sorted unique sequence indices within the split."""
+    try:
+        idx = np.load(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{field}={path}: cannot read a .npy index: {e}") from None
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (len(idx) and (idx.min() < 0 or idx.max() >= n_rows)):
+        raise UserError(f"{field}={path}: expected a 1-D array of sequence indices in [0, {n_rows}), "
+                        f"got shape {idx.shape}, dtype {idx.dtype}")
+    return np.unique(idx)
 
 
 def validation_batches(dataset, micro_batch: int, max_batches: int, rank: int, world: int) -> list[torch.Tensor]:

@@ -32,6 +32,9 @@ class DistillConfig:
     gate_topk: int = 0
     """Token gating (beyond the paper): KD only on tokens whose target is in the teacher's top-k, CE on the
     rest, since SLM soft labels add bias where the SLM is wrong. 0 = off."""
+    selection: str = ""
+    """A data_tools.select index.npy: KD-phase batches come from these sequences, later ones from the full
+    split ("" = the full split throughout)."""
     handover_every: int = 0
     """Auto handover (beyond the paper): every N steps compare the student's and the teacher's loss on a fixed
     validation batch and end the KD phase once the student is better. 0 = off."""
@@ -139,6 +142,9 @@ class SALTObjective:
         loss = ((1 - w * gate) * ce_tok).mean() + w * kd * kept / n
         metrics.update(ce=ce_tok.mean().detach(), kd=kd.detach(), gate_frac=(kept / n).detach())
         return loss, metrics
+
+    def stream(self, step: int) -> str:
+        return "kd" if self.weight(step) > 0 else "main"
 
     def state_dict(self) -> dict[str, Any]:
         return {"handover_step": self.handover_step}

@@ -12,6 +12,9 @@ class Objective(Protocol):
     def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss for one micro-batch at optimizer step `step` (0-based), and metrics to log (detached)."""
 
+    def stream(self, step: int) -> str:
+        """Which batch stream step `step` draws from: "main" (the full split) or "kd" (the selected subset)."""
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -23,6 +26,9 @@ class CausalLMObjective:
     def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = model(input_ids=input_ids, labels=input_ids).loss
         return loss, {"ce": loss.detach()}
+
+    def stream(self, step: int) -> str:
+        return "main"
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -19,7 +19,7 @@ import torch
 from slm_assist import dist
 from slm_assist.checkpoint import CheckpointConfig, Checkpointer, TrainState
 from slm_assist.config import check, load_config, save_config, split_argv, to_dict
-from slm_assist.data import DataConfig, ShardedBatches, load_split, validation_batches
+from slm_assist.data import DataConfig, ShardedBatches, load_split, read_index, validation_batches
 from slm_assist.distill import DistillConfig, SALTObjective, load_teacher
 from slm_assist.engine import deepspeed_config, initialize
 from slm_assist.errors import UserError
@@ -108,8 +108,12 @@ class Trainer:
                                cfg.train.eval_batches, dist.rank(), dist.world_size())
             if "validation" in self.manifest["splits"] else []
         )
-        self.batches = ShardedBatches(self.train_ds, cfg.train.micro_batch_size, dist.rank(), dist.world_size(),
-                                      cfg.data.seed)
+        # Named batch streams; the objective picks one per step (SALT: the selected subset during the KD phase).
+        stream_args = (cfg.train.micro_batch_size, dist.rank(), dist.world_size(), cfg.data.seed)
+        self.streams = {"main": ShardedBatches(self.train_ds, *stream_args)}
+        if cfg.distill.selection:
+            rows = read_index(cfg.distill.selection, len(self.train_ds), "distill.selection")
+            self.streams["kd"] = ShardedBatches(self.train_ds, *stream_args, rows=rows)
 
         # Built in fp32: with bf16 on, DeepSpeed casts the module and keeps fp32 masters in the optimizer.
         model = build_model(cfg.model, self.tokenizer, self.device, dtype=torch.float32)
@@ -134,13 +138,14 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; returns step-mean metrics."""
         sums: dict[str, float] = {}
+        batches = self.streams.get(self.objective.stream(self.state.step), self.streams["main"])
         for _ in range(self.cfg.train.grad_accum):
-            ids = self.batches.next().to(self.device)
+            ids = batches.next().to(self.device)
             loss, metrics = self.objective(self.engine, ids, self.state.step)
             if dist.any_rank(not math.isfinite(loss.item())):
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss.item()}) at step {self.state.step + 1} (micro-batch of epoch "
-                    f"{self.batches.epoch}, position {self.batches.cursor}); no checkpoint written, the last good "
+                    f"{batches.epoch}, position {batches.cursor}); no checkpoint written, the last good "
                     f"one stays in {self.checkpointer.root}. Lower optim.lr or check the data")
             self.engine.backward(loss)
             self.engine.step()
@@ -164,13 +169,15 @@ class Trainer:
         if latest is None:
             return
         self.state = self.checkpointer.load(self.engine, latest)
-        self.batches.load_state_dict(self.state.data)
+        for name, stream in self.streams.items():
+            if name in self.state.data:
+                stream.load_state_dict(self.state.data[name])
         self.objective.load_state_dict(self.state.objective)
         if dist.is_main():
             print(f"resumed from {latest} (step {self.state.step})", flush=True)
 
     def save(self) -> None:
-        self.state.data = self.batches.state_dict()
+        self.state.data = {name: stream.state_dict() for name, stream in self.streams.items()}
         self.state.objective = self.objective.state_dict()
         self.checkpointer.save(self.engine, self.state)
 

@@ -135,3 +135,48 @@ def test_resume_inside_the_kd_phase_is_bit_exact(tiny_data, tiny_slm, tmp_path):
     keys = ("step", "loss", "ce", "kd", "w_t", "kd_phase", "gate_frac")
     assert [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "B")] == \
         [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "A")]
+
+
+def test_kd_phase_draws_from_the_selection_then_the_full_split(tiny_data, tiny_slm, tmp_path):
+    import numpy as np
+
+    from slm_assist.config import load_config, split_argv
+    from slm_assist.train import RunConfig, Trainer
+
+    sel = tmp_path / "index.npy"
+    np.save(sel, np.arange(100, 132))  # 32 selected sequences
+    path, overrides = split_argv(run_overrides(
+        tiny_data, tmp_path / "sel", "train.max_steps=5", "checkpoint.every=0", f"distill.teacher={tiny_slm}",
+        "distill.schedule.n_kd_steps=3", f"distill.selection={sel}"), "")
+    trainer = Trainer(load_config(RunConfig, path, overrides))
+    seen: list[str] = []
+    for name, stream in trainer.streams.items():
+        original = stream.next
+
+        def spy(original=original, name=name):
+            ids = original()
+            seen.append(name)
+            return ids
+        stream.next = spy
+    trainer.fit()
+    assert seen == ["kd", "kd", "kd", "main", "main"]
+    assert trainer.streams["kd"].cursor == 3 * 4 and trainer.streams["main"].cursor == 2 * 4
+    with pytest.raises(UserError, match=r"distill\.selection=.*bad\.npy: expected a 1-D array"):
+        np.save(tmp_path / "bad.npy", np.array([[1, 2]]))
+        main(run_overrides(tiny_data, tmp_path / "x", "train.max_steps=1", f"distill.teacher={tiny_slm}",
+                           f"distill.selection={tmp_path / 'bad.npy'}"))
+
+
+def test_zero3_student_with_teacher_on_two_processes(tiny_data, tiny_slm, tmp_path):
+    from .conftest import run_module
+
+    run = tmp_path / "z3"
+    args = run_overrides(tiny_data, run, "train.max_steps=12", "checkpoint.every=6", "train.zero_stage=3",
+                         "optim.lr=0.01", "train.micro_batch_size=2", f"distill.teacher={tiny_slm}",
+                         "distill.schedule.n_kd_steps=6", "distill.gate_topk=50")
+    res = run_module("torch.distributed.run", ["--nproc_per_node", "2", "-m", "slm_assist.train", *args])
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = read_metrics(run)
+    assert [r["kd_phase"] for r in recs] == [1.0] * 6 + [0.0] * 6
+    assert recs[5]["ce"] < recs[0]["ce"] - 0.3 and recs[-1]["ce"] < recs[5]["ce"]
+    assert all(r["kd"] > 0 for r in recs[:6])

@@ -80,3 +80,11 @@ def test_state_resumes_the_same_order():
     b = ShardedBatches(Rows(30), 4, 0, 1, seed=0)
     b.load_state_dict(state)
     assert _take(b, 5) == expected
+
+
+def test_subset_stream_draws_only_selected_rows_and_covers_them():
+    rows = np.array([3, 7, 8, 20, 21, 40, 41, 49])
+    b = ShardedBatches(Rows(50), 2, 0, 1, seed=0, rows=rows)
+    epoch = sum(_take(b, 4), [])
+    assert sorted(epoch) == rows.tolist()
+    assert set(sum(_take(b, 8), [])) <= set(rows.tolist())
