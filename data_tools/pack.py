@@ -168,6 +168,11 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     return manifest
 
 
+def dataset_fingerprint(manifest: dict[str, Any]) -> str:
+    """Identifies a packed dataset (tokenizer, seq_len, split sizes...): what scores and caches are keyed by."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     """The manifest of a packed dataset; its absence means the dataset is missing or incomplete."""
     path = Path(data_dir) / MANIFEST

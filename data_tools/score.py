@@ -118,7 +118,7 @@ def _load_scorer(path: str, dataset_fp: str, device: torch.device, dtype: torch.
 
 class Scorer:
     def __init__(self, cfg: ScoreConfig) -> None:
-        from data_tools.pack import read_manifest
+        from data_tools.pack import dataset_fingerprint, read_manifest
         from slm_assist.data import load_split, read_index
 
         self.cfg = cfg
@@ -140,7 +140,7 @@ class Scorer:
         self.identity = {  # a shard made under any other identity must not be reused
             "model_fingerprint": model_fingerprint(cfg.model),
             "ref_model_fingerprint": model_fingerprint(cfg.ref_model) if cfg.ref_model else None,
-            "dataset_fingerprint": hashlib.sha256(json.dumps(self.data_manifest, sort_keys=True).encode()).hexdigest()[:16],
+            "dataset_fingerprint": dataset_fingerprint(self.data_manifest),
             "split": cfg.split, "topk": cfg.topk, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
             "num_shards": self.num_shards, "cache": asdict(cfg.cache),
         }

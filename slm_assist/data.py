@@ -64,13 +64,17 @@ class ShardedBatches:
         return self._perm
 
     def next(self) -> torch.Tensor:
+        return self.next_with_index()[0]
+
+    def next_with_index(self) -> tuple[torch.Tensor, np.ndarray]:
+        """The next micro-batch and the split indices of its sequences (for soft-label cache lookups)."""
         if self.cursor + self.mb * self.world > self.n:
             self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
         start = self.cursor + self.rank * self.mb
         idx = self._permutation()[start : start + self.mb]
         idx = np.sort(idx if self.rows is None else self.rows[idx])  # sorted reads are faster on Arrow
         self.cursor += self.mb * self.world
-        return torch.from_numpy(np.asarray(self.ds[idx]["input_ids"], dtype=np.int64))
+        return torch.from_numpy(np.asarray(self.ds[idx]["input_ids"], dtype=np.int64)), idx
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "world": self.world, "mb": self.mb}

@@ -32,6 +32,9 @@ class DistillConfig:
     gate_topk: int = 0
     """Token gating (beyond the paper): KD only on tokens whose target is in the teacher's top-k, CE on the
     rest, since SLM soft labels add bias where the SLM is wrong. 0 = off."""
+    cache: str = ""
+    """A data_tools.score output dir with a soft-label cache for this data: KD from the cached top-k / sampled
+    labels instead of running the teacher (forward KL, tau = 1). "" = online teacher."""
     selection: str = ""
     """A data_tools.select index.npy: KD-phase batches come from these sequences, later ones from the full
     split ("" = the full split throughout)."""
@@ -46,6 +49,11 @@ class DistillConfig:
         check(self.chunk_tokens >= 0, "chunk_tokens", self.chunk_tokens, ">= 0 (0 = unchunked)")
         check(self.gate_topk >= 0, "gate_topk", self.gate_topk, ">= 0 (0 = off)")
         check(self.handover_every >= 0, "handover_every", self.handover_every, ">= 0 (0 = off)")
+        if self.cache:
+            check(self.kind == "forward_kl" and self.tau == 1.0, "kind/tau", (self.kind, self.tau),
+                  "forward_kl and 1.0 with a soft-label cache (it stores the teacher at temperature 1)")
+        if self.handover_every:
+            check(bool(self.teacher), "handover_every", self.handover_every, "0 unless distill.teacher is set")
 
 
 def load_teacher(path: str, dataset_fingerprint: str, vocab: int, device: torch.device) -> torch.nn.Module:
@@ -72,12 +80,33 @@ def load_teacher(path: str, dataset_fingerprint: str, vocab: int, device: torch.
     return teacher
 
 
+def load_cache(scores_dir: str, data_manifest: dict):
+    """The soft-label cache of a scoring run over exactly this packed dataset's train split."""
+    import json
+
+    from data_tools.pack import dataset_fingerprint
+    from data_tools.softlabels import SoftLabelCache
+
+    d = Path(scores_dir)
+    if not (d / "manifest.json").is_file() or not (d / "cache").is_dir():
+        raise UserError(f"distill.cache={scores_dir}: no finished data_tools.score output with a cache/ "
+                        "(score with cache.mode=top_k or sampled)")
+    m = json.loads((d / "manifest.json").read_text())
+    if m.get("dataset_fingerprint") != dataset_fingerprint(data_manifest) or m.get("split") != "train":
+        raise UserError(f"distill.cache={scores_dir}: cached for dataset {m.get('dataset_fingerprint')} split "
+                        f"{m.get('split')!r}, but this run trains on {dataset_fingerprint(data_manifest)} 'train'")
+    return SoftLabelCache(d / "cache")
+
+
 class SALTObjective:
     """Loss for one micro-batch at step t; metrics: ce, kd (when w_t > 0), w_t, kd_phase, gate_frac."""
 
-    def __init__(self, cfg: DistillConfig, teacher: torch.nn.Module, vocab: int, total_steps: int,
-                 probe_batch: torch.Tensor | None = None) -> None:
-        self.cfg, self.teacher, self.vocab, self.total_steps = cfg, teacher, vocab, total_steps
+    def __init__(self, cfg: DistillConfig, teacher: torch.nn.Module | None, vocab: int, total_steps: int,
+                 probe_batch: torch.Tensor | None = None, cache=None) -> None:
+        self.cfg, self.teacher, self.vocab, self.total_steps, self.cache = cfg, teacher, vocab, total_steps, cache
+        if cache is not None and cfg.gate_topk and (cache.mode != "top_k" or cfg.gate_topk > cache.shape[1]):
+            raise UserError(f"distill.gate_topk={cfg.gate_topk} needs a top_k cache with k >= {cfg.gate_topk} "
+                            f"(this one: {cache.mode}, width {cache.shape[1]})")
         if cfg.handover_every and probe_batch is None:
             raise UserError("distill.handover_every needs a validation split (a fixed batch to compare losses on)")
         self.probe = probe_batch
@@ -115,7 +144,8 @@ class SALTObjective:
                 print(f"auto handover at step {step}: student probe loss {student:.4f} < teacher {teacher:.4f}; "
                       "KD phase ends", flush=True)
 
-    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, step: int,
+                 index=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._maybe_hand_over(model, step)
         w = self.weight(step)
         logits = model(input_ids=input_ids).logits[:, :-1]
@@ -127,17 +157,26 @@ class SALTObjective:
         if w == 0.0:
             ce = ce_tok.mean()
             return ce, {"ce": ce.detach(), **metrics}
-        with torch.no_grad():
-            # only the real vocabulary is compared: padded rows of either model are cut off
-            t_logits = self.teacher(input_ids=input_ids).logits[:, :-1, : self.vocab]
-            gate = torch.ones_like(ce_tok)
-            if self.cfg.gate_topk:
-                kth = t_logits.topk(self.cfg.gate_topk, dim=-1).values[..., -1]
-                gate = (t_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) >= kth).reshape(-1).float()
-        n, kept = ce_tok.numel(), gate.sum()
-        kd = (kd_loss(logits, t_logits, kind=self.cfg.kind, tau=self.cfg.tau, beta=self.cfg.beta,
-                      gamma=self.cfg.gamma, targets=targets, chunk=self.cfg.chunk_tokens, token_weights=gate)
-              if kept > 0 else logits.sum() * 0.0)
+        # Only the real vocabulary is compared: padded rows of either model are cut off.
+        student = logits[..., : self.vocab]
+        gate = torch.ones_like(ce_tok)
+        if self.cache is not None:
+            labels = {k: v.to(logits.device) for k, v in self.cache.get(index).items()}
+            if self.cfg.gate_topk:  # the cache's ids are sorted by teacher probability
+                gate = (labels["ids"][..., : self.cfg.gate_topk] == targets.unsqueeze(-1)).any(-1).reshape(-1).float()
+            teacher_logits, kd_args = None, {"kind": self.cache.mode, "cache": labels}
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=input_ids).logits[:, :-1, : self.vocab]
+                if self.cfg.gate_topk:
+                    kth = teacher_logits.topk(self.cfg.gate_topk, dim=-1).values[..., -1]
+                    gate = (teacher_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) >= kth).reshape(-1).float()
+            kd_args = {"kind": self.cfg.kind, "tau": self.cfg.tau, "beta": self.cfg.beta, "gamma": self.cfg.gamma,
+                       "targets": targets}
+        kept = gate.sum()
+        kd = (kd_loss(student, teacher_logits, chunk=self.cfg.chunk_tokens, token_weights=gate, **kd_args)
+              if kept > 0 else student.sum() * 0.0)
+        n = ce_tok.numel()
         # per token: (1 - w·g)·CE + w·g·KD, averaged over all tokens
         loss = ((1 - w * gate) * ce_tok).mean() + w * kd * kept / n
         metrics.update(ce=ce_tok.mean().detach(), kd=kd.detach(), gate_frac=(kept / n).detach())

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 
 class Objective(Protocol):
-    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss for one micro-batch at optimizer step `step` (0-based), and metrics to log (detached)."""
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, step: int,
+                 index: np.ndarray | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss for one micro-batch at optimizer step `step` (0-based), and metrics to log (detached).
+        `index` holds the sequences' indices in the split (soft-label cache lookups)."""
 
     def stream(self, step: int) -> str:
         """Which batch stream step `step` draws from: "main" (the full split) or "kd" (the selected subset)."""
@@ -23,7 +26,8 @@ class Objective(Protocol):
 class CausalLMObjective:
     """Plain next-token cross-entropy on packed sequences (labels = inputs; the HF model shifts them)."""
 
-    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, step: int,
+                 index: np.ndarray | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = model(input_ids=input_ids, labels=input_ids).loss
         return loss, {"ce": loss.detach()}
 

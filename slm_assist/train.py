@@ -20,7 +20,7 @@ from slm_assist import dist
 from slm_assist.checkpoint import CheckpointConfig, Checkpointer, TrainState
 from slm_assist.config import check, load_config, save_config, split_argv, to_dict
 from slm_assist.data import DataConfig, ShardedBatches, load_split, read_index, validation_batches
-from slm_assist.distill import DistillConfig, SALTObjective, load_teacher
+from slm_assist.distill import DistillConfig, SALTObjective, load_cache, load_teacher
 from slm_assist.engine import deepspeed_config, initialize
 from slm_assist.errors import UserError
 from slm_assist.metrics import MetricsLogger
@@ -120,11 +120,13 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.n_params = count_params(model)
-        if objective is None and cfg.distill.teacher:  # checked before any step: vocabulary, tokenizer
+        if objective is None and (cfg.distill.teacher or cfg.distill.cache):  # all checks before any step
             vocab = len(self.tokenizer)
-            teacher = load_teacher(cfg.distill.teacher, self.manifest["tokenizer_fingerprint"], vocab, self.device)
+            teacher = (load_teacher(cfg.distill.teacher, self.manifest["tokenizer_fingerprint"], vocab, self.device)
+                       if cfg.distill.teacher else None)
+            cache = load_cache(cfg.distill.cache, self.manifest) if cfg.distill.cache else None
             probe = self.val_batches[0] if self.val_batches else None
-            objective = SALTObjective(cfg.distill, teacher, vocab, cfg.train.max_steps, probe_batch=probe)
+            objective = SALTObjective(cfg.distill, teacher, vocab, cfg.train.max_steps, probe_batch=probe, cache=cache)
         self.objective = objective or CausalLMObjective()
         self.ds_config = deepspeed_config(
             micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=dist.world_size(),
@@ -140,8 +142,8 @@ class Trainer:
         sums: dict[str, float] = {}
         batches = self.streams.get(self.objective.stream(self.state.step), self.streams["main"])
         for _ in range(self.cfg.train.grad_accum):
-            ids = batches.next().to(self.device)
-            loss, metrics = self.objective(self.engine, ids, self.state.step)
+            ids, index = batches.next_with_index()
+            loss, metrics = self.objective(self.engine, ids.to(self.device), self.state.step, index=index)
             if dist.any_rank(not math.isfinite(loss.item())):
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss.item()}) at step {self.state.step + 1} (micro-batch of epoch "

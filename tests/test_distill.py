@@ -151,13 +151,12 @@ def test_kd_phase_draws_from_the_selection_then_the_full_split(tiny_data, tiny_s
     trainer = Trainer(load_config(RunConfig, path, overrides))
     seen: list[str] = []
     for name, stream in trainer.streams.items():
-        original = stream.next
+        original = stream.next_with_index
 
         def spy(original=original, name=name):
-            ids = original()
             seen.append(name)
-            return ids
-        stream.next = spy
+            return original()
+        stream.next_with_index = spy
     trainer.fit()
     assert seen == ["kd", "kd", "kd", "main", "main"]
     assert trainer.streams["kd"].cursor == 3 * 4 and trainer.streams["main"].cursor == 2 * 4
@@ -180,3 +179,33 @@ def test_zero3_student_with_teacher_on_two_processes(tiny_data, tiny_slm, tmp_pa
     assert [r["kd_phase"] for r in recs] == [1.0] * 6 + [0.0] * 6
     assert recs[5]["ce"] < recs[0]["ce"] - 0.3 and recs[-1]["ce"] < recs[5]["ce"]
     assert all(r["kd"] > 0 for r in recs[:6])
+
+
+def test_cached_top_k_with_full_vocab_matches_online_kd(tiny_data, tiny_slm, tmp_path):
+    """KD from a top-k cache with k = vocabulary trains like the online teacher (fp16 log-probs aside)."""
+    from data_tools.score import main as score_main
+
+    from .conftest import REPO
+
+    scores = tmp_path / "scores"
+    score_main([str(REPO / "configs/demo/score.yaml"), f"model={tiny_slm}", f"data={tiny_data}", f"out_dir={scores}",
+                "batch_size=16", "dtype=fp32", "cache.mode=top_k", "cache.k=400", "torch_threads=1"])
+    common = ("train.max_steps=3", "checkpoint.every=0", "train.dtype=fp32", "distill.schedule.kind=constant",
+              "distill.gate_topk=10", "seed=1")  # seed 1: a student that differs from the teacher
+    main(run_overrides(tiny_data, tmp_path / "online", *common, f"distill.teacher={tiny_slm}"))
+    main(run_overrides(tiny_data, tmp_path / "cached", *common, f"distill.cache={scores}"))
+    online, cached = read_metrics(tmp_path / "online"), read_metrics(tmp_path / "cached")
+    for a, b in zip(online, cached):
+        assert a["kd"] > 0.005 and b["kd"] == pytest.approx(a["kd"], rel=2e-3)
+        assert b["gate_frac"] == a["gate_frac"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+
+
+def test_cache_for_other_data_is_refused(tiny_data, tiny_slm, tmp_path):
+    import json
+
+    scores = tmp_path / "scores"
+    (scores / "cache").mkdir(parents=True)
+    (scores / "manifest.json").write_text(json.dumps({"dataset_fingerprint": "0" * 16, "split": "train"}))
+    with pytest.raises(UserError, match=r"distill\.cache=.*cached for dataset 0+ split 'train', but this run"):
+        main(run_overrides(tiny_data, tmp_path / "r", "train.max_steps=1", f"distill.cache={scores}"))

@@ -88,7 +88,7 @@ def test_keep_last_prunes_old_checkpoints(tiny_data, tmp_path):
 def test_nan_loss_stops_without_checkpoint(tiny_data, tmp_path, monkeypatch):
     original = CausalLMObjective.__call__
 
-    def poisoned(self, model, ids, step):
+    def poisoned(self, model, ids, step, index=None):
         loss, metrics = original(self, model, ids, step)
         return (loss * float("nan"), metrics) if step >= 2 else (loss, metrics)
 
