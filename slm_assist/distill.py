@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from slm_assist.config import check
 from slm_assist.errors import UserError
 from slm_assist.kd_schedule import KDScheduleConfig, kd_weight
-from slm_assist.losses import kd_loss
+from slm_assist.losses import ce_plus_kd
 
 
 @dataclass
@@ -148,38 +148,33 @@ class SALTObjective:
                  index=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._maybe_hand_over(model, step)
         w = self.weight(step)
-        logits = model(input_ids=input_ids).logits[:, :-1]
+        # Only the real vocabulary is compared and scored: padded rows of either model are cut off.
+        logits = model(input_ids=input_ids).logits[:, :-1, : self.vocab]
         targets = input_ids[:, 1:]
-        ce_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
         metrics = {"w_t": torch.tensor(w, dtype=torch.float64), "kd_phase": torch.tensor(float(w > 0))}
         if self.handover_step is not None:
             metrics["handover_step"] = torch.tensor(float(self.handover_step))
         if w == 0.0:
-            ce = ce_tok.mean()
+            ce = F.cross_entropy(logits.reshape(-1, self.vocab).float(), targets.reshape(-1))
             return ce, {"ce": ce.detach(), **metrics}
-        # Only the real vocabulary is compared: padded rows of either model are cut off.
-        student = logits[..., : self.vocab]
-        gate = torch.ones_like(ce_tok)
+        gate = torch.ones(targets.numel(), device=logits.device)
         if self.cache is not None:
             labels = {k: v.to(logits.device) for k, v in self.cache.get(index).items()}
             if self.cfg.gate_topk:  # the cache's ids are sorted by teacher probability
                 gate = (labels["ids"][..., : self.cfg.gate_topk] == targets.unsqueeze(-1)).any(-1).reshape(-1).float()
-            teacher_logits, kd_args = None, {"kind": self.cache.mode, "cache": labels}
+            kd_args = {"cache": labels}
         else:
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=input_ids).logits[:, :-1, : self.vocab]
                 if self.cfg.gate_topk:
                     kth = teacher_logits.topk(self.cfg.gate_topk, dim=-1).values[..., -1]
                     gate = (teacher_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) >= kth).reshape(-1).float()
-            kd_args = {"kind": self.cfg.kind, "tau": self.cfg.tau, "beta": self.cfg.beta, "gamma": self.cfg.gamma,
-                       "targets": targets}
+            kd_args = {"teacher_logits": teacher_logits, "kind": self.cfg.kind, "tau": self.cfg.tau,
+                       "beta": self.cfg.beta, "gamma": self.cfg.gamma}
+        # per token: (1 - w·g)·CE + w·g·KD, averaged over all tokens, CE and KD fused in one chunked pass
+        loss, ce_tok, kd_tok = ce_plus_kd(logits, targets, w * gate, chunk=self.cfg.chunk_tokens, **kd_args)
         kept = gate.sum()
-        kd = (kd_loss(student, teacher_logits, chunk=self.cfg.chunk_tokens, token_weights=gate, **kd_args)
-              if kept > 0 else student.sum() * 0.0)
-        n = ce_tok.numel()
-        # per token: (1 - w·g)·CE + w·g·KD, averaged over all tokens
-        loss = ((1 - w * gate) * ce_tok).mean() + w * kd * kept / n
-        metrics.update(ce=ce_tok.mean().detach(), kd=kd.detach(), gate_frac=(kept / n).detach())
+        metrics.update(ce=ce_tok.mean(), kd=(kd_tok * gate).sum() / kept.clamp_min(1.0), gate_frac=kept / gate.numel())
         return loss, metrics
 
     def stream(self, step: int) -> str:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from slm_assist.kd_schedule import KDScheduleConfig, kd_weight
+from slm_assist.losses import ce_plus_kd as ce_plus_kd_fn
 from slm_assist.losses import kd_loss
 
 V = 37
@@ -211,3 +212,23 @@ def test_n_kd_as_fraction_of_the_run():
     assert cfg.n_kd(208_000) == 35_360
     assert kd_weight(35_359, 208_000, cfg) == 0.5 and kd_weight(35_360, 208_000, cfg) == 0.0
     assert math.isclose(KDScheduleConfig(n_kd_steps=7).n_kd(1000), 7)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "nkd"])
+def test_fused_ce_plus_kd_matches_separate_terms(kind):
+    s = _logits(21).requires_grad_(True)
+    t = _logits(22)
+    y = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(23))
+    share = torch.rand(2, 5, generator=torch.Generator().manual_seed(24)) * 0.7
+    loss, ce_tok, kd_tok = ce_plus_kd_fn(s, y, share, teacher_logits=t, kind=kind, tau=2.0, chunk=3)
+    (g,) = torch.autograd.grad(loss, s)
+    s2 = s.detach().clone().requires_grad_(True)
+    ce = F.cross_entropy(s2.reshape(-1, V), y.reshape(-1), reduction="none")
+    kd = torch.stack([kd_loss(s2.reshape(-1, V)[i : i + 1], t.reshape(-1, V)[i : i + 1], kind=kind, tau=2.0,
+                              targets=y.reshape(-1)[i : i + 1]) for i in range(10)])
+    want = ((1 - share.reshape(-1)) * ce + share.reshape(-1) * kd).mean()
+    (g2,) = torch.autograd.grad(want, s2)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(ce_tok, ce.detach())
+    torch.testing.assert_close(kd_tok, kd.detach(), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,141 @@
+"""KD overhead benchmarks (issue 4), each measured side by side in one run:
+
+1. step time with KD ÷ CE-only step time, same LLM, batch and machine, for the online SLM teacher and for the
+   cached top-k soft labels, next to the FLOP-model limit 1 + N_slm / (3 · N_llm). The steps are the real
+   `Trainer.train_step` with the objective swapped; rounds alternate.
+2. peak memory of the KD loss ÷ the CE-only loss at vocab 32k, seq 2048 (forward + backward on [2048, 32000]
+   logits): SALT's fused CE+KD chunked pass (what the trainer runs), CE + a separately chunked KD, and CE +
+   unchunked KD; each variant in a fresh process, peak RSS above the inputs (CPU).
+
+    python bench/kd_overhead.py [--rounds 6] [--steps 5]
+
+Needs the demo data and SLM (made with the demo configs when missing). Writes bench/results/kd_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def memory_probe(variant: str) -> None:
+    """Child process: print the peak RSS (MB) that one loss forward+backward adds on top of its inputs."""
+    import torch.nn.functional as F
+
+    from slm_assist.losses import ce_plus_kd, kd_loss
+
+    torch.manual_seed(0)
+    n, v = 2048, 32000
+    s = torch.randn(n, v, requires_grad=True)
+    t = torch.randn(n, v)
+    y = torch.randint(0, v, (n,))
+    s.grad = torch.zeros_like(s)  # the gradient buffer exists in every variant: count it as input
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if variant == "ce":
+        loss = F.cross_entropy(s, y)
+    elif variant == "salt_fused":  # what SALTObjective runs: CE and KD in one chunked pass
+        loss = ce_plus_kd(s, y, torch.full((n,), 0.5), teacher_logits=t, chunk=256)[0]
+    else:
+        kd = kd_loss(s, t, chunk=0 if variant == "kd_unchunked" else 256)
+        loss = 0.5 * F.cross_entropy(s, y) + 0.5 * kd
+    loss.backward()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def memory(args) -> dict:
+    out = {}
+    for variant in ("ce", "salt_fused", "kd_chunked", "kd_unchunked"):
+        res = subprocess.run([sys.executable, __file__, "--memory-probe", variant], capture_output=True, text=True,
+                             check=True)
+        out[variant] = float(res.stdout.strip().splitlines()[-1])
+    return {"peak_extra_mb": out, "salt_fused_vs_ce": round(out["salt_fused"] / out["ce"], 3),
+            "kd_chunked_vs_ce": round(out["kd_chunked"] / out["ce"], 3),
+            "kd_unchunked_vs_ce": round(out["kd_unchunked"] / out["ce"], 3), "vocab": 32000, "seq_len": 2048}
+
+
+def step_time(args) -> dict:
+    from data_tools.score import main as score_main
+    from slm_assist.config import load_config
+    from slm_assist.distill import SALTObjective, load_cache, load_teacher
+    from slm_assist.objectives import CausalLMObjective
+    from slm_assist.train import RunConfig, Trainer
+
+    sel = REPO / "runs/bench/kd_index.npy"
+    np.save(sel, np.arange(512))
+    scores = REPO / "runs/bench/kd_cache"
+    if not (scores / "manifest.json").is_file():
+        score_main([str(REPO / "configs/demo/score.yaml"), f"out_dir={scores}", "overwrite=true", "cache.mode=top_k",
+                    "cache.k=32", f"cache.indices={sel}"])
+    cfg = load_config(RunConfig, REPO / "configs/demo/llm.yaml", [
+        "run_dir=runs/bench/kd", "checkpoint.resume=false", "distill.teacher=runs/demo/slm/final",
+        "distill.schedule.kind=constant", f"distill.selection={sel}"])
+    trainer = Trainer(cfg)
+    vocab = len(trainer.tokenizer)
+    teacher = load_teacher(cfg.distill.teacher, trainer.manifest["tokenizer_fingerprint"], vocab, trainer.device)
+    cached_cfg = load_config(RunConfig, REPO / "configs/demo/llm.yaml", [f"distill.cache={scores}",
+                                                                        "distill.schedule.kind=constant"]).distill
+    objectives = {
+        "ce": CausalLMObjective(),
+        "kd_online": SALTObjective(cfg.distill, teacher, vocab, cfg.train.max_steps),
+        "kd_cached": SALTObjective(cached_cfg, None, vocab, cfg.train.max_steps,
+                                   cache=load_cache(str(scores), trainer.manifest)),
+    }
+
+    def run(name: str) -> float:
+        trainer.objective = objectives[name]
+        trainer.streams["main"] = trainer.streams["kd"]  # every arm reads the cached subset
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.train_step()
+        return (time.perf_counter() - t0) / args.steps
+
+    for name in objectives:
+        run(name)  # warm-up
+    times = {n: [] for n in objectives}
+    for r in range(args.rounds):
+        for n in (list(objectives) if r % 2 == 0 else list(objectives)[::-1]):
+            times[n].append(run(n))
+    med = {n: statistics.median(v) for n, v in times.items()}
+    n_llm = trainer.n_params
+    n_slm = sum(p.numel() for p in teacher.parameters())
+    return {"kd_step_ratio_online": round(med["kd_online"] / med["ce"], 4),
+            "kd_step_ratio_cached": round(med["kd_cached"] / med["ce"], 4),
+            "flop_limit": round(1 + n_slm / (3 * n_llm), 4), "llm_params": n_llm, "slm_params": n_slm,
+            "ce_step_s": round(med["ce"], 4), "micro_batch": cfg.train.micro_batch_size,
+            "seq_len": trainer.manifest["seq_len"], "rounds": args.rounds, "steps_per_round": args.steps,
+            "cache": "top_k k=32", "device": str(trainer.device)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--memory-probe", default="")
+    ap.add_argument("--out", default=str(REPO / "bench/results/kd_overhead.json"))
+    args = ap.parse_args()
+    if args.memory_probe:
+        memory_probe(args.memory_probe)
+        return
+    for cmd in (["data_tools.pack", "configs/demo/data.yaml", "overwrite=true"], ["slm_assist.train", "configs/demo/slm.yaml"]):
+        target = REPO / ("runs/demo/data/manifest.json" if cmd[0] == "data_tools.pack" else "runs/demo/slm/final/config.json")
+        if not target.is_file():
+            subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True)
+    result = {"memory": memory(args), "step_time": step_time(args)}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
