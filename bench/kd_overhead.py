@@ -45,8 +45,9 @@ def memory_probe(variant: str) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if variant == "ce":
         loss = F.cross_entropy(s, y)
-    elif variant == "salt_fused":  # what SALTObjective runs: CE and KD in one chunked pass
-        loss = ce_plus_kd(s, y, torch.full((n,), 0.5), teacher_logits=t, chunk=256)[0]
+    elif variant.startswith("salt_fused"):  # what SALTObjective runs: CE and KD in one chunked pass
+        chunk = int(variant.rsplit("_", 1)[1])
+        loss = ce_plus_kd(s, y, torch.full((n,), 0.5), teacher_logits=t, chunk=chunk)[0]
     else:
         kd = kd_loss(s, t, chunk=0 if variant == "kd_unchunked" else 256)
         loss = 0.5 * F.cross_entropy(s, y) + 0.5 * kd
@@ -56,11 +57,12 @@ def memory_probe(variant: str) -> None:
 
 def memory(args) -> dict:
     out = {}
-    for variant in ("ce", "salt_fused", "kd_chunked", "kd_unchunked"):
+    for variant in ("ce", "salt_fused_131", "salt_fused_256", "salt_fused_1024", "kd_chunked", "kd_unchunked"):
         res = subprocess.run([sys.executable, __file__, "--memory-probe", variant], capture_output=True, text=True,
                              check=True)
         out[variant] = float(res.stdout.strip().splitlines()[-1])
-    return {"peak_extra_mb": out, "salt_fused_vs_ce": round(out["salt_fused"] / out["ce"], 3),
+    return {"peak_extra_mb": out,
+            **{f"{k}_vs_ce": round(out[k] / out["ce"], 3) for k in out if k.startswith("salt_fused")},
             "kd_chunked_vs_ce": round(out["kd_chunked"] / out["ce"], 3),
             "kd_unchunked_vs_ce": round(out["kd_unchunked"] / out["ce"], 3), "vocab": 32000, "seq_len": 2048}
 
