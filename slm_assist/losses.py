@@ -136,15 +136,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = 
     v = student_logits.shape[-1] if teacher_logits is None else teacher_logits.shape[-1]
     s = student_logits[..., :v].reshape(-1, v)
     n = s.shape[0]
-    flat = (lambda x: x.reshape(n, *x.shape[student_logits.dim() - 1 :]))  # noqa: E731
     if kind in ("top_k", "sampled"):
         if cache is None or tau != 1.0:
             raise ValueError(f"kind={kind} needs cache= and tau=1 (cached labels are at temperature 1); got tau={tau}")
-        s = student_logits.reshape(n, -1)
-        if kind == "top_k":
-            per_tok = chunked_token_loss(top_k_kl, s, flat(cache["ids"]), flat(cache["logprobs"]), flat(cache["tail"]), chunk=chunk)
-        else:
-            per_tok = chunked_token_loss(sampled_kl, s, flat(cache["ids"]), flat(cache["logprobs"]), flat(cache["weights"]), chunk=chunk)
+        div, side = _cache_divergence(cache, n)
+        per_tok = chunked_token_loss(div, student_logits.reshape(n, -1), *side, chunk=chunk)
     else:
         if teacher_logits is None:
             raise ValueError(f"kind={kind} needs teacher_logits")
@@ -157,6 +153,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = 
         return per_tok.mean() * scale
     w = token_weights.reshape(n).float()
     return (per_tok * w).sum() / w.sum().clamp_min(1e-12) * scale
+
+
+def _cache_divergence(cache: dict[str, torch.Tensor], n: int) -> tuple[Callable, tuple[torch.Tensor, ...]]:
+    """(divergence fn, its per-token teacher-side tensors as [n, ...]) for a top_k or sampled soft-label cache."""
+    if "tail" in cache:
+        return top_k_kl, (cache["ids"].reshape(n, -1), cache["logprobs"].reshape(n, -1), cache["tail"].reshape(n))
+    return sampled_kl, (cache["ids"].reshape(n, -1), cache["logprobs"].reshape(n, -1), cache["weights"].reshape(n, -1))
 
 
 def _divergence(kind: str, tau: float, beta: float, gamma: float) -> tuple[Callable, float]:
@@ -193,11 +196,8 @@ def ce_plus_kd(student_logits: torch.Tensor, targets: torch.Tensor, kd_share: to
     if cache is not None:
         if tau != 1.0:
             raise ValueError(f"cached soft labels are at temperature 1; got tau={tau}")
-        div = top_k_kl if "tail" in cache else sampled_kl
-        third = cache["tail"] if "tail" in cache else cache["weights"]
-        side = (cache["ids"].reshape(n, -1), cache["logprobs"].reshape(n, -1),
-                third.reshape(n, -1) if third.dim() > student_logits.dim() - 1 else third.reshape(n))
-        fn_kd, scale = (lambda x, y_, i, lp, th: div(x, i, lp, th)), 1.0
+        div, side = _cache_divergence(cache, n)
+        fn_kd, scale = (lambda x, y_, *teacher_side: div(x, *teacher_side)), 1.0
     else:
         if teacher_logits is None:
             raise ValueError("ce_plus_kd needs teacher_logits or cache")

@@ -79,3 +79,20 @@ def tiny_slm(tiny_data, tmp_path_factory) -> Path:
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def slm_other_tokenizer(tiny_slm, tmp_path_factory) -> Path:
+    """tiny_slm's weights saved next to a tokenizer trained on unrelated text (a vocabulary mismatch)."""
+    import shutil
+
+    from data_tools.tokenizer import TokenizerConfig, train_sentencepiece
+
+    root = tmp_path_factory.mktemp("other")
+    other = root / "other"
+    shutil.copytree(tiny_slm, other)
+    train_sentencepiece(["an unrelated corpus makes an unrelated vocabulary " * 30], TokenizerConfig(vocab_size=300),
+                        root / "tok")
+    for f in (root / "tok").iterdir():
+        shutil.copy(f, other / f.name)
+    return other

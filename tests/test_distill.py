@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from slm_assist.errors import UserError
@@ -30,15 +28,8 @@ def test_salt_run_mixes_ce_and_kd_then_hands_over(tiny_data, tiny_slm, tmp_path)
         assert "kd" not in r and r["loss"] == pytest.approx(r["ce"], rel=1e-6)
 
 
-def test_teacher_with_another_tokenizer_fails_before_any_step(tiny_data, tiny_slm, tmp_path):
-    from data_tools.tokenizer import TokenizerConfig, train_sentencepiece
-
-    other = tmp_path / "other"
-    shutil.copytree(tiny_slm, other)
-    train_sentencepiece(["an unrelated corpus makes an unrelated vocabulary " * 30], TokenizerConfig(vocab_size=300),
-                        tmp_path / "tok")
-    for f in (tmp_path / "tok").iterdir():
-        shutil.copy(f, other / f.name)
+def test_teacher_with_another_tokenizer_fails_before_any_step(tiny_data, slm_other_tokenizer, tmp_path):
+    other = slm_other_tokenizer
     run = tmp_path / "r"
     with pytest.raises(UserError, match=r"distill\.teacher=.*other: tokenizer fingerprint \w+ differs from the data's"):
         main(run_overrides(tiny_data, run, "train.max_steps=2", f"distill.teacher={other}"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 import statistics
 
 import numpy as np
@@ -187,17 +186,9 @@ def test_sampled_cache_round_trip(tiny_data, tiny_slm, tmp_path):
     assert torch.equal(SoftLabelCache(tmp_path / "s3" / "cache").get([0, 2])["ids"], got["ids"])
 
 
-def test_tokenizer_mismatch_names_both_sides(tiny_data, tiny_slm, tmp_path):
-    from data_tools.tokenizer import TokenizerConfig, train_sentencepiece
-
-    other = tmp_path / "other"
-    shutil.copytree(tiny_slm, other)
-    train_sentencepiece(["some other text entirely, to train a different vocabulary " * 20], 
-                        TokenizerConfig(vocab_size=300), tmp_path / "tok")
-    for f in (tmp_path / "tok").iterdir():
-        shutil.copy(f, other / f.name)
+def test_tokenizer_mismatch_names_both_sides(tiny_data, slm_other_tokenizer, tmp_path):
     with pytest.raises(UserError, match=r"model=.*other: tokenizer fingerprint \w+ differs from the dataset manifest's \w+"):
-        main(_score_args(tiny_data, other, tmp_path / "o"))
+        main(_score_args(tiny_data, slm_other_tokenizer, tmp_path / "o"))
 
 
 def test_refuses_to_overwrite_merged_scores(tiny_data, tiny_slm, single):
