@@ -43,6 +43,10 @@ class DistillConfig:
     handover_every: int = 0
     """Auto handover (beyond the paper): every N steps compare the student's and the teacher's loss on a fixed
     validation batch and end the KD phase once the student is better. 0 = off."""
+    label_smoothing: float = 0.0
+    """Control arm, no teacher: the soft target is the one-hot smoothed by this epsilon instead of the SLM's
+    distribution, under the same w_t schedule (and subset). The gap to SALT is the part owed to the SLM's
+    knowledge rather than to regularisation. 0 = off."""
     schedule: KDScheduleConfig = field(default_factory=KDScheduleConfig)
 
     def __post_init__(self) -> None:
@@ -56,6 +60,14 @@ class DistillConfig:
                   "forward_kl and 1.0 with a soft-label cache (it stores the teacher at temperature 1)")
         if self.handover_every:
             check(bool(self.teacher), "handover_every", self.handover_every, "0 unless distill.teacher is set")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "in [0, 1)")
+        if self.label_smoothing:
+            check(not (self.teacher or self.cache or self.gate_topk), "label_smoothing", self.label_smoothing,
+                  "0 with distill.teacher / cache / gate_topk (the control replaces the teacher)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher or self.cache or self.label_smoothing)
 
 
 def load_teacher(path: str, dataset_fingerprint: str, vocab: int, device: torch.device) -> torch.nn.Module:
@@ -160,6 +172,14 @@ class SALTObjective:
         if w == 0.0:
             ce = F.cross_entropy(logits.reshape(-1, self.vocab).float(), targets.reshape(-1))
             return ce, {"ce": ce.detach(), **metrics}
+        if self.cfg.label_smoothing:
+            # (1-w)·CE + w·CE(smoothed one-hot eps) = CE with smoothing w·eps, up to a constant (the target entropy)
+            flat, tgt = logits.reshape(-1, self.vocab).float(), targets.reshape(-1)
+            loss = F.cross_entropy(flat, tgt, label_smoothing=w * self.cfg.label_smoothing)
+            with torch.no_grad():
+                ce = F.cross_entropy(flat, tgt)
+                kd = F.cross_entropy(flat, tgt, label_smoothing=self.cfg.label_smoothing)
+            return loss, {"ce": ce, "kd": kd, **metrics}
         gate = torch.ones(targets.numel(), device=logits.device)
         if self.cache is not None:
             labels = {k: v.to(logits.device) for k, v in self.cache.get(index).items()}

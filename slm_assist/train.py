@@ -120,7 +120,7 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.n_params = count_params(model)
-        if objective is None and (cfg.distill.teacher or cfg.distill.cache):  # all checks before any step
+        if objective is None and cfg.distill.enabled:  # all checks before any step
             vocab = len(self.tokenizer)
             teacher = (load_teacher(cfg.distill.teacher, self.manifest["tokenizer_fingerprint"], vocab, self.device)
                        if cfg.distill.teacher else None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slm_assist.errors import UserError
+from slm_assist.errors import ConfigError, UserError
 from slm_assist.metrics import read_metrics
 from slm_assist.train import main
 
@@ -26,6 +26,20 @@ def test_salt_run_mixes_ce_and_kd_then_hands_over(tiny_data, tiny_slm, tmp_path)
         assert r["loss"] == pytest.approx(0.4 * r["ce"] + 0.6 * r["kd"], rel=1e-5)
     for r in recs[3:]:
         assert "kd" not in r and r["loss"] == pytest.approx(r["ce"], rel=1e-6)
+
+
+def test_label_smoothing_control_mixes_ce_and_smoothed_ce(tiny_data, tmp_path):
+    """No teacher: (1-w)·CE + w·CE(one-hot smoothed by eps), on the same schedule as SALT."""
+    run = tmp_path / "ls"
+    main(run_overrides(tiny_data, run, "train.max_steps=4", "checkpoint.every=0", "distill.label_smoothing=0.3",
+                       "distill.schedule.kind=step", "distill.schedule.weight=0.5", "distill.schedule.n_kd_steps=2"))
+    recs = read_metrics(run)
+    assert [r["w_t"] for r in recs] == [0.5, 0.5, 0.0, 0.0]
+    for r in recs[:2]:
+        assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"], rel=1e-5)
+    assert "kd" not in recs[2] and recs[2]["loss"] == pytest.approx(recs[2]["ce"], rel=1e-6)
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        main(run_overrides(tiny_data, tmp_path / "bad", "distill.label_smoothing=0.3", "distill.teacher=x"))
 
 
 def test_teacher_with_another_tokenizer_fails_before_any_step(tiny_data, slm_other_tokenizer, tmp_path):
