@@ -1,12 +1,25 @@
-"""`python -m slm_assist.report RUN_DIR [RUN_DIR ...]`: a table of finished runs (size, steps, validation loss)."""
+"""Reports on finished runs.
+
+    python -m slm_assist.report RUN_DIR [RUN_DIR ...]                      # a table on stdout
+    python -m slm_assist.report RUN_DIR ... --out REPORT.md [--data DIR] [--select DIR] [--title T]
+
+With --out it writes (or updates) a markdown report: with --data the packed dataset, a table of the runs (size, steps, tokens, validation loss,
+and the figures of `RUN_DIR/eval.json` from `python -m slm_assist.eval --out`), a PNG of their validation-loss
+curves and, with --select, the data_tools.select summary and score histograms. The report is made of named
+sections: a later stage adds its own with `write_section` without touching the others.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from slm_assist.errors import UserError
+from slm_assist.fsutil import atomic_write_text
 from slm_assist.metrics import read_metrics
 
 
@@ -16,18 +29,126 @@ def run_summary(run_dir: Path) -> dict:
         raise UserError(f"{run_dir}: no final/slm_assist.json; the run has not finished")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     vals = [r["val_loss"] for r in read_metrics(run_dir) if isinstance(r.get("val_loss"), float)]
-    return {"run": str(run_dir), "params": meta["params"], "steps": meta["step"], "tokens": meta["tokens_seen"],
-            "val_loss": vals[-1] if vals else None, "model": str(run_dir / "final")}
+    evals = {}
+    if (run_dir / "eval.json").is_file():
+        for r in json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))["results"]:
+            evals[r["task"]] = r
+    return {"run": str(run_dir), "name": run_dir.name, "params": meta["params"], "steps": meta["step"],
+            "tokens": meta["tokens_seen"], "val_loss": vals[-1] if vals else None, "model": str(run_dir / "final"),
+            "distill": meta.get("run_config", {}).get("distill"), "eval": evals}
+
+
+def _section_markers(name: str) -> tuple[str, str]:
+    return f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+
+
+def write_section(report: Path, name: str, markdown: str, title: str = "slm_assist report") -> None:
+    """Insert or replace the section `name` of a markdown report, keeping every other section as it was."""
+    begin, end = _section_markers(name)
+    block = f"{begin}\n{markdown.rstrip()}\n{end}\n"
+    text = report.read_text(encoding="utf-8") if report.is_file() else f"# {title}\n\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+    atomic_write_text(report, text)
+
+
+def plot_curves(runs: Sequence[Path], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        recs = read_metrics(run)
+        train = [(r["step"], r["ce"] if "ce" in r else r["loss"]) for r in recs if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+        if train:
+            ax_t.plot(*zip(*train), label=run.name, lw=1)
+        if val:
+            ax_v.plot(*zip(*val), marker="o", ms=3, label=run.name)
+        kd = [r["step"] for r in recs if r.get("kd_phase") == 1.0]
+        if kd:
+            ax_v.axvspan(0, max(kd), alpha=0.08, color="tab:green")
+    ax_t.set(title="training CE", xlabel="step", ylabel="loss")
+    ax_v.set(title="validation loss (shaded: KD phase)", xlabel="step", ylabel="loss")
+    for a in (ax_t, ax_v):
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def runs_section(runs: Sequence[Path], out_dir: Path) -> str:
+    rows = [run_summary(r) for r in runs]
+    plot_curves(runs, out_dir / "loss_curves.png")
+    lines = ["## Training runs", "",
+             "| run | params | steps | tokens | val loss (last eval) | val loss (full split) | perplexity | "
+             "cloze acc | recipe |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        loss, cloze = r["eval"].get("loss", {}), r["eval"].get("cloze", {})
+        d = r["distill"] or {}
+        recipe = (f"SALT: KD from {Path(d['teacher']).parent.name}, {d['schedule']['kind']} w={d['schedule']['weight']}"
+                  f" for {d['schedule']['n_kd_fraction']:.0%} of steps" + (", SALT_DS subset" if d.get("selection")
+                                                                          else "")) if d.get("teacher") else "CE"
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['tokens']:,} | {_fmt(r['val_loss'])} "
+                     f"| {_fmt(loss.get('loss'))} | {_fmt(loss.get('perplexity'), '.1f')} | "
+                     f"{_fmt(cloze.get('accuracy'), '.3f')} | {recipe} |")
+    lines += ["", "![loss curves](loss_curves.png)", ""]
+    return "\n".join(lines)
+
+
+def data_section(data_dir: Path) -> str:
+    from data_tools.pack import read_manifest
+
+    m = read_manifest(data_dir)
+    lines = ["## Data", "", f"`{data_dir}`: {', '.join(m['sources'])}; tokenizer vocabulary {m['vocab_size']:,} "
+             f"(fingerprint `{m['tokenizer_fingerprint']}`), sequences of {m['seq_len']} tokens.", "",
+             "| split | documents | sequences | tokens |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['documents']:,} | {v['sequences']:,} | {v['tokens']:,} |" for k, v in m["splits"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def selection_section(select_dir: Path, out_dir: Path) -> str:
+    sel = json.loads((select_dir / "selection.json").read_text(encoding="utf-8"))
+    lines = ["## Data selection", "",
+             f"Policy `{sel.get('policy')}` kept {sel.get('kept'):,} of {sel.get('total'):,} sequences "
+             f"(`{select_dir}/index.npy`). Full table: `{select_dir}/report.md`.", ""]
+    for png in sorted(select_dir.glob("hist_*.png")):
+        if out_dir.resolve() != select_dir.resolve():
+            shutil.copyfile(png, out_dir / f"select_{png.name}")
+        lines.append(f"![{png.stem}](select_{png.name})")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str]) -> None:
-    if not argv:
-        raise UserError("usage: python -m slm_assist.report RUN_DIR [RUN_DIR ...]")
-    rows = [run_summary(Path(a)) for a in argv]
+    ap = argparse.ArgumentParser(prog="python -m slm_assist.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, help="write/update this markdown report (PNGs next to it)")
+    ap.add_argument("--data", type=Path, help="a packed dataset dir to describe")
+    ap.add_argument("--select", type=Path, help="a data_tools.select output dir to include")
+    ap.add_argument("--title", default="slm_assist report")
+    args = ap.parse_args(list(argv))
+    rows = [run_summary(r) for r in args.runs]
     print(f"{'run':<24} {'params':>8} {'steps':>6} {'tokens':>10} {'val_loss':>9}  model")
     for r in rows:
-        vl = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
-        print(f"{r['run']:<24} {r['params'] / 1e6:>7.2f}M {r['steps']:>6} {r['tokens']:>10} {vl:>9}  {r['model']}")
+        print(f"{r['run']:<24} {r['params'] / 1e6:>7.2f}M {r['steps']:>6} {r['tokens']:>10} "
+              f"{_fmt(r['val_loss']):>9}  {r['model']}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.data:
+            write_section(args.out, "data", data_section(args.data), args.title)
+        if args.select:
+            if not (args.select / "selection.json").is_file():
+                raise UserError(f"--select {args.select}: no selection.json (not a data_tools.select output)")
+            write_section(args.out, "selection", selection_section(args.select, args.out.parent), args.title)
+        write_section(args.out, "runs", runs_section(args.runs, args.out.parent), args.title)
+        print(f"report: {args.out}")
 
 
 if __name__ == "__main__":
