@@ -1,10 +1,10 @@
 # slm_assist: `make demo` and `make test` set up a fresh machine (venv in .venv) and run.
 SHELL := /bin/bash
 PY := .venv/bin/python
-DEMO := runs/demo
+DEMO ?= runs/demo
 ARGS ?=
 
-.PHONY: setup test test-fast demo lint pack score select bench bench-score clean
+.PHONY: setup test test-fast demo lint pack score select bench bench-score bench-salt clean
 
 setup: .venv/.installed
 
@@ -29,31 +29,86 @@ test-fast: setup
 lint: setup
 	.venv/bin/ruff check slm_assist data_tools tests bench
 
-# Tokenizer + packed dataset; rebuilt only when the data config changes.
+# ---- Launch: every stage entry point runs under the deepspeed launcher (NUM_GPUS processes per node; on a CPU
+# machine they are CPU processes). CONFIG= picks the YAML, ARGS= adds key=value overrides, DRY_RUN=1 prints the
+# exact command instead of running it. Multi-node: HOSTFILE= (see configs/hostfile.example), NNODES=; SLURM:
+# the *-slurm targets submit configs/slurm/launch.sbatch (srun + torchrun, rendezvous on the first node).
+NUM_GPUS ?= 1
+NNODES ?= 2
+HOSTFILE ?= configs/hostfile.example
+LAUNCHER ?= pdsh
+DS := .venv/bin/deepspeed
+DO = $(if $(DRY_RUN),@echo ,)
+need = $(foreach v,$(1),$(if $($(v)),,$(error $@: set $(v)=..., e.g. make $@ $(v)=...)))
+single = $(DO)$(DS) --num_gpus $(NUM_GPUS) $(if $(MASTER_PORT),--master_port $(MASTER_PORT) )--module $(1) $(CONFIG) $(ARGS)
+multi = $(DO)$(DS) --hostfile $(HOSTFILE) --num_nodes $(NNODES) --num_gpus $(NUM_GPUS) --master_port $(or $(MASTER_PORT),29500) \
+	--launcher $(LAUNCHER) --module $(1) $(CONFIG) $(ARGS)
+slurm = $(DO)sbatch --nodes $(NNODES) --gpus-per-node $(NUM_GPUS) configs/slurm/launch.sbatch $(1) $(CONFIG) $(ARGS)
+
+.PHONY: pretrain pretrain-multinode pretrain-slurm score-multinode score-slurm eval push
+
+pretrain: setup
+	$(call need,CONFIG)$(call single,slm_assist.train)
+
+pretrain-multinode: setup
+	$(call need,CONFIG)$(call multi,slm_assist.train)
+
+pretrain-slurm:
+	$(call need,CONFIG)$(call slurm,slm_assist.train)
+
+# Score the packed data with the SLM (default: the demo config), one shard per process.
+score: CONFIG ?= configs/demo/score.yaml
+score: setup
+	$(call single,data_tools.score)
+
+score-multinode: setup
+	$(call need,CONFIG)$(call multi,data_tools.score)
+
+score-slurm:
+	$(call need,CONFIG)$(call slurm,data_tools.score)
+
+select: setup
+	$(DO)$(PY) -m data_tools.select $(or $(CONFIG),configs/demo/select.yaml) $(ARGS)
+
+# make eval MODEL=runs/demo/salt/final DATA="runs/demo/data runs/demo/cloze.jsonl"
+eval: setup
+	$(call need,MODEL)$(DO)$(PY) -m slm_assist.eval $(MODEL) $(DATA) $(ARGS)
+
+# make push RUN=runs/demo/salt REPO=my-org/my-model [ARGS="--private --create-pr"]
+push: setup
+	$(call need,RUN REPO)$(DO)$(PY) -m slm_assist.hub push $(RUN)/final --repo-id $(REPO) $(ARGS)
+
+# tokenizer -> pack -> SLM -> score -> select -> LLM baseline + SALT -> eval -> report, all under $(DEMO).
+# Re-running resumes finished runs instantly. DEMO_PACK_ARGS / DEMO_ARGS add overrides to the packing / to every
+# training run (the test suite runs a shortened demo this way).
+DEMO_PACK_ARGS ?=
+DEMO_ARGS ?=
 $(DEMO)/data/manifest.json: configs/demo/data.yaml | .venv/.installed
-	$(PY) -m data_tools.pack configs/demo/data.yaml overwrite=true
+	$(PY) -m data_tools.pack configs/demo/data.yaml out_dir=$(DEMO)/data overwrite=true $(DEMO_PACK_ARGS)
 
 pack: setup $(DEMO)/data/manifest.json
 
-# Score the packed data with the SLM, then select a subset (CONFIG= and ARGS= to change them).
-score: setup
-	$(PY) -m data_tools.score $(or $(CONFIG),configs/demo/score.yaml) $(ARGS)
-
-select: setup
-	$(PY) -m data_tools.select $(or $(CONFIG),configs/demo/select.yaml) $(ARGS)
-
-# tokenizer -> pack -> SLM -> score -> select -> LLM -> summary. Re-running resumes finished runs instantly.
 demo: setup $(DEMO)/data/manifest.json
-	$(PY) -m slm_assist.train configs/demo/slm.yaml
-	$(PY) -m data_tools.score configs/demo/score.yaml overwrite=true
-	$(PY) -m data_tools.select configs/demo/select.yaml overwrite=true
-	$(PY) -m slm_assist.train configs/demo/llm.yaml
-	@echo; $(PY) -m slm_assist.report $(DEMO)/slm $(DEMO)/llm
-	@echo "data: $(DEMO)/data   scores: $(DEMO)/scores   SALT_DS selection: $(DEMO)/select/report.md (+ hist_*.png)"
+	$(PY) -m slm_assist.train configs/demo/slm.yaml run_dir=$(DEMO)/slm data.path=$(DEMO)/data $(DEMO_ARGS)
+	$(PY) -m data_tools.score configs/demo/score.yaml model=$(DEMO)/slm/final data=$(DEMO)/data \
+	  out_dir=$(DEMO)/scores overwrite=true
+	$(PY) -m data_tools.select configs/demo/select.yaml scores=$(DEMO)/scores out_dir=$(DEMO)/select overwrite=true
+	$(PY) -m slm_assist.train configs/demo/llm.yaml run_dir=$(DEMO)/llm data.path=$(DEMO)/data $(DEMO_ARGS)
+	$(PY) -m slm_assist.train configs/demo/salt.yaml run_dir=$(DEMO)/salt data.path=$(DEMO)/data \
+	  distill.teacher=$(DEMO)/slm/final distill.selection=$(DEMO)/select/index.npy $(DEMO_ARGS)
+	$(PY) -m data_tools.cloze $(DEMO)/data $(DEMO)/cloze.jsonl --examples 300
+	for r in slm llm salt; do $(PY) -m slm_assist.eval $(DEMO)/$$r/final $(DEMO)/data $(DEMO)/cloze.jsonl \
+	  --out $(DEMO)/$$r/eval.json || exit 1; done
+	@echo; $(PY) -m slm_assist.report $(DEMO)/slm $(DEMO)/llm $(DEMO)/salt --data $(DEMO)/data \
+	  --select $(DEMO)/select --out $(DEMO)/report.md --title "slm_assist demo: the full cycle on the embedded corpus"
 	@echo "TensorBoard: .venv/bin/tensorboard --logdir $(DEMO)"
 
 bench: setup
 	$(PY) bench/trainer_throughput.py $(ARGS)
+
+# SALT vs the CE baseline and the adaptive arms (~80 min on 2 CPU cores); ARGS=--quick for a <= 10 min run.
+bench-salt: setup
+	$(PY) bench/salt.py $(ARGS)
 
 bench-score: setup
 	$(PY) bench/score_throughput.py $(ARGS)
