@@ -156,3 +156,51 @@ def test_shortened_demo_writes_the_full_cycle_report(tmp_path):
     assert "SALT: KD from slm, step w=0.667" in report and "SALT_DS subset" in report
     for png in ("loss_curves.png", "select_hist_salt_ds.png"):
         assert (demo / png).stat().st_size > 1000 and f"({png})" in report
+
+
+LM_EVAL_TASK = """task: slm_assist_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{input}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_harness_hf_model_loads_an_export_and_agrees(uniform_model, tmp_path):
+    """lm-eval-harness's `hf` model (AutoModelForCausalLM + AutoTokenizer) runs a local multiple-choice task on an
+    exported directory. On the uniform model log-likelihoods depend only on how the choices tokenize, so its acc and
+    acc_norm must equal ours exactly."""
+    pytest.importorskip("lm_eval")
+    data = tmp_path / "mc.jsonl"
+    rows = [{"input": "The function returns", "choices": [" x", " the documentation of this module"], "label": 0},
+            {"input": "Import the", "choices": [" module", " zzzz qqq www"], "label": 1},
+            {"input": "See", "choices": [" also", " the section about the module", " a"], "label": 1}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    script = (
+        "import json, lm_eval\n"
+        "from lm_eval.tasks import TaskManager\n"
+        f"r = lm_eval.simple_evaluate(model='hf', model_args='pretrained={uniform_model},dtype=float32', "
+        f"tasks=['slm_assist_tiny_mc'], task_manager=TaskManager(include_path='{tmp_path / 'tasks'}'), "
+        "device='cpu', batch_size=1)\n"
+        "print(json.dumps(r['results']['slm_assist_tiny_mc']))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    res = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    theirs = json.loads(res.stdout.strip().splitlines()[-1])
+    model, tok = load_model(uniform_model)
+    ours = multiple_choice_accuracy(model, tok, data)
+    assert theirs["acc,none"] == pytest.approx(ours["accuracy"])
+    assert theirs["acc_norm,none"] == pytest.approx(ours["accuracy_norm"])
+    assert 0 < ours["accuracy"] < 1 or 0 < ours["accuracy_norm"] < 1  # not a degenerate all-or-nothing case
