@@ -117,6 +117,7 @@ def model_card(model_dir: str | Path) -> str:
 def push(model_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
          create_pr: bool = False, endpoint: str | None = None, token: str | None = None) -> str:
     """Upload the folder (plus a generated card) to `repo_id`; returns the commit (or PR) URL."""
+    from httpx2 import TransportError  # huggingface_hub's HTTP client
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -146,11 +147,9 @@ def push(model_dir: str | Path, repo_id: str, private: bool = False, revision: s
     except (OSError, ValueError) as e:
         raise UserError(f"push of {d} to {repo_id} via {endpoint} failed: {type(e).__name__}: {e}; "
                         "the local folder is unchanged") from None
-    except Exception as e:  # httpx connection errors have no common base with the ones above
-        if "connect" in type(e).__name__.lower() or "timeout" in type(e).__name__.lower():
-            raise UserError(f"hub endpoint {endpoint} is unreachable ({type(e).__name__}: {e}); "
-                            "check HF_ENDPOINT / --endpoint; the local folder is unchanged") from None
-        raise
+    except TransportError as e:  # connection refused, DNS, timeouts: the hub was never reached
+        raise UserError(f"hub endpoint {endpoint} is unreachable ({type(e).__name__}: {e}); "
+                        "check HF_ENDPOINT / --endpoint; the local folder is unchanged") from None
     return info.pr_url or info.commit_url
 
 

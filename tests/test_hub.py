@@ -87,7 +87,7 @@ def test_unreachable_endpoint_is_a_clear_error(exported, monkeypatch):
 
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     before = snapshot(exported)
-    with pytest.raises(UserError, match=r"unreachable|failed"):
+    with pytest.raises(UserError, match=r"hub endpoint http://127.0.0.1:\d+ is unreachable \(ConnectError"):
         push(exported, "my-org/tiny", endpoint=f"http://127.0.0.1:{_free_port()}")
     assert snapshot(exported) == before
 
