@@ -67,27 +67,32 @@ def memory(args) -> dict:
             "kd_unchunked_vs_ce": round(out["kd_unchunked"] / out["ce"], 3), "vocab": 32000, "seq_len": 2048}
 
 
-def step_time(args) -> dict:
+def step_time(args, llm_config: Path = REPO / "configs/demo/llm.yaml", llm_overrides: tuple[str, ...] = (),
+              teacher: str = "runs/demo/slm/final", score_overrides: tuple[str, ...] = (),
+              work: Path = REPO / "runs/bench") -> dict:
+    """Median step time of CE-only, online-KD and cached-KD steps on the same trainer, rounds alternating.
+    Defaults: the demo LLM and SLM; bench/salt.py passes its own models."""
     from data_tools.score import main as score_main
     from slm_assist.config import load_config
     from slm_assist.distill import SALTObjective, load_cache, load_teacher
     from slm_assist.objectives import CausalLMObjective
     from slm_assist.train import RunConfig, Trainer
 
-    sel = REPO / "runs/bench/kd_index.npy"
+    work.mkdir(parents=True, exist_ok=True)
+    sel = work / "kd_index.npy"
     np.save(sel, np.arange(512))
-    scores = REPO / "runs/bench/kd_cache"
+    scores = work / "kd_cache"
     if not (scores / "manifest.json").is_file():
-        score_main([str(REPO / "configs/demo/score.yaml"), f"out_dir={scores}", "overwrite=true", "cache.mode=top_k",
-                    "cache.k=32", f"cache.indices={sel}"])
-    cfg = load_config(RunConfig, REPO / "configs/demo/llm.yaml", [
-        "run_dir=runs/bench/kd", "checkpoint.resume=false", "distill.teacher=runs/demo/slm/final",
+        score_main([str(REPO / "configs/demo/score.yaml"), f"model={teacher}", f"out_dir={scores}", "overwrite=true",
+                    "cache.mode=top_k", "cache.k=32", f"cache.indices={sel}", *score_overrides])
+    cfg = load_config(RunConfig, llm_config, [
+        *llm_overrides, f"run_dir={work}/kd", "checkpoint.resume=false", f"distill.teacher={teacher}",
         "distill.schedule.kind=constant", f"distill.selection={sel}"])
+    cached_cfg = load_config(RunConfig, llm_config, [*llm_overrides, f"distill.cache={scores}",
+                                                     "distill.schedule.kind=constant"]).distill
     trainer = Trainer(cfg)
     vocab = len(trainer.tokenizer)
     teacher = load_teacher(cfg.distill.teacher, trainer.manifest["tokenizer_fingerprint"], vocab, trainer.device)
-    cached_cfg = load_config(RunConfig, REPO / "configs/demo/llm.yaml", [f"distill.cache={scores}",
-                                                                        "distill.schedule.kind=constant"]).distill
     objectives = {
         "ce": CausalLMObjective(),
         "kd_online": SALTObjective(cfg.distill, teacher, vocab, cfg.train.max_steps),
