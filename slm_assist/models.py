@@ -119,3 +119,14 @@ def build_model(cfg: ModelConfig, tokenizer, device: torch.device, dtype: torch.
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token in the PaLM / Megatron convention that MFU is reported in (no recomputation):
+    6·N for the matmuls of the N parameters outside the input embedding (the LM head counts, tied or not) plus
+    12·L·d·S for attention scores and values over a context of S tokens."""
+    cfg = model.config
+    n = count_params(model)
+    if not getattr(cfg, "tie_word_embeddings", False):
+        n -= model.get_input_embeddings().weight.numel()
+    return 6.0 * n + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len

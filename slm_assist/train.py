@@ -24,7 +24,7 @@ from slm_assist.distill import DistillConfig, SALTObjective, load_cache, load_te
 from slm_assist.engine import deepspeed_config, initialize
 from slm_assist.errors import UserError
 from slm_assist.metrics import MetricsLogger
-from slm_assist.models import ModelConfig, build_model, count_params
+from slm_assist.models import ModelConfig, build_model, count_params, flops_per_token
 from slm_assist.objectives import CausalLMObjective, Objective, eval_loss
 from slm_assist.optim import OptimConfig, ScheduleConfig
 
@@ -52,6 +52,9 @@ class TrainConfig:
     """Write metrics every N steps."""
     torch_threads: int = 0
     """torch intra-op threads on CPU (0 = torch's default)."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one device (H100/H200 SXM: 989, A100: 312). > 0 logs `mfu`: model FLOPs per
+    token (models.flops_per_token) x tokens/s / (peak x devices)."""
 
     def __post_init__(self) -> None:
         check(self.max_steps > 0, "max_steps", self.max_steps, "> 0")
@@ -61,6 +64,7 @@ class TrainConfig:
         check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0 (0 = only at the end)")
         check(self.eval_batches == -1 or self.eval_batches > 0, "eval_batches", self.eval_batches, "-1 or > 0")
         check(self.log_every > 0, "log_every", self.log_every, "> 0")
+        check(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, ">= 0 (0 = do not log MFU)")
 
 
 @dataclass
@@ -120,6 +124,7 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.n_params = count_params(model)
+        self.flops_per_token = flops_per_token(model, self.manifest["seq_len"])
         if objective is None and cfg.distill.enabled:  # all checks before any step
             vocab = len(self.tokenizer)
             teacher = (load_teacher(cfg.distill.teacher, self.manifest["tokenizer_fingerprint"], vocab, self.device)
@@ -213,9 +218,11 @@ class Trainer:
                 if step % cfg.train.log_every == 0 or is_last or "val_loss" in record:
                     elapsed = time.perf_counter() - window_t
                     gn = self.engine.get_global_grad_norm()
-                    record.update(metrics, lr=lr, tokens=self.state.tokens_seen,
-                                  tokens_per_s=window_tokens / max(elapsed, 1e-9),
+                    tps = window_tokens / max(elapsed, 1e-9)
+                    record.update(metrics, lr=lr, tokens=self.state.tokens_seen, tokens_per_s=tps,
                                   grad_norm=float(gn) if gn is not None else None)
+                    if cfg.train.peak_tflops:
+                        record["mfu"] = self.flops_per_token * tps / (cfg.train.peak_tflops * 1e12 * dist.world_size())
                     logger.log(step, record)
                     window_t, window_tokens = time.perf_counter(), 0
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", **({"val": f"{last_val:.3f}"} if last_val else {}))

@@ -9,6 +9,7 @@ from slm_assist.models import (
     ModelConfig,
     build_model,
     count_params,
+    flops_per_token,
     padded_vocab_size,
     resolve_attn_implementation,
 )
@@ -34,6 +35,15 @@ def test_llama_default_shapes_and_param_count():
     # embeddings (tied) + per layer: q,k,v,o (4·32·32) + gate,up,down (3·32·64) + 2 norms, + final norm
     assert count_params(model) == 256 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32) + 32
     assert model.config.eos_token_id == 3 and model.config._attn_implementation == "sdpa"
+
+
+def test_flops_per_token_by_hand():
+    """6·N (N without the input embedding; a tied LM head still counts) + 12·L·d·S."""
+    layer = 4 * 32 * 32 + 3 * 32 * 64 + 2 * 32
+    tied = build_model(_cfg(), Tok(), torch.device("cpu"))
+    assert flops_per_token(tied, 128) == 6 * (256 * 32 + 2 * layer + 32) + 12 * 2 * 32 * 128
+    untied = build_model(_cfg("tie_word_embeddings=false"), Tok(), torch.device("cpu"))
+    assert flops_per_token(untied, 128) == 6 * (256 * 32 + 2 * layer + 32) + 12 * 2 * 32 * 128
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "mistral", "gpt2"])

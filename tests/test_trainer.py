@@ -244,3 +244,15 @@ def test_start_from_pretrained_directory(tiny_data, straight_run, tmp_path):
     assert read_metrics(run)[-1]["val_loss"] == pytest.approx(read_metrics(straight_run)[-1]["val_loss"], abs=2e-2)
     with pytest.raises(UserError, match="not a save_pretrained directory"):
         main(run_overrides(tiny_data, tmp_path / "x", f"model.pretrained={tmp_path}", "train.max_steps=1"))
+
+
+def test_mfu_is_logged_from_model_flops_and_throughput(tiny_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from slm_assist.models import flops_per_token
+
+    run = tmp_path / "mfu"
+    main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=0", "train.peak_tflops=1e-6"))
+    fpt = flops_per_token(AutoModelForCausalLM.from_pretrained(str(run / "final")), 32)
+    for r in read_metrics(run):
+        assert r["mfu"] == pytest.approx(fpt * r["tokens_per_s"] / 1e6, rel=1e-9)
