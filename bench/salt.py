@@ -245,7 +245,9 @@ def main() -> None:
     base_final = curves["baseline"][-1][1]
     slm_final = slm_curve[-1][1]
     crossover = steps_to_reach(curves["baseline"], slm_final)
-    regime_ok = crossover is not None and crossover <= 0.6 * p["steps"] and base_final < slm_final
+    # the quick profile is too short to be the paper's regime whatever its curves do
+    regime_ok = (profile == "full" and crossover is not None and crossover <= 0.6 * p["steps"]
+                 and base_final < slm_final)
     n_kd = round(KD["n_kd_fraction"] * p["steps"])
     evals = {name: evaluate(work / name / "final", data, ood, cloze, p) for name in ("slm", *arms)}
 
@@ -273,7 +275,7 @@ def main() -> None:
     if profile == "quick":
         result["regime_note"] = (
             f"TEST SCALE: the quick profile trains {p['steps']} steps of {p['batch']}x{p['seq']} tokens; its models "
-            "are far from converged and one eval batch decides the curves, so it breaks the paper's regime and "
+            "are far from converged and the curves are short and noisy, so it breaks the paper's regime and "
             "its figures say nothing about SALT. It checks that every arm and figure runs.")
     elif crossover is None or base_final >= slm_final:
         result["regime_note"] = (
