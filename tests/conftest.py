@@ -53,11 +53,20 @@ def run_overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: without the rendezvous variables that in-process trainer tests set
+    (a child must choose its own port), and without the outer make's state (`make test` runs the suite, and a
+    nested make would print its directory changes)."""
+    drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MAKEFLAGS", "MFLAGS", "MAKELEVEL",
+            # make exports variables given on its command line (`make test ARGS=...`): the Makefile's own knobs
+            "ARGS", "CONFIG", "NUM_GPUS", "NNODES", "HOSTFILE", "LAUNCHER", "DRY_RUN", "RUN", "REPO", "MODEL", "DATA",
+            "DEMO", "DEMO_ARGS", "DEMO_PACK_ARGS"}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONUNBUFFERED": "1", **extra}
+
+
 def run_module(module: str, args: list[str], env: dict | None = None, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
     """Run `python -m module args` in a fresh process (for kills, launchers and exit codes)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # let the child choose
-        full_env.pop(var, None)
+    full_env = clean_env(**(env or {}))
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout, **kw)
 

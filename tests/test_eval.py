@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ import torch
 from slm_assist.errors import UserError
 from slm_assist.eval import cloze_accuracy, dataset_loss, load_model, multiple_choice_accuracy
 
-from .conftest import REPO, TINY_MODEL, run_module
+from .conftest import REPO, TINY_MODEL, clean_env, run_module
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_shortened_demo_writes_the_full_cycle_report(tmp_path):
     demo = tmp_path / "demo"
     train = " ".join([*TINY_MODEL, "train.max_steps=6", "train.eval_every=3", "train.eval_batches=2",
                       "checkpoint.every=0", "train.torch_threads=1"])
-    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+    env = clean_env()
     res = subprocess.run(["make", "-s", "demo", f"DEMO={demo}", f"DEMO_ARGS={train}",
                           "DEMO_PACK_ARGS=corpus.max_docs=40 tokenizer.vocab_size=400 pack.seq_len=32"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -195,8 +195,8 @@ def test_lm_eval_harness_hf_model_loads_an_export_and_agrees(uniform_model, tmp_
         f"tasks=['slm_assist_tiny_mc'], task_manager=TaskManager(include_path='{tmp_path / 'tasks'}'), "
         "device='cpu', batch_size=1)\n"
         "print(json.dumps(r['results']['slm_assist_tiny_mc']))\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    res = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    env = clean_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     theirs = json.loads(res.stdout.strip().splitlines()[-1])
     model, tok = load_model(uniform_model)

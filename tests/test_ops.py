@@ -12,7 +12,7 @@ import pytest
 
 from slm_assist.dist import _free_port
 
-from .conftest import REPO, TINY_MODEL
+from .conftest import REPO, TINY_MODEL, clean_env
 
 
 def documented_commands() -> list[tuple[str, str]]:
@@ -45,22 +45,23 @@ def test_readme_documents_every_launch_target():
 
 @pytest.mark.parametrize("command,expected", documented_commands())
 def test_dry_run_prints_the_documented_command(command, expected, fake_scontrol):
-    env = {**os.environ, "PATH": f"{fake_scontrol}:{os.environ['PATH']}"}
-    env.pop("MAKEFLAGS", None)
+    env = clean_env(PATH=f"{fake_scontrol}:{os.environ['PATH']}")
     res = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == expected
 
 
 def test_make_targets_name_a_missing_variable():
-    res = subprocess.run(["make", "-s", "pretrain", "DRY_RUN=1"], cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(["make", "-s", "pretrain", "DRY_RUN=1"], cwd=REPO, capture_output=True, text=True,
+                         env=clean_env())
     assert res.returncode != 0 and "pretrain: set CONFIG=" in res.stderr
-    res = subprocess.run(["make", "-s", "push", "RUN=x", "DRY_RUN=1"], cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(["make", "-s", "push", "RUN=x", "DRY_RUN=1"], cwd=REPO, capture_output=True, text=True,
+                         env=clean_env())
     assert res.returncode != 0 and "push: set REPO=" in res.stderr
 
 
 def test_sbatch_script_outside_slurm_fails_clearly():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = {k: v for k, v in clean_env().items() if not k.startswith("SLURM_")}
     res = subprocess.run(["bash", "configs/slurm/launch.sbatch", "slm_assist.train", "c.yaml"], cwd=REPO, env=env,
                          capture_output=True, text=True)
     assert res.returncode != 0 and "SLURM_NNODES is unset" in res.stderr
@@ -75,8 +76,7 @@ def test_two_process_pretrain_and_score_through_make(tiny_data, tiny_slm, tmp_pa
     args = " ".join([f"data.path={tiny_data}", f"run_dir={run}", *TINY_MODEL, "train.max_steps=4",
                      "train.micro_batch_size=2", "train.eval_every=2", "train.eval_batches=1", "train.log_every=1",
                      "checkpoint.every=0", "train.zero_stage=2", "train.torch_threads=1"])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                             "MASTER_PORT", "MAKEFLAGS")}
+    env = clean_env()
     res = subprocess.run(["make", "-s", "pretrain", "CONFIG=configs/demo/llm.yaml", "NUM_GPUS=2",
                           f"ARGS={args}", f"MASTER_PORT={_free_port()}"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
