@@ -3,9 +3,9 @@
     python -m slm_assist.report RUN_DIR [RUN_DIR ...]                      # a table on stdout
     python -m slm_assist.report RUN_DIR ... --out REPORT.md [--data DIR] [--select DIR] [--title T]
 
-With --out it writes (or updates) a markdown report: with --data the packed dataset, a table of the runs (size, steps, tokens, validation loss,
-and the figures of `RUN_DIR/eval.json` from `python -m slm_assist.eval --out`), a PNG of their validation-loss
-curves and, with --select, the data_tools.select summary and score histograms. The report is made of named
+With --out it writes (or updates) a markdown report: with --data the packed dataset; a table of the runs (size,
+steps, tokens, validation loss, and the figures of `RUN_DIR/eval.json` from `python -m slm_assist.eval --out`);
+a PNG of their loss curves; with --select, the data_tools.select summary and score histograms. The report is made of named
 sections: a later stage adds its own with `write_section` without touching the others.
 """
 
