@@ -240,6 +240,8 @@ def main() -> None:
     for arm in arms:
         walls[arm] = train(arm, p, work, data, p["llm"], extra[arm])[1]
 
+    from slm_assist.metrics import read_metrics
+
     curves = {arm: val_curve(work / arm) for arm in arms}
     slm_curve = val_curve(slm_dir)
     base_final = curves["baseline"][-1][1]
@@ -254,7 +256,7 @@ def main() -> None:
     result_arms = {"slm": {"final_val_loss": slm_final, **evals["slm"], "wall_s": round(walls["slm"], 1)}}
     for arm in arms:
         reach = steps_to_reach(curves[arm], base_final)
-        handover = [r["handover_step"] for r in _metrics(work / arm) if "handover_step" in r]
+        handover = [r["handover_step"] for r in read_metrics(work / arm) if "handover_step" in r]
         result_arms[arm] = {"final_val_loss": curves[arm][-1][1],
                             "steps_fraction_to_baseline": None if reach is None else round(reach / p["steps"], 4),
                             **evals[arm], "wall_s": round(walls[arm], 1),
@@ -293,12 +295,6 @@ def main() -> None:
          f"SALT benchmark ({profile}): LLM {result['llm_params'] / 1e6:.2f}M, SLM {result['slm_params'] / 1e6:.2f}M")
     (out / f"salt{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(summary(result))
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    from slm_assist.metrics import read_metrics
-
-    return read_metrics(run_dir)
 
 
 def _params(model_dir: Path) -> int:

@@ -4,16 +4,7 @@
 # Expects wheels in .whl/ (datasets, deepspeed sdist, ...) when the machine lacks them. Writes to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-# DeepSpeed 0.19.8 op builder cannot parse arch suffixes such as "9.0a" in TORCH_CUDA_ARCH_LIST (int("0a")).
-export TORCH_CUDA_ARCH_LIST="$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")"
-if ! python3 -c "import deepspeed, datasets" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && PYTHONPATH=/tmp/site python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz \
-    || { echo "wheel install failed"; exit 3; }
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
+source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, deepspeed, datasets, transformers, pyarrow, importlib.util as u; print('torch', torch.__version__, 'ds', deepspeed.__version__, 'datasets', datasets.__version__, 'transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 'flash_attn', u.find_spec('flash_attn') is not None)" | tee -a "$OUT/gpu.txt"
 python3 -m data_tools.pack configs/demo/data.yaml out_dir=/tmp/data overwrite=true 2>&1 | grep -v '%|' | tail -2

@@ -49,16 +49,12 @@ def sh(*cmd: str) -> subprocess.CompletedProcess:
     return res
 
 
-def metrics(run: Path) -> list[dict]:
+def train(run: Path, data: Path, extra: list[str]) -> list[dict]:
     from slm_assist.metrics import read_metrics
 
-    return read_metrics(run)
-
-
-def train(run: Path, data: Path, extra: list[str]) -> list[dict]:
     sh("slm_assist.train", "configs/demo/llm.yaml", f"run_dir={run}", f"data.path={data}", "checkpoint.resume=false",
        "checkpoint.every=0", "train.torch_threads=0", *extra)
-    return metrics(run)
+    return read_metrics(run)
 
 
 def peak_tflops(tiny: bool) -> tuple[str, float]:
