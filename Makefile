@@ -28,6 +28,7 @@ test-fast: setup
 
 lint: setup
 	.venv/bin/ruff check slm_assist data_tools tests bench
+	.venv/bin/lint-imports --no-cache --no-logo
 
 # ---- Launch: every stage entry point runs under the deepspeed launcher (NUM_GPUS processes per node; on a CPU
 # machine they are CPU processes). CONFIG= picks the YAML, ARGS= adds key=value overrides, DRY_RUN=1 prints the

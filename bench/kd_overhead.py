@@ -7,9 +7,10 @@
    logits): SALT's fused CE+KD chunked pass (what the trainer runs), CE + a separately chunked KD, and CE +
    unchunked KD; each variant in a fresh process, peak RSS above the inputs (CPU).
 
-    python bench/kd_overhead.py [--rounds 6] [--steps 5]
+    python bench/kd_overhead.py [--rounds 6] [--steps 5] [--teacher DIR --llm key=value ... --score key=value ...]
 
-Needs the demo data and SLM (made with the demo configs when missing). Writes bench/results/kd_overhead.json.
+Defaults to the demo data and SLM (made with the demo configs when missing); bench/salt.py and bench/gpu/verify.py
+pass their own models. Writes bench/results/kd_overhead.json (or --out).
 """
 
 from __future__ import annotations
@@ -25,17 +26,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from data_tools.score import main as score_main
+from slm_assist.core.config import load_config
+from slm_assist.core.scores import ScoresDir
+from slm_assist.kd.losses import ce_plus_kd, kd_loss
+from slm_assist.kd.sources import CachedSoftLabels, OnlineTeacher
+from slm_assist.salt.objective import SALTObjective
+from slm_assist.salt.recipe import RunConfig, build_trainer
+from slm_assist.training.objective import CausalLMObjective
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def memory_probe(variant: str) -> None:
     """Child process: print the peak RSS (MB) that one loss forward+backward adds on top of its inputs."""
-    import torch.nn.functional as F
-
-    from slm_assist.losses import ce_plus_kd, kd_loss
-
     torch.manual_seed(0)
     n, v = 2048, 32000
     s = torch.randn(n, v, requires_grad=True)
@@ -71,13 +77,7 @@ def step_time(args, llm_config: Path = REPO / "configs/demo/llm.yaml", llm_overr
               teacher: str = "runs/demo/slm/final", score_overrides: tuple[str, ...] = (),
               work: Path = REPO / "runs/bench") -> dict:
     """Median step time of CE-only, online-KD and cached-KD steps on the same trainer, rounds alternating.
-    Defaults: the demo LLM and SLM; bench/salt.py passes its own models."""
-    from data_tools.score import main as score_main
-    from slm_assist.config import load_config
-    from slm_assist.distill import SALTObjective, load_cache, load_teacher
-    from slm_assist.objectives import CausalLMObjective
-    from slm_assist.train import RunConfig, Trainer
-
+    The SALT recipe builds the trainer (online teacher, KD-phase subset); the other objectives reuse its teacher."""
     work.mkdir(parents=True, exist_ok=True)
     sel = work / "kd_index.npy"
     np.save(sel, np.arange(512))
@@ -90,14 +90,14 @@ def step_time(args, llm_config: Path = REPO / "configs/demo/llm.yaml", llm_overr
         "distill.schedule.kind=constant", f"distill.selection={sel}"])
     cached_cfg = load_config(RunConfig, llm_config, [*llm_overrides, f"distill.cache={scores}",
                                                      "distill.schedule.kind=constant"]).distill
-    trainer = Trainer(cfg)
-    vocab = len(trainer.tokenizer)
-    teacher = load_teacher(cfg.distill.teacher, trainer.manifest["tokenizer_fingerprint"], vocab, trainer.device)
+    trainer = build_trainer(cfg)
+    vocab, online = len(trainer.tokenizer), trainer.objective
+    teacher = online.teacher
+    cache = ScoresDir.open(scores, "distill.cache").soft_labels(trainer.data.dataset)
     objectives = {
         "ce": CausalLMObjective(),
-        "kd_online": SALTObjective(cfg.distill, teacher, vocab, cfg.train.max_steps),
-        "kd_cached": SALTObjective(cached_cfg, None, vocab, cfg.train.max_steps,
-                                   cache=load_cache(str(scores), trainer.manifest)),
+        "kd_online": SALTObjective(cfg.distill, OnlineTeacher(teacher), vocab, cfg.train.max_steps),
+        "kd_cached": SALTObjective(cached_cfg, CachedSoftLabels(cache), vocab, cfg.train.max_steps),
     }
 
     def run(name: str) -> float:
@@ -130,16 +130,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--memory-probe", default="")
+    ap.add_argument("--skip-memory", action="store_true", help="only the step-time ratios")
+    ap.add_argument("--teacher", default="", help="SLM model dir (default: the demo SLM, trained when missing)")
+    ap.add_argument("--llm", action="append", default=[], help="key=value override of the LLM run config")
+    ap.add_argument("--score", action="append", default=[], help="key=value override of the cache's scoring run")
+    ap.add_argument("--work", default=str(REPO / "runs/bench"))
     ap.add_argument("--out", default=str(REPO / "bench/results/kd_overhead.json"))
     args = ap.parse_args()
     if args.memory_probe:
         memory_probe(args.memory_probe)
         return
-    for cmd in (["data_tools.pack", "configs/demo/data.yaml", "overwrite=true"], ["slm_assist.train", "configs/demo/slm.yaml"]):
-        target = REPO / ("runs/demo/data/manifest.json" if cmd[0] == "data_tools.pack" else "runs/demo/slm/final/config.json")
-        if not target.is_file():
-            subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True)
-    result = {"memory": memory(args), "step_time": step_time(args)}
+    if not args.teacher:
+        for cmd in (["data_tools.pack", "configs/demo/data.yaml", "overwrite=true"], ["slm_assist.train", "configs/demo/slm.yaml"]):
+            target = REPO / ("runs/demo/data/manifest.json" if cmd[0] == "data_tools.pack" else "runs/demo/slm/final/config.json")
+            if not target.is_file():
+                subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True)
+    result = {} if args.skip_memory else {"memory": memory(args)}
+    result["step_time"] = step_time(args, llm_overrides=tuple(args.llm), teacher=args.teacher or "runs/demo/slm/final",
+                                    score_overrides=tuple(args.score), work=Path(args.work))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -36,8 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slm_assist.core.dataset import load_split
+from slm_assist.eval import cloze_accuracy, dataset_loss, load_model
+from slm_assist.training.metrics import read_metrics, steps_to_reach, val_curve
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 CORPORA = REPO.parent / "shared" / "corpora"
 
 ARM_NAMES = ("baseline", "salt", "salt_ds", "salt_gating", "salt_handover", "ls_control")
@@ -58,6 +61,13 @@ PROFILES = {
                   kd_rounds=2, kd_steps=2),
 }
 KD = dict(weight=0.667, n_kd_fraction=0.2, gate_topk=8, seed=0)
+
+
+def check_profiles() -> None:
+    """Every profile's last step is an evaluation, so the final validation loss is the run's end point."""
+    for name, p in PROFILES.items():
+        if p["steps"] % p["eval_every"]:
+            sys.exit(f"error: profile {name}: steps={p['steps']} is not a multiple of eval_every={p['eval_every']}")
 
 
 def run(*cmd: str) -> None:
@@ -103,32 +113,10 @@ def train(name: str, p: dict, work: Path, data: Path, size: dict, extra: list[st
     return run_dir, walls[name]
 
 
-def val_curve(run_dir: Path) -> list[tuple[int, float]]:
-    from slm_assist.metrics import read_metrics
-
-    return [(r["step"], r["val_loss"]) for r in read_metrics(run_dir) if "val_loss" in r]
-
-
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
-    """First step at which the (linearly interpolated) validation curve is <= target; None if it never is."""
-    prev: tuple[int, float] | None = None
-    for step, loss in curve:
-        if loss <= target:
-            if prev is None or prev[1] == loss:
-                return float(step)
-            s0, l0 = prev
-            return s0 + (l0 - target) / (l0 - loss) * (step - s0)
-        prev = (step, loss)
-    return None
-
-
 @torch.inference_mode()
 def mean_target_prob(model_dir: Path, data: Path, rows: int = 64) -> float:
     """The SLM's mean probability of the true next token: 1 minus it sets the control's smoothing, so the
     smoothed one-hot is as soft as the SLM's labels on average."""
-    from slm_assist.data import load_split
-    from slm_assist.eval import load_model
-
     model, tok = load_model(model_dir, torch.device("cpu"))
     ids = torch.tensor(np.asarray(load_split(data, "validation")[:rows]["input_ids"], dtype=np.int64))
     logp = model(input_ids=ids).logits[:, :-1, : len(tok)].float().log_softmax(-1)
@@ -136,8 +124,6 @@ def mean_target_prob(model_dir: Path, data: Path, rows: int = 64) -> float:
 
 
 def evaluate(model_dir: Path, data: Path, ood: Path | None, cloze: Path, p: dict) -> dict:
-    from slm_assist.eval import cloze_accuracy, dataset_loss, load_model
-
     model, tok = load_model(model_dir, torch.device("cpu"))
     out = {"full_val_loss": dataset_loss(model, tok, data)["loss"]}
     c = cloze_accuracy(model, tok, cloze)
@@ -177,14 +163,16 @@ def plot(curves: dict[str, list], slm_final: float, n_kd: int, crossover: float 
 
 
 def kd_costs(p: dict, work: Path, data: Path, slm: Path, args) -> dict:
-    """Step-time ratios on this benchmark's LLM + SLM, and the loss-memory ratios at vocab 32k, seq 2048."""
-    import kd_overhead
-
-    ns = argparse.Namespace(rounds=p["kd_rounds"], steps=p["kd_steps"])
+    """Step-time ratios on this benchmark's LLM + SLM, and the loss-memory ratios at vocab 32k, seq 2048, measured
+    by bench/kd_overhead.py in its own process."""
+    out = work / "kd_overhead.json"
     llm = [f"data.path={data}", f"train.micro_batch_size={p['batch']}", *model_overrides(p["llm"], p)]
-    st = kd_overhead.step_time(ns, llm_overrides=tuple(llm), teacher=str(slm),
-                               score_overrides=(f"data={data}",), work=work / "kd_overhead")
-    mem = {} if args.skip_memory else kd_overhead.memory(ns)
+    subprocess.run([sys.executable, str(REPO / "bench" / "kd_overhead.py"), "--rounds", str(p["kd_rounds"]),
+                    "--steps", str(p["kd_steps"]), "--teacher", str(slm), "--work", str(work / "kd_overhead"),
+                    "--out", str(out), *(["--skip-memory"] if args.skip_memory else []),
+                    *[f"--llm={o}" for o in llm], f"--score=data={data}"], cwd=REPO, check=True)
+    res = json.loads(out.read_text())
+    st, mem = res["step_time"], res.get("memory", {})
     return {"kd_step_ratio_online": st["kd_step_ratio_online"], "kd_step_ratio_cached": st["kd_step_ratio_cached"],
             "flop_limit": st["flop_limit"], "kd_step_detail": st,
             "kd_loss_mem_ratio_chunked": mem.get("salt_fused_131_vs_ce"),
@@ -200,8 +188,12 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARM_NAMES), help="comma-separated subset of " + ",".join(ARM_NAMES))
     ap.add_argument("--fresh", action="store_true", help="delete this profile's earlier runs first")
     ap.add_argument("--skip-memory", action="store_true", help="skip the KD-loss memory probes")
+    ap.add_argument("--check", action="store_true", help="only check the profiles (every one ends on an eval)")
     args = ap.parse_args()
-    sys.path.insert(0, str(REPO / "bench"))
+    check_profiles()
+    if args.check:
+        print(f"profiles ok: {', '.join(PROFILES)}")
+        return
     profile = "quick" if args.quick else "full"
     p = dict(PROFILES[profile])
     if args.corpus:
@@ -239,8 +231,6 @@ def main() -> None:
     walls = {"slm": slm_wall}
     for arm in arms:
         walls[arm] = train(arm, p, work, data, p["llm"], extra[arm])[1]
-
-    from slm_assist.metrics import read_metrics
 
     curves = {arm: val_curve(work / arm) for arm in arms}
     slm_curve = val_curve(slm_dir)
@@ -298,8 +288,6 @@ def main() -> None:
 
 
 def _params(model_dir: Path) -> int:
-    from slm_assist.eval import load_model
-
     return sum(t.numel() for t in load_model(model_dir, torch.device("cpu"))[0].parameters())
 
 

@@ -28,8 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_tools.pack import PrepareConfig, prepare
+from data_tools.score import ScoreConfig, Scorer, shard_rows
+from data_tools.score import main as score_main
+from data_tools.select import SelectConfig, select
+from slm_assist.core.config import load_config
+from slm_assist.core.dataset import read_manifest
+from slm_assist.core.scores import ScoresDir
+from slm_assist.core.tokenizer import load_tokenizer
+from slm_assist.training.models import ModelConfig, build_model
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 class _NoBar:
@@ -46,9 +55,6 @@ def ensure_demo() -> None:
 
 def random_model(hidden: int, layers: int, ffn: int) -> Path:
     """A random-init Llama with the demo tokenizer (throughput does not depend on trained weights)."""
-    from data_tools.tokenizer import load_tokenizer
-    from slm_assist.models import ModelConfig, build_model
-
     out = REPO / f"runs/bench/scorer_h{hidden}_l{layers}"
     if not (out / "config.json").is_file():
         tok = load_tokenizer(REPO / "runs/demo/data/tokenizer")
@@ -61,10 +67,6 @@ def random_model(hidden: int, layers: int, ffn: int) -> Path:
 
 
 def throughput(args, model_dir: Path, with_cache: bool) -> dict:
-    from data_tools.pack import read_manifest
-    from data_tools.score import ScoreConfig, Scorer, shard_rows
-    from slm_assist.config import load_config
-
     n_shards = max(1, read_manifest(REPO / "runs/demo/data")["splits"]["train"]["sequences"] // args.rows)
     variants = {"plain": []}
     if with_cache:
@@ -100,8 +102,8 @@ def throughput(args, model_dir: Path, with_cache: bool) -> dict:
         for n in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
             times[n].append(timed(runs[n]))
     med = {n: statistics.median(v) for n, v in times.items()}
-    tokens = len(rows) * plain.data_manifest["seq_len"]
-    positions = len(rows) * (plain.data_manifest["seq_len"] - 1)
+    tokens = len(rows) * plain.data.manifest["seq_len"]
+    positions = len(rows) * (plain.data.manifest["seq_len"] - 1)
     result = {
         "scoring_vs_forward_tokens_per_s": round(med["bare"] / med["plain"], 4),
         "forward_tokens_per_s": round(tokens / med["bare"], 1),
@@ -125,10 +127,6 @@ def real_corpus(args) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from data_tools.pack import PrepareConfig, prepare
-    from data_tools.score import main as score_main
-    from data_tools.select import SelectConfig, load_scores, select
-    from slm_assist.config import load_config
 
     corpus = Path(args.corpus)
     if not corpus.is_file():
@@ -139,7 +137,7 @@ def real_corpus(args) -> dict:
         f"tokenizer.path={REPO / 'runs/demo/data/tokenizer'}", "pack.seq_len=256", "pack.val_fraction=0.0"]))
     out = REPO / "runs/bench/real_scores"
     score_main([str(REPO / "configs/demo/score.yaml"), f"data={data}", f"out_dir={out}", "overwrite=true"])
-    cols = load_scores(out)
+    cols = ScoresDir.open(out, "scores").columns()
     sets = {}
     for name, over in {"salt_ds_top50": ["policy=salt_ds"], "ppl_low50": ["policy=ppl_band", "ppl_band=low"],
                        "ppl_middle50": ["policy=ppl_band", "ppl_band=middle"],

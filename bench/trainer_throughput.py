@@ -14,20 +14,21 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from data_tools.pack import PrepareConfig, prepare
+from slm_assist.core.config import load_config
+from slm_assist.training.objective import CausalLMObjective
+from slm_assist.training.optim import param_groups
+from slm_assist.training.trainer import Trainer, TrainerConfig
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def ensure_data(path: Path) -> Path:
-    from data_tools.pack import PrepareConfig, prepare
-    from slm_assist.config import load_config
-
     if not (path / "manifest.json").is_file():
         prepare(load_config(PrepareConfig, REPO / "configs/demo/data.yaml", [f"out_dir={path}", "overwrite=true"]))
     return path
@@ -41,17 +42,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench/results/trainer.json"))
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-
-    from slm_assist.config import load_config
-    from slm_assist.optim import param_groups
-    from slm_assist.train import RunConfig, Trainer
-
     data = ensure_data(REPO / "runs/bench/data")
-    cfg = load_config(RunConfig, args.config, [f"data.path={data}", "run_dir=runs/bench/trainer", "train.dtype=bf16",
+    cfg = load_config(TrainerConfig, args.config, [f"data.path={data}", "run_dir=runs/bench/trainer", "train.dtype=bf16",
                                                "train.zero_stage=0", "checkpoint.resume=false", *args.overrides])
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, CausalLMObjective())
     dev = trainer.device
-    plain = copy.deepcopy(trainer.engine.module).float()
+    plain = copy.deepcopy(trainer.model).float()
     opt = torch.optim.AdamW(param_groups(plain, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                             fused=dev.type == "cuda")  # the trainer uses DeepSpeed's FusedAdam on CUDA

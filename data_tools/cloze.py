@@ -16,8 +16,12 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from slm_assist.errors import UserError
-from slm_assist.fsutil import atomic_write_text
+from data_tools.corpus import read_documents
+from data_tools.pack import PrepareConfig, is_validation_doc
+from slm_assist.core.config import load_config
+from slm_assist.core.dataset import read_manifest
+from slm_assist.core.errors import UserError, run_cli
+from slm_assist.core.files import atomic_write_text
 
 # a word of >= 3 letters that ends a sentence: "... returns the value." -> "value"
 _FINAL_WORD = re.compile(r"(?<=\s)([A-Za-z][a-z]{2,})\.(?=\s|$)")
@@ -40,10 +44,6 @@ def cloze_examples(docs: Iterable[str], context_chars: int = 1000, min_context_c
 
 
 def build(data_dir: str | Path, examples: int, context_chars: int, seed: int) -> list[dict]:
-    from data_tools.corpus import read_documents
-    from data_tools.pack import PrepareConfig, is_validation_doc, read_manifest
-    from slm_assist.config import load_config
-
     manifest = read_manifest(data_dir)
     if not manifest.get("val_fraction"):
         raise UserError(f"{data_dir}: packed with val_fraction=0; there are no held-out documents to build from")
@@ -71,6 +71,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from slm_assist.errors import run_cli
-
     run_cli(main)

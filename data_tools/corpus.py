@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from slm_assist.config import check
-from slm_assist.errors import UserError
+from slm_assist.core.config import check
+from slm_assist.core.errors import UserError
 
 
 @dataclass

@@ -7,13 +7,12 @@ document.
   validation/      same, from held-out documents only
   manifest.json    tokenizer fingerprint, seq_len and counts; written last, so it marks a complete dataset
 Each document is followed by EOS; sequences are cut from the concatenated stream, and the tail shorter than
-seq_len is dropped (counted in the manifest).
+seq_len is dropped (counted in the manifest). The format's reader and writer are slm_assist/core/dataset.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,13 +22,12 @@ from typing import Any
 import numpy as np
 
 from data_tools.corpus import CorpusConfig, read_documents
-from data_tools.tokenizer import TokenizerConfig, load_tokenizer, prepare_tokenizer, tokenizer_fingerprint
-from slm_assist.config import check, load_config, save_config, split_argv
-from slm_assist.errors import UserError
-from slm_assist.fsutil import atomic_output_dir, atomic_write_text
-
-MANIFEST = "manifest.json"
-SPLITS = ("train", "validation")
+from data_tools.tokenizer_training import TokenizerConfig, prepare_tokenizer
+from slm_assist.core.config import check, load_config, save_config, split_argv
+from slm_assist.core.dataset import FORMAT_VERSION, MANIFEST, SPLITS, TOKENIZER, write_manifest, write_split
+from slm_assist.core.errors import UserError, run_cli
+from slm_assist.core.files import atomic_output_dir
+from slm_assist.core.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 
 @dataclass
@@ -86,15 +84,6 @@ def pack_token_stream(docs_ids: Sequence[Sequence[int]], eos_id: int, seq_len: i
     return stream[: n_rows * seq_len].reshape(n_rows, seq_len), len(stream) - n_rows * seq_len
 
 
-def _save_rows(rows: np.ndarray, path: Path) -> None:
-    import datasets
-    import pyarrow as pa
-
-    flat = pa.array(rows.reshape(-1), type=pa.int32())
-    col = pa.FixedSizeListArray.from_arrays(flat, rows.shape[1]) if rows.size else pa.array([], pa.list_(pa.int32(), rows.shape[1]))
-    datasets.Dataset(pa.table({"input_ids": col})).save_to_disk(str(path))
-
-
 def tokenize_documents(docs: list[str], tok, batch_docs: int) -> list[list[int]]:
     from tqdm.auto import tqdm
 
@@ -110,7 +99,7 @@ def tokenize_documents(docs: list[str], tok, batch_docs: int) -> list[list[int]]
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Tokenizer -> tokenize -> split by document -> pack -> save. Returns the manifest."""
     out = Path(cfg.out_dir)
-    tok_dir = out / "tokenizer"
+    tok_dir = out / TOKENIZER
     for name in (*SPLITS, MANIFEST):  # a tokenizer/ left by `data_tools.tokenizer` is fine: it is reused
         if (out / name).exists() and not cfg.overwrite:
             raise UserError(f"output {out / name} exists in {out}; set overwrite=true to replace it")
@@ -128,7 +117,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     ids = tokenize_documents(docs, tok, cfg.pack.batch_docs)
     is_val = [is_validation_doc(i, cfg.pack.seed, cfg.pack.val_fraction) for i in range(len(ids))]
     manifest: dict[str, Any] = {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
         "vocab_size": len(tok),
         "eos_token_id": tok.eos_token_id,
@@ -150,7 +139,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
                 f"pack.seq_len={cfg.pack.seq_len}; use a larger corpus, a shorter seq_len or another pack.val_fraction"
             )
         with atomic_output_dir(out / split, overwrite=True) as tmp:
-            _save_rows(rows, tmp)
+            write_split(rows, tmp)
         manifest["splits"][split] = {
             "documents": len(split_ids),
             "sequences": int(rows.shape[0]),
@@ -158,7 +147,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             "dropped_tail_tokens": int(dropped),
         }
     save_config(cfg, out / "prepare_config.yaml")
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_manifest(out, manifest)
     s = manifest["splits"]
     print(
         f"packed {out}: train {s['train']['sequences']} x {cfg.pack.seq_len} tokens from {s['train']['documents']} docs"
@@ -168,28 +157,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     return manifest
 
 
-def dataset_fingerprint(manifest: dict[str, Any]) -> str:
-    """Identifies a packed dataset (tokenizer, seq_len, split sizes...): what scores and caches are keyed by."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a packed dataset; its absence means the dataset is missing or incomplete."""
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{data_dir}: no {MANIFEST}; not a packed dataset (or packing did not finish). "
-                        "Run `python -m data_tools.pack CONFIG`")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: corrupt manifest: {e}") from None
-
-
 def main(argv: Sequence[str]) -> None:
     prepare(load_prepare_config(argv, "python -m data_tools.pack CONFIG [key=value ...]"))
 
 
 if __name__ == "__main__":
-    from slm_assist.errors import run_cli
-
     run_cli(main)

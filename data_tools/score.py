@@ -14,11 +14,9 @@ Output `out_dir/`: `scores/` (Arrow: `index` + score columns), `cache/` (if any)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,22 +26,25 @@ from typing import Literal
 import numpy as np
 import torch
 
-from data_tools.scoring import SCORE_COLUMNS, score_logits
+from data_tools.score_math import SCORE_COLUMNS, score_logits
 from data_tools.softlabels import (
-    CACHE_INFO,
     CacheConfig,
     bytes_per_position,
     sampled_labels,
     sequence_generator,
     top_k_labels,
-    write_cache,
 )
-from slm_assist.config import check, load_config, split_argv
-from slm_assist.errors import UserError
-from slm_assist.fsutil import atomic_output_dir, atomic_write_text
+from slm_assist.core import dist
+from slm_assist.core.config import check, load_config, split_argv
+from slm_assist.core.dataset import PackedDataset
+from slm_assist.core.errors import UserError, run_cli
+from slm_assist.core.faults import fault
+from slm_assist.core.files import atomic_output_dir, atomic_write_text
+from slm_assist.core.model_dir import ModelDir
+from slm_assist.core.scores import CACHE, CACHE_INFO, MANIFEST, SCORES, write_cache
+from slm_assist.core.selection import read_index
 
 USAGE = "python -m data_tools.score CONFIG [key=value ...]"
-FAULT_ENV = "SLM_ASSIST_FAULT"  # "kill_after_shard:N": SIGKILL once shard N is committed (resume tests)
 
 
 @dataclass
@@ -78,22 +79,6 @@ class ScoreConfig:
         check(self.shard >= -1, "shard", self.shard, ">= -1")
 
 
-def _digest(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """sha256 of a save_pretrained directory's config and weight files."""
-    d = Path(model_dir)
-    files = [d / "config.json", *d.glob("*.safetensors"), *d.glob("*.bin")]
-    return _digest([f for f in files if f.is_file()])
-
-
 def shard_rows(n_rows: int, batch_size: int, num_shards: int, shard: int) -> range:
     """Rows of shard `shard`: a contiguous range of whole batches (so batches never depend on the shard count)."""
     n_batches = -(-n_rows // batch_size)
@@ -101,46 +86,25 @@ def shard_rows(n_rows: int, batch_size: int, num_shards: int, shard: int) -> ran
     return range(lo * batch_size, min(hi * batch_size, n_rows))
 
 
-def _load_scorer(path: str, dataset_fp: str, device: torch.device, dtype: torch.dtype, role: str):
-    from data_tools.tokenizer import load_tokenizer, tokenizer_fingerprint
-    from slm_assist.models import ModelConfig, build_model
-
-    if not (Path(path) / "tokenizer_config.json").is_file():
-        raise UserError(f"{role}={path}: no tokenizer files next to the model; cannot check it shares the "
-                        "dataset's vocabulary (save the tokenizer into the model directory)")
-    tok = load_tokenizer(path)
-    if tokenizer_fingerprint(tok) != dataset_fp:
-        raise UserError(f"{role}={path}: tokenizer fingerprint {tokenizer_fingerprint(tok)} differs from the "
-                        f"dataset manifest's {dataset_fp}; score with a model trained on this tokenizer")
-    model = build_model(ModelConfig(pretrained=path), tok, device, dtype=dtype)
-    return model.eval()
-
-
 class Scorer:
     def __init__(self, cfg: ScoreConfig) -> None:
-        from data_tools.pack import dataset_fingerprint, read_manifest
-        from slm_assist.data import load_split, read_index
-
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
-        self.data_manifest = read_manifest(cfg.data)
-        if cfg.split not in self.data_manifest["splits"]:
-            raise UserError(f"split={cfg.split!r} not in {cfg.data} (splits: {list(self.data_manifest['splits'])})")
-        self.ds = load_split(cfg.data, cfg.split)
+        self.data = PackedDataset.open(cfg.data)
+        self.ds = self.data.split(cfg.split)
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
         self.num_shards = cfg.num_shards if cfg.num_shards > 0 else self.world
         if cfg.shard >= self.num_shards:
             raise UserError(f"shard={cfg.shard} is out of range for num_shards={self.num_shards}")
-        for role, path in (("model", cfg.model), ("ref_model", cfg.ref_model)):
-            if path and not (Path(path) / "config.json").is_file():
-                raise UserError(f"{role}={path}: not a save_pretrained model directory (no config.json)")
+        self.model_dir = ModelDir.open(cfg.model, "model")
+        self.ref_dir = ModelDir.open(cfg.ref_model, "ref_model") if cfg.ref_model else None
         self.cache_indices: set[int] | None = None
         if cfg.cache.mode != "none" and cfg.cache.indices:
             self.cache_indices = set(read_index(cfg.cache.indices, len(self.ds), "cache.indices").tolist())
         self.identity = {  # a shard made under any other identity must not be reused
-            "model_fingerprint": model_fingerprint(cfg.model),
-            "ref_model_fingerprint": model_fingerprint(cfg.ref_model) if cfg.ref_model else None,
-            "dataset_fingerprint": dataset_fingerprint(self.data_manifest),
+            "model_fingerprint": self.model_dir.fingerprint(),
+            "ref_model_fingerprint": self.ref_dir.fingerprint() if self.ref_dir else None,
+            "dataset_fingerprint": self.data.fingerprint,
             "split": cfg.split, "topk": cfg.topk, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
             "num_shards": self.num_shards, "cache": asdict(cfg.cache),
         }
@@ -182,13 +146,14 @@ class Scorer:
         """The scoring model and optional reference, frozen, after checking they share the data's tokenizer."""
         if self.cfg.torch_threads > 0:
             torch.set_num_threads(self.cfg.torch_threads)
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        device = dist.device()
         dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32
-        fp = self.data_manifest["tokenizer_fingerprint"]
-        model = _load_scorer(self.cfg.model, fp, device, dtype, "model")
-        ref = _load_scorer(self.cfg.ref_model, fp, device, dtype, "ref_model") if self.cfg.ref_model else None
-        return model, ref, device
+
+        def load(d: ModelDir) -> torch.nn.Module:
+            d.check_vocabulary(self.data, "score with a model trained on this tokenizer")
+            return d.load(device, len(d.tokenizer), dtype=dtype).eval()
+
+        return load(self.model_dir), (load(self.ref_dir) if self.ref_dir else None), device
 
     @torch.inference_mode()
     def score_shard(self, i: int, model, ref, device: torch.device, bar) -> None:
@@ -215,13 +180,12 @@ class Scorer:
 
             table = {c: torch.cat(v).cpu().numpy().astype(np.int64 if c == "index" else np.float32)
                      for c, v in cols.items()}
-            datasets.Dataset.from_dict(table).save_to_disk(str(tmp / "scores"))
+            datasets.Dataset.from_dict(table).save_to_disk(str(tmp / SCORES))
             if cached:
-                write_cache(labels, cached, cfg.cache.mode, tmp / "cache")
+                write_cache(labels, cached, cfg.cache.mode, tmp / CACHE)
             (tmp / "DONE").write_text(json.dumps({"identity": self.identity, "rows": [rows.start, rows.stop],
                                                   "cached": len(cached), "time": time.time()}))
-        if os.environ.get(FAULT_ENV) == f"kill_after_shard:{i}":
-            os.kill(os.getpid(), signal.SIGKILL)
+        fault("kill_after_shard", i)
 
     def _cache_batch(self, logits: torch.Tensor, idx: np.ndarray, labels: dict, cached: list[int]) -> None:
         mode = self.cfg.cache.mode
@@ -251,28 +215,26 @@ class Scorer:
         dirs = [self.shard_dir(i) for i in range(self.num_shards)]
         manifest = {"format_version": 1, **self.identity, "data": str(self.cfg.data), "model": self.cfg.model,
                     "ref_model": self.cfg.ref_model or None, "num_sequences": len(self.ds),
-                    "columns": [c for c in datasets.load_from_disk(str(dirs[0] / "scores")).column_names]}
-        for name in ("scores", "cache"):
+                    "columns": [c for c in datasets.load_from_disk(str(dirs[0] / SCORES)).column_names]}
+        for name in (SCORES, CACHE):
             parts = [datasets.load_from_disk(str(d / name)) for d in dirs if (d / name).is_dir()]
             if not parts:
                 continue
             with atomic_output_dir(self.out / name, overwrite=True) as tmp:
                 datasets.concatenate_datasets(parts).save_to_disk(str(tmp))
-                if name == "cache":
+                if name == CACHE:
                     src = next(d / name for d in dirs if (d / name).is_dir())
                     (tmp / CACHE_INFO).write_text((src / CACHE_INFO).read_text())
         if self.cfg.cache.mode != "none":
             n_cached = sum(json.loads((d / "DONE").read_text())["cached"] for d in dirs)
             manifest["cache"].update(sequences_cached=n_cached,
                                      bytes_per_token=bytes_per_position(self.cfg.cache))
-        atomic_write_text(self.out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        atomic_write_text(self.out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         shutil.rmtree(self.out / "shards")  # merged copies exist now; the manifest marks the result complete
         return manifest
 
 
 def main(argv: Sequence[str]) -> None:
-    from slm_assist import dist
-
     path, overrides = split_argv(argv, USAGE)
     cfg = load_config(ScoreConfig, path, overrides)
     out = Path(cfg.out_dir)
@@ -282,7 +244,7 @@ def main(argv: Sequence[str]) -> None:
     if dist.is_main() and not cfg.merge_only and cfg.shard < 0:
         if cfg.overwrite:
             shutil.rmtree(out, ignore_errors=True)
-        elif (out / "manifest.json").is_file():
+        elif (out / MANIFEST).is_file():
             raise UserError(f"{out} already holds merged scores; set overwrite=true to score again")
     dist.barrier()
     scorer = Scorer(cfg)
@@ -302,6 +264,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from slm_assist.errors import run_cli
-
     run_cli(main)

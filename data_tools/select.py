@@ -20,9 +20,11 @@ from typing import Literal
 
 import numpy as np
 
-from slm_assist.config import check, load_config, split_argv
-from slm_assist.errors import UserError
-from slm_assist.fsutil import atomic_output_dir
+from slm_assist.core.config import check, load_config, split_argv
+from slm_assist.core.errors import UserError, run_cli
+from slm_assist.core.files import atomic_output_dir
+from slm_assist.core.scores import ScoresDir
+from slm_assist.core.selection import INDEX, write_selection
 
 USAGE = "python -m data_tools.select CONFIG [key=value ...]"
 
@@ -150,32 +152,21 @@ def _plotted(cols: dict[str, np.ndarray], score_name: str) -> list[str]:
     return [score_name] + [c for c in ("salt_ds", "mean_loss") if c in cols and c != score_name]
 
 
-def load_scores(path: str | Path) -> dict[str, np.ndarray]:
-    import datasets
-
-    d = Path(path)
-    if not (d / "manifest.json").is_file():
-        raise UserError(f"scores={d}: no manifest.json; not a finished data_tools.score output")
-    ds = datasets.load_from_disk(str(d / "scores"))
-    return {c: np.asarray(ds[c]) for c in ds.column_names}
-
-
 def run(cfg: SelectConfig) -> dict:
-    cols = load_scores(cfg.scores)
+    cols = ScoresDir.open(cfg.scores, "scores").columns()
     keep = select(cols, cfg, f"scores={cfg.scores}")
     score_name, score = policy_score(cols, cfg, cfg.scores)
-    index = np.sort(cols["index"][keep]).astype(np.int64)
+    index = cols["index"][keep]
     summary = {"policy": cfg.policy, "kept": int(keep.sum()), "total": len(keep),
                "kept_fraction": float(keep.mean()), "config": asdict(cfg)}
     with atomic_output_dir(Path(cfg.out_dir), overwrite=cfg.overwrite) as tmp:
-        np.save(tmp / "index.npy", index)
-        (tmp / "selection.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_selection(tmp, index, summary)
         plot_cols = {**cols, score_name: score}
         for name in _plotted(cols, score_name):
             _plot(plot_cols[name], keep, name, tmp / f"hist_{name}.png")
         (tmp / "report.md").write_text(_report(cols, keep, cfg, score_name))
     print(f"selected {summary['kept']} of {summary['total']} sequences ({summary['kept_fraction']:.1%}) "
-          f"-> {cfg.out_dir}/index.npy; report: {cfg.out_dir}/report.md")
+          f"-> {cfg.out_dir}/{INDEX}; report: {cfg.out_dir}/report.md")
     return summary
 
 
@@ -185,6 +176,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from slm_assist.errors import run_cli
-
     run_cli(main)

@@ -25,23 +25,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from slm_assist.errors import UserError
-from slm_assist.fsutil import atomic_write_text
+from slm_assist.core import dist
+from slm_assist.core.dataset import PackedDataset
+from slm_assist.core.errors import UserError, run_cli
+from slm_assist.core.files import atomic_write_text
+from slm_assist.core.model_dir import ModelDir
+from slm_assist.core.tokenizer import tokenizer_fingerprint
 
 
 def load_model(model_dir: str | Path, device: torch.device | None = None):
-    """(model in eval mode, tokenizer) from a save_pretrained directory that holds its tokenizer."""
-    from data_tools.tokenizer import load_tokenizer
-    from slm_assist.models import ModelConfig, build_model
-
-    d = Path(model_dir)
-    if not (d / "config.json").is_file():
-        raise UserError(f"{d}: not a save_pretrained model directory (no config.json)")
-    if not (d / "tokenizer_config.json").is_file():
-        raise UserError(f"{d}: no tokenizer files next to the model")
-    tok = load_tokenizer(d)
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return build_model(ModelConfig(pretrained=str(d)), tok, device, dtype=torch.float32).eval(), tok
+    """(model in eval mode, fp32, tokenizer) from a save_pretrained directory that holds its tokenizer."""
+    d = ModelDir.open(model_dir)
+    tok = d.tokenizer
+    return d.load(device or dist.device(), len(tok), dtype=torch.float32).eval(), tok
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -52,17 +48,10 @@ def _device(model: torch.nn.Module) -> torch.device:
 def dataset_loss(model, tok, data_dir: str | Path, split: str = "validation", batch_size: int = 8,
                  max_rows: int = -1) -> dict[str, Any]:
     """Mean next-token loss over every token of a packed split (each row scored on its own)."""
-    from data_tools.pack import read_manifest
-    from data_tools.tokenizer import tokenizer_fingerprint
-    from slm_assist.data import load_split
-
-    manifest = read_manifest(data_dir)
-    if manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(tok):
-        raise UserError(f"{data_dir}: packed with tokenizer {manifest['tokenizer_fingerprint']}, but the model's is "
-                        f"{tokenizer_fingerprint(tok)}; losses over different vocabularies are not comparable")
-    if split not in manifest["splits"]:
-        raise UserError(f"{data_dir}: no split {split!r} (splits: {list(manifest['splits'])})")
-    ds = load_split(data_dir, split)
+    data = PackedDataset.open(data_dir)
+    data.check_tokenizer(tokenizer_fingerprint(tok), "the model",
+                         "losses over different vocabularies are not comparable")
+    ds = data.split(split, "--split")
     n = len(ds) if max_rows < 0 else min(len(ds), max_rows)
     v, total, count = len(tok), 0.0, 0
     for start in tqdm(range(0, n, batch_size), desc=f"loss {Path(data_dir).name}/{split}", unit="batch",
@@ -205,6 +194,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from slm_assist.errors import run_cli
-
     run_cli(main)

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from slm_assist.errors import UserError
-
-META = "slm_assist.json"
+from slm_assist.core.errors import UserError, run_cli
+from slm_assist.core.model_dir import META, ModelDir
+from slm_assist.salt.recipe import describe
+from slm_assist.training.metrics import read_metrics
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -29,8 +30,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _metrics_rows(model_dir: Path, meta: dict[str, Any]) -> list[tuple[str, str]]:
-    from slm_assist.metrics import read_metrics
-
     rows = []
     run_dir = model_dir.parent
     if (run_dir / "metrics.jsonl").is_file():
@@ -56,14 +55,13 @@ def _metrics_rows(model_dir: Path, meta: dict[str, Any]) -> list[tuple[str, str]
 def model_card(model_dir: str | Path) -> str:
     """A hub model card (YAML metadata + markdown) from the run metadata that `slm_assist.train` exports."""
     d = Path(model_dir)
-    meta = _read_json(d / META)
+    meta = ModelDir(d).meta()
     if meta is None:
         raise UserError(f"{d}: no {META}; not a model exported by slm_assist.train (cannot write its card)")
     cfg, data = meta["run_config"], meta["data_manifest"]
-    m, distill = cfg["model"], cfg.get("distill", {})
+    m, recipe = cfg["model"], describe(cfg)
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags:", "- slm_assist", "- causal-lm"] + (["- salt", "- distillation"] if distill.get("teacher") or
-                                                         distill.get("cache") else []) + ["---", ""]
+             "tags:", "- slm_assist", "- causal-lm", *[f"- {t}" for t in recipe.tags], "---", ""]
     lines += [f"# {Path(cfg['run_dir']).name}", "",
               f"A {meta['params'] / 1e6:.2f}M-parameter {m['model_type']} causal LM pretrained with "
               "slm_assist for "
@@ -82,27 +80,8 @@ def model_card(model_dir: str | Path) -> str:
               f"schedule {cfg['schedule']['kind']} with {cfg['schedule']['warmup_steps']} warmup steps",
               f"- batch: {cfg['train']['micro_batch_size']} × {cfg['train']['grad_accum']} accumulation per rank; "
               f"{cfg['train']['dtype']}, ZeRO-{cfg['train']['zero_stage']}; seed {cfg['seed']}", ""]
-    if distill.get("teacher") or distill.get("cache") or distill.get("label_smoothing"):
-        s = distill["schedule"]
-        n_kd = s["n_kd_steps"] if s["n_kd_steps"] >= 0 else round(s["n_kd_fraction"] * cfg["train"]["max_steps"])
-        lines += ["## SALT recipe", "",
-                  "Loss `(1 - w_t)·CE + w_t·KD(student, SLM teacher; τ)`:", "",
-                  f"- teacher: `{distill['teacher'] or '(cached soft labels)'}`"
-                  + (f", soft labels from the cache `{distill['cache']}`" if distill.get("cache") else ""),
-                  f"- KD: {distill['kind']}, τ = {distill['tau']}",
-                  f"- schedule: {s['kind']}, w = {s['weight']}, n_KD = {n_kd} steps",
-                  ]
-        if distill.get("selection"):
-            sel = _read_json(Path(distill["selection"]).parent / "selection.json") or {}
-            lines.append(f"- KD-phase data: the `{sel.get('policy', '?')}` subset "
-                         f"({sel.get('kept', '?')} of {sel.get('total', '?')} sequences, `{distill['selection']}`)")
-        if distill.get("gate_topk"):
-            lines.append(f"- token gating: KD only where the target is in the teacher's top-{distill['gate_topk']}")
-        if distill.get("handover_every"):
-            lines.append(f"- auto handover checked every {distill['handover_every']} steps")
-        if distill.get("label_smoothing"):
-            lines.append(f"- control: label smoothing ε = {distill['label_smoothing']} instead of a teacher")
-        lines.append("")
+    if recipe.lines:
+        lines += [f"## {recipe.title}", "", *recipe.lines, ""]
     for stage in meta.get("stages", []):
         lines += [f"## Stage: {stage.get('name', '?')}", "", stage.get("summary", ""), ""]
     rows = _metrics_rows(d, meta)
@@ -121,9 +100,7 @@ def push(model_dir: str | Path, repo_id: str, private: bool = False, revision: s
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
-    d = Path(model_dir)
-    if not (d / "config.json").is_file():
-        raise UserError(f"{d}: not a save_pretrained model directory (no config.json)")
+    d = ModelDir.open(model_dir).path
     if "/" not in repo_id or repo_id.count("/") != 1:
         raise UserError(f"--repo-id {repo_id!r}: expected ORG/NAME")
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
@@ -181,6 +158,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from slm_assist.errors import run_cli
-
     run_cli(main)

@@ -18,16 +18,19 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from slm_assist.errors import UserError
-from slm_assist.fsutil import atomic_write_text
-from slm_assist.metrics import read_metrics
+from slm_assist.core.dataset import read_manifest
+from slm_assist.core.errors import UserError, run_cli
+from slm_assist.core.files import atomic_write_text
+from slm_assist.core.model_dir import META, ModelDir
+from slm_assist.core.selection import INDEX, SUMMARY, read_summary
+from slm_assist.salt.recipe import describe
+from slm_assist.training.metrics import read_metrics
 
 
 def run_summary(run_dir: Path) -> dict:
-    meta_path = run_dir / "final" / "slm_assist.json"
-    if not meta_path.is_file():
-        raise UserError(f"{run_dir}: no final/slm_assist.json; the run has not finished")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = ModelDir(run_dir / "final").meta()
+    if meta is None:
+        raise UserError(f"{run_dir}: no final/{META}; the run has not finished")
     vals = [r["val_loss"] for r in read_metrics(run_dir) if isinstance(r.get("val_loss"), float)]
     evals = {}
     if (run_dir / "eval.json").is_file():
@@ -35,7 +38,7 @@ def run_summary(run_dir: Path) -> dict:
             evals[r["task"]] = r
     return {"run": str(run_dir), "name": run_dir.name, "params": meta["params"], "steps": meta["step"],
             "tokens": meta["tokens_seen"], "val_loss": vals[-1] if vals else None, "model": str(run_dir / "final"),
-            "distill": meta.get("run_config", {}).get("distill"), "eval": evals}
+            "recipe": describe(meta["run_config"]).short, "eval": evals}
 
 
 def _section_markers(name: str) -> tuple[str, str]:
@@ -92,20 +95,14 @@ def runs_section(runs: Sequence[Path], out_dir: Path) -> str:
              "cloze acc | recipe |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         loss, cloze = r["eval"].get("loss", {}), r["eval"].get("cloze", {})
-        d = r["distill"] or {}
-        recipe = (f"SALT: KD from {Path(d['teacher']).parent.name}, {d['schedule']['kind']} w={d['schedule']['weight']}"
-                  f" for {d['schedule']['n_kd_fraction']:.0%} of steps" + (", SALT_DS subset" if d.get("selection")
-                                                                          else "")) if d.get("teacher") else "CE"
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['tokens']:,} | {_fmt(r['val_loss'])} "
                      f"| {_fmt(loss.get('loss'))} | {_fmt(loss.get('perplexity'), '.1f')} | "
-                     f"{_fmt(cloze.get('accuracy'), '.3f')} | {recipe} |")
+                     f"{_fmt(cloze.get('accuracy'), '.3f')} | {r['recipe']} |")
     lines += ["", "![loss curves](loss_curves.png)", ""]
     return "\n".join(lines)
 
 
 def data_section(data_dir: Path) -> str:
-    from data_tools.pack import read_manifest
-
     m = read_manifest(data_dir)
     lines = ["## Data", "", f"`{data_dir}`: {', '.join(m['sources'])}; tokenizer vocabulary {m['vocab_size']:,} "
              f"(fingerprint `{m['tokenizer_fingerprint']}`), sequences of {m['seq_len']} tokens.", "",
@@ -115,10 +112,10 @@ def data_section(data_dir: Path) -> str:
 
 
 def selection_section(select_dir: Path, out_dir: Path) -> str:
-    sel = json.loads((select_dir / "selection.json").read_text(encoding="utf-8"))
+    sel = read_summary(select_dir / INDEX)
     lines = ["## Data selection", "",
              f"Policy `{sel.get('policy')}` kept {sel.get('kept'):,} of {sel.get('total'):,} sequences "
-             f"(`{select_dir}/index.npy`). Full table: `{select_dir}/report.md`.", ""]
+             f"(`{select_dir}/{INDEX}`). Full table: `{select_dir}/report.md`.", ""]
     for png in sorted(select_dir.glob("hist_*.png")):
         if out_dir.resolve() != select_dir.resolve():
             shutil.copyfile(png, out_dir / f"select_{png.name}")
@@ -144,14 +141,12 @@ def main(argv: Sequence[str]) -> None:
         if args.data:
             write_section(args.out, "data", data_section(args.data), args.title)
         if args.select:
-            if not (args.select / "selection.json").is_file():
-                raise UserError(f"--select {args.select}: no selection.json (not a data_tools.select output)")
+            if read_summary(args.select / INDEX) is None:
+                raise UserError(f"--select {args.select}: no {SUMMARY} (not a data_tools.select output)")
             write_section(args.out, "selection", selection_section(args.select, args.out.parent), args.title)
         write_section(args.out, "runs", runs_section(args.runs, args.out.parent), args.title)
         print(f"report: {args.out}")
 
 
 if __name__ == "__main__":
-    from slm_assist.errors import run_cli
-
     run_cli(main)

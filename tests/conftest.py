@@ -34,7 +34,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 def tiny_data(tiny_corpus, tmp_path_factory) -> Path:
     """The tiny corpus with a 400-piece BPE tokenizer, seq_len 32, 10% of documents held out."""
     from data_tools.pack import PrepareConfig, prepare
-    from slm_assist.config import load_config
+    from slm_assist.core.config import load_config
 
     out = tmp_path_factory.mktemp("data") / "tiny"
     cfg = load_config(PrepareConfig, None, [
@@ -76,9 +76,9 @@ def tiny_slm(tiny_data, tmp_path_factory) -> Path:
     """A random-init tiny Llama saved with the tiny dataset's tokenizer (a scoring model)."""
     import torch
 
-    from data_tools.tokenizer import load_tokenizer
-    from slm_assist.config import load_config
-    from slm_assist.models import ModelConfig, build_model
+    from slm_assist.core.config import load_config
+    from slm_assist.core.tokenizer import load_tokenizer
+    from slm_assist.training.models import ModelConfig, build_model
 
     tok = load_tokenizer(tiny_data / "tokenizer")
     torch.manual_seed(0)
@@ -95,7 +95,7 @@ def slm_other_tokenizer(tiny_slm, tmp_path_factory) -> Path:
     """tiny_slm's weights saved next to a tokenizer trained on unrelated text (a vocabulary mismatch)."""
     import shutil
 
-    from data_tools.tokenizer import TokenizerConfig, train_sentencepiece
+    from data_tools.tokenizer_training import TokenizerConfig, train_sentencepiece
 
     root = tmp_path_factory.mktemp("other")
     other = root / "other"

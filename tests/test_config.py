@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from data_tools.pack import PrepareConfig
-from slm_assist.config import load_config, parse_overrides, save_config
-from slm_assist.errors import ConfigError
-from slm_assist.train import RunConfig
+from slm_assist.core.config import load_config, parse_overrides, save_config
+from slm_assist.core.errors import ConfigError
+from slm_assist.salt.recipe import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_bad_values_name_key_and_value(override, pattern):
 
 
 def test_deepspeed_launcher_local_rank_is_dropped():
-    from slm_assist.config import split_argv
+    from slm_assist.core.config import split_argv
 
     assert split_argv(["--local_rank=1", "c.yaml", "a=1"], "u") == ("c.yaml", ["a=1"])
     assert split_argv(["c.yaml", "--local_rank", "0", "a=1"], "u") == ("c.yaml", ["a=1"])

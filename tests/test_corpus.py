@@ -6,8 +6,8 @@ import json
 import pytest
 
 from data_tools.corpus import CorpusConfig, read_documents
-from slm_assist.config import load_config
-from slm_assist.errors import UserError
+from slm_assist.core.config import load_config
+from slm_assist.core.errors import UserError
 
 
 def docs(*overrides: str) -> list[str]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from slm_assist.errors import ConfigError, UserError
-from slm_assist.metrics import read_metrics
+from slm_assist.core.errors import ConfigError, UserError
 from slm_assist.train import main
+from slm_assist.training.metrics import read_metrics
 
 from .conftest import run_overrides
 
@@ -72,9 +72,11 @@ def test_token_gating_matches_its_definition(tiny_data, tiny_slm, trained):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from slm_assist.config import load_config
-    from slm_assist.data import load_split
-    from slm_assist.distill import DistillConfig, SALTObjective
+    from slm_assist.core.config import load_config
+    from slm_assist.core.dataset import load_split
+    from slm_assist.kd.sources import OnlineTeacher
+    from slm_assist.salt.objective import DistillConfig, SALTObjective
+    from slm_assist.training.batches import Batch
 
     student = AutoModelForCausalLM.from_pretrained(str(trained))
     teacher = AutoModelForCausalLM.from_pretrained(str(tiny_slm)).eval()
@@ -83,7 +85,7 @@ def test_token_gating_matches_its_definition(tiny_data, tiny_slm, trained):
 
     def objective(*overrides):
         cfg = load_config(DistillConfig, None, ["schedule.kind=constant", f"schedule.weight={w}", *overrides])
-        return SALTObjective(cfg, teacher, 400, total_steps=10)
+        return SALTObjective(cfg, OnlineTeacher(teacher, cfg.gate_topk), 400, total_steps=10)
 
     with torch.no_grad():
         logits = student(input_ids=ids).logits[:, :-1].reshape(-1, 400).float()
@@ -94,12 +96,12 @@ def test_token_gating_matches_its_definition(tiny_data, tiny_slm, trained):
         for k in (1, 5):
             g = (t.gather(-1, y[:, None]).squeeze(-1) >= t.topk(k, -1).values[:, -1]).float()
             want = ((1 - w * g) * ce + w * g * kl).mean()
-            got, metrics = objective(f"gate_topk={k}")(student, ids, 0)
+            got, metrics = objective(f"gate_topk={k}")(student, Batch(ids), 0)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             assert metrics["gate_frac"].item() == pytest.approx(g.mean().item())
             assert 0 < g.mean() < 1
-        full, _ = objective("gate_topk=400")(student, ids, 0)
-        off, _ = objective()(student, ids, 0)
+        full, _ = objective("gate_topk=400")(student, Batch(ids), 0)
+        off, _ = objective()(student, Batch(ids), 0)
         torch.testing.assert_close(full, off)
 
 
@@ -124,7 +126,7 @@ def test_resume_inside_the_kd_phase_is_bit_exact(tiny_data, tiny_slm, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from slm_assist.checkpoint import FAULT_ENV
+    from slm_assist.core.faults import FAULT_ENV
 
     from .conftest import run_module
 
@@ -145,23 +147,23 @@ def test_resume_inside_the_kd_phase_is_bit_exact(tiny_data, tiny_slm, tmp_path):
 def test_kd_phase_draws_from_the_selection_then_the_full_split(tiny_data, tiny_slm, tmp_path):
     import numpy as np
 
-    from slm_assist.config import load_config, split_argv
-    from slm_assist.train import RunConfig, Trainer
+    from slm_assist.core.config import load_config, split_argv
+    from slm_assist.salt.recipe import RunConfig, build_trainer
 
     sel = tmp_path / "index.npy"
     np.save(sel, np.arange(100, 132))  # 32 selected sequences
     path, overrides = split_argv(run_overrides(
         tiny_data, tmp_path / "sel", "train.max_steps=5", "checkpoint.every=0", f"distill.teacher={tiny_slm}",
         "distill.schedule.n_kd_steps=3", f"distill.selection={sel}"), "")
-    trainer = Trainer(load_config(RunConfig, path, overrides))
+    trainer = build_trainer(load_config(RunConfig, path, overrides))
     seen: list[str] = []
     for name, stream in trainer.streams.items():
-        original = stream.next_with_index
+        original = stream.next
 
         def spy(original=original, name=name):
             seen.append(name)
             return original()
-        stream.next_with_index = spy
+        stream.next = spy
     trainer.fit()
     assert seen == ["kd", "kd", "kd", "main", "main"]
     assert trainer.streams["kd"].cursor == 3 * 4 and trainer.streams["main"].cursor == 2 * 4

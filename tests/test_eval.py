@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from slm_assist.errors import UserError
+from slm_assist.core.errors import UserError
 from slm_assist.eval import cloze_accuracy, dataset_loss, load_model, multiple_choice_accuracy
 
 from .conftest import REPO, TINY_MODEL, clean_env, run_module
@@ -40,7 +40,7 @@ def test_loss_of_a_uniform_model_is_log_vocab(uniform_model, tiny_data):
 
 
 def test_loss_matches_hf_labels_loss(tiny_slm, tiny_data):
-    from slm_assist.data import load_split
+    from slm_assist.core.dataset import load_split
 
     model, tok = load_model(tiny_slm)
     ids = torch.tensor(load_split(tiny_data, "validation")[:10]["input_ids"])
@@ -97,7 +97,7 @@ def test_bad_eval_inputs_are_clear_errors(tiny_slm, tmp_path, slm_other_tokenize
     with pytest.raises(UserError, match=r"bad.jsonl:1: missing field\(s\) \['target'\]"):
         cloze_accuracy(model, tok, bad)
     other, other_tok = load_model(slm_other_tokenizer)
-    with pytest.raises(UserError, match="packed with tokenizer .* but the model's is"):
+    with pytest.raises(UserError, match=r"the model: tokenizer fingerprint \w+ differs from the data's \w+ .*not comparable"):
         dataset_loss(other, other_tok, tiny_data)
     res = run_module("slm_assist.eval", [str(tiny_slm), str(tmp_path / "missing.jsonl")])
     assert res.returncode == 2 and "missing.jsonl: no such file or directory" in res.stderr
@@ -107,7 +107,7 @@ def test_cloze_builder_uses_only_held_out_documents(tiny_data, tmp_path):
     from data_tools.cloze import cloze_examples
     from data_tools.corpus import read_documents
     from data_tools.pack import PrepareConfig, is_validation_doc
-    from slm_assist.config import load_config
+    from slm_assist.core.config import load_config
 
     out = tmp_path / "c.jsonl"
     res = run_module("data_tools.cloze", [str(tiny_data), str(out), "--examples", "20", "--context-chars", "300"])

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from slm_assist.errors import UserError
+from slm_assist.core.errors import UserError
 from slm_assist.hub import model_card, push
 
 from .hub_server import FakeHub
@@ -83,7 +83,7 @@ def test_missing_token_is_a_clear_error(exported, monkeypatch, tmp_path):
 
 
 def test_unreachable_endpoint_is_a_clear_error(exported, monkeypatch):
-    from slm_assist.dist import _free_port
+    from slm_assist.core.dist import _free_port
 
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     before = snapshot(exported)
@@ -109,3 +109,45 @@ def test_cli_exit_code_and_bad_folder(tmp_path, monkeypatch):
     assert res.returncode == 2 and "not a save_pretrained model directory" in res.stderr
     res = run_module("slm_assist.hub", ["card", str(tmp_path)])
     assert res.returncode == 2 and "no slm_assist.json" in res.stderr
+
+
+def test_stages_render_in_the_card_and_carry_over_to_the_next_run(exported, tiny_data, tmp_path):
+    import json
+    import shutil
+
+    from slm_assist.core.model_dir import append_stage
+    from slm_assist.train import main
+
+    from .conftest import run_overrides
+
+    assert json.loads((exported / "slm_assist.json").read_text())["stages"] == []
+    staged = tmp_path / "gd"
+    shutil.copytree(exported, staged)
+    stage = {"name": "GD", "summary": "General distillation from the pretrained LLM.", "metrics": {"val_loss": 3.5}}
+    append_stage(staged, stage)
+    card = model_card(staged)
+    assert "## Stage: GD\n\nGeneral distillation from the pretrained LLM." in card and "| GD: val_loss | 3.5000 |" in card
+    run = tmp_path / "next"  # a run starting from the staged model keeps the record, for later stages to extend
+    main(run_overrides(tiny_data, run, f"model.pretrained={staged}", "train.max_steps=1", "checkpoint.every=0"))
+    assert json.loads((run / "final" / "slm_assist.json").read_text())["stages"] == [stage]
+    with pytest.raises(UserError, match="no slm_assist.json; not a model exported by slm_assist"):
+        (tmp_path / "bare").mkdir()
+        (tmp_path / "bare" / "config.json").write_text("{}")
+        append_stage(tmp_path / "bare", stage)
+
+
+def test_reports_and_cards_share_one_recipe_text():
+    from slm_assist.core.config import load_config, to_dict
+    from slm_assist.salt.recipe import RunConfig, describe
+
+    def recipe(*overrides):
+        return describe(to_dict(load_config(RunConfig, None, list(overrides))))
+
+    assert recipe().short == "CE" and recipe().lines == []
+    control = recipe("distill.label_smoothing=0.3", "distill.schedule.n_kd_steps=5")
+    assert control.short == "control: label smoothing ε=0.3, step w=0.667 for 5 steps" and control.tags == []
+    assert "- control: label smoothing ε = 0.3 instead of a teacher" in control.lines
+    assert "- schedule: step, w = 0.667, n_KD = 5 steps" in control.lines  # n_KD from the schedule's own rule
+    salt = recipe("distill.teacher=runs/x/slm/final", "train.max_steps=1000")
+    assert salt.short == "SALT: KD from slm, step w=0.667 for 20% of steps" and salt.tags == ["salt", "distillation"]
+    assert "- schedule: step, w = 0.667, n_KD = 200 steps" in salt.lines

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slm_assist.kd_schedule import KDScheduleConfig, kd_weight
-from slm_assist.losses import ce_plus_kd as ce_plus_kd_fn
-from slm_assist.losses import kd_loss
+from slm_assist.kd.losses import ce_plus_kd as ce_plus_kd_fn
+from slm_assist.kd.losses import kd_loss
+from slm_assist.kd.schedule import KDScheduleConfig, kd_weight
 
 V = 37
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slm_assist.config import load_config
-from slm_assist.errors import UserError
-from slm_assist.models import (
+from slm_assist.core.config import load_config
+from slm_assist.core.errors import UserError
+from slm_assist.training.models import (
     ModelConfig,
     build_model,
     count_params,
@@ -78,8 +78,8 @@ def test_paper_scale_models_on_meta_device(path, params):
 
     from transformers import AutoModelForCausalLM
 
-    from slm_assist.models import build_hf_config
-    from slm_assist.train import RunConfig
+    from slm_assist.salt.recipe import RunConfig
+    from slm_assist.training.models import build_hf_config
 
     cfg = load_config(RunConfig, Path(__file__).resolve().parents[1] / path)
     hf = build_hf_config(cfg.model, 32000, {"bos": 1, "eos": 2, "pad": 0})

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from data_tools.corpus import CorpusConfig, read_documents
-from data_tools.pack import PrepareConfig, is_validation_doc, pack_token_stream, prepare, read_manifest
-from data_tools.tokenizer import load_tokenizer, tokenizer_fingerprint
-from slm_assist.config import load_config
-from slm_assist.data import load_split
-from slm_assist.errors import UserError
+from data_tools.pack import PrepareConfig, is_validation_doc, pack_token_stream, prepare
+from slm_assist.core.config import load_config
+from slm_assist.core.dataset import load_split, read_manifest
+from slm_assist.core.errors import UserError
+from slm_assist.core.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 from .conftest import run_module
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from slm_assist.data import ShardedBatches
-from slm_assist.optim import ScheduleConfig, lr_factor
+from slm_assist.training.batches import ShardedBatches
+from slm_assist.training.optim import ScheduleConfig, lr_factor
 
 
 def test_cosine_closed_form():
@@ -52,7 +52,7 @@ class Rows:
 
 
 def _take(b: ShardedBatches, n: int) -> list[list[int]]:
-    return [b.next()[:, 0].tolist() for _ in range(n)]
+    return [b.next().input_ids[:, 0].tolist() for _ in range(n)]
 
 
 def test_ranks_get_disjoint_shards_covering_the_single_rank_order():

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.score import FAULT_ENV, main, shard_rows
-from data_tools.scoring import score_logits
-from data_tools.softlabels import SoftLabelCache, sampled_labels, sequence_generator
-from slm_assist.errors import UserError
+from data_tools.score import main, shard_rows
+from data_tools.score_math import score_logits
+from data_tools.softlabels import sampled_labels, sequence_generator
+from slm_assist.core.errors import UserError
+from slm_assist.core.faults import FAULT_ENV
+from slm_assist.core.scores import SoftLabelCache
 
 from .conftest import REPO, run_module
 
@@ -127,7 +129,7 @@ def test_kill_mid_run_then_relaunch_redoes_only_unfinished_shards(tiny_data, tin
 def test_top_k_cache_matches_a_direct_forward(tiny_data, tiny_slm, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from slm_assist.data import load_split
+    from slm_assist.core.dataset import load_split
 
     out = tmp_path / "topk"
     sel = tmp_path / "sel.npy"
@@ -187,7 +189,7 @@ def test_sampled_cache_round_trip(tiny_data, tiny_slm, tmp_path):
 
 
 def test_tokenizer_mismatch_names_both_sides(tiny_data, slm_other_tokenizer, tmp_path):
-    with pytest.raises(UserError, match=r"model=.*other: tokenizer fingerprint \w+ differs from the dataset manifest's \w+"):
+    with pytest.raises(UserError, match=r"model=.*other: tokenizer fingerprint \w+ differs from the data's \w+"):
         main(_score_args(tiny_data, slm_other_tokenizer, tmp_path / "o"))
 
 

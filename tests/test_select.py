@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from data_tools.select import SelectConfig, run, select
-from slm_assist.config import load_config
-from slm_assist.errors import ConfigError, UserError
+from slm_assist.core.config import load_config
+from slm_assist.core.errors import ConfigError, UserError
 
 # 10 sequences; salt_ds of #3 is NaN (no learnable token)
 COLS = {

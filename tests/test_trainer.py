@@ -11,12 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slm_assist import dist
-from slm_assist.checkpoint import FAULT_ENV, CheckpointConfig, Checkpointer
-from slm_assist.errors import UserError
-from slm_assist.metrics import read_metrics
-from slm_assist.objectives import CausalLMObjective
-from slm_assist.train import NonFiniteLossError, main
+from slm_assist.core import dist
+from slm_assist.core.errors import UserError
+from slm_assist.core.faults import FAULT_ENV
+from slm_assist.train import main
+from slm_assist.training.checkpoint import CheckpointConfig, Checkpointer
+from slm_assist.training.metrics import read_metrics
+from slm_assist.training.objective import CausalLMObjective
+from slm_assist.training.trainer import NonFiniteLossError
 
 from .conftest import REPO, TINY_MODEL, run_module, run_overrides
 
@@ -88,8 +90,8 @@ def test_keep_last_prunes_old_checkpoints(tiny_data, tmp_path):
 def test_nan_loss_stops_without_checkpoint(tiny_data, tmp_path, monkeypatch):
     original = CausalLMObjective.__call__
 
-    def poisoned(self, model, ids, step, index=None):
-        loss, metrics = original(self, model, ids, step)
+    def poisoned(self, model, batch, step):
+        loss, metrics = original(self, model, batch, step)
         return (loss * float("nan"), metrics) if step >= 2 else (loss, metrics)
 
     monkeypatch.setattr(CausalLMObjective, "__call__", poisoned)
@@ -130,8 +132,9 @@ def test_export_loads_and_generates(straight_run, tiny_data):
     out = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5)
     assert out.shape == (1, ids.shape[1] + 5)
     # the exported weights are the trained ones: validation loss recomputed from the export matches the log
-    from slm_assist.data import load_split, validation_batches
-    from slm_assist.objectives import eval_loss
+    from slm_assist.core.dataset import load_split
+    from slm_assist.training.batches import validation_batches
+    from slm_assist.training.objective import eval_loss
 
     batches = validation_batches(load_split(tiny_data, "validation"), 4, 2, 0, 1)
     total, count = eval_loss(model.to(torch.bfloat16), batches, torch.device("cpu"))
@@ -139,8 +142,8 @@ def test_export_loads_and_generates(straight_run, tiny_data):
 
 
 def test_saved_config_and_metrics(straight_run):
-    from slm_assist.config import load_config
-    from slm_assist.train import RunConfig
+    from slm_assist.core.config import load_config
+    from slm_assist.salt.recipe import RunConfig
 
     cfg = load_config(RunConfig, straight_run / "config.yaml")
     assert cfg.train.max_steps == 8 and cfg.model.hidden_size == 32
@@ -154,8 +157,8 @@ def test_saved_config_and_metrics(straight_run):
 def test_deepspeed_step_matches_plain_adamw(stage):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slm_assist.engine import deepspeed_config, initialize
-    from slm_assist.optim import OptimConfig, ScheduleConfig, lr_factor, param_groups
+    from slm_assist.training.engine import deepspeed_config, initialize
+    from slm_assist.training.optim import OptimConfig, ScheduleConfig, lr_factor, param_groups
 
     dist.init()
     torch.manual_seed(0)
@@ -229,11 +232,11 @@ def test_activation_checkpointing_keeps_the_numerics(tiny_data, tmp_path):
     args = run_overrides(tiny_data, tmp_path / "ckpt", *common, "train.activation_checkpointing=true")
     main(args)
     assert _losses(tmp_path / "ckpt") == _losses(tmp_path / "plain")
-    from slm_assist.config import load_config, split_argv
-    from slm_assist.train import RunConfig, Trainer
+    from slm_assist.core.config import load_config, split_argv
+    from slm_assist.salt.recipe import RunConfig, build_trainer
 
     path, overrides = split_argv(args, "")
-    assert Trainer(load_config(RunConfig, path, overrides)).engine.module.is_activation_checkpointing
+    assert build_trainer(load_config(RunConfig, path, overrides)).engine.module.is_activation_checkpointing
 
 
 def test_start_from_pretrained_directory(tiny_data, straight_run, tmp_path):
@@ -242,14 +245,14 @@ def test_start_from_pretrained_directory(tiny_data, straight_run, tmp_path):
     main(run_overrides(tiny_data, run, f"model.pretrained={straight_run / 'final'}", "train.max_steps=1",
                        "optim.lr=1e-9", "schedule.warmup_steps=0", "schedule.kind=constant"))
     assert read_metrics(run)[-1]["val_loss"] == pytest.approx(read_metrics(straight_run)[-1]["val_loss"], abs=2e-2)
-    with pytest.raises(UserError, match="not a save_pretrained directory"):
+    with pytest.raises(UserError, match=r"model\.pretrained=.*: not a save_pretrained model directory"):
         main(run_overrides(tiny_data, tmp_path / "x", f"model.pretrained={tmp_path}", "train.max_steps=1"))
 
 
 def test_mfu_is_logged_from_model_flops_and_throughput(tiny_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from slm_assist.models import flops_per_token
+    from slm_assist.training.models import flops_per_token
 
     run = tmp_path / "mfu"
     main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=0", "train.peak_tflops=1e-6"))

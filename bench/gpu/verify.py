@@ -23,10 +23,12 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
+
+from slm_assist.training.metrics import read_metrics
+from slm_assist.training.models import flops_per_token
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 # dense bf16 peak of one device, TFLOP/s (SXM parts; the PCIe H100 is 756)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -50,8 +52,6 @@ def sh(*cmd: str) -> subprocess.CompletedProcess:
 
 
 def train(run: Path, data: Path, extra: list[str]) -> list[dict]:
-    from slm_assist.metrics import read_metrics
-
     sh("slm_assist.train", "configs/demo/llm.yaml", f"run_dir={run}", f"data.path={data}", "checkpoint.resume=false",
        "checkpoint.every=0", "train.torch_threads=0", *extra)
     return read_metrics(run)
@@ -103,10 +103,6 @@ def main() -> None:
     recs = train(work / "mfu", data, [*llm, *common, f"train.micro_batch_size={mb}", f"train.max_steps={steps}",
                                       "train.zero_stage=1", f"train.peak_tflops={peak if peak == peak else 0}"])
     steady = [r for r in recs if "tokens_per_s" in r][1:]  # the first window includes compilation / warm-up
-    from transformers import AutoModelForCausalLM
-
-    from slm_assist.models import flops_per_token
-
     final = AutoModelForCausalLM.from_pretrained(str(work / "mfu" / "final"))
     n_params = sum(p.numel() for p in final.parameters())
     tps = statistics.median(r["tokens_per_s"] for r in steady)
@@ -115,16 +111,15 @@ def main() -> None:
                mfu=fpt * tps / (peak * 1e12) if peak == peak else None)
     del final
 
-    # 4. KD overhead, online and cached, on the ~1B / ~0.25B pair
-    import kd_overhead
-
+    # 4. KD overhead, online and cached, on the ~1B / ~0.25B pair (bench/kd_overhead.py in its own process)
     slm_run = work / "slm"
     train(slm_run, data, [*SIZES["slm" + t], *common, "train.micro_batch_size=2", "train.max_steps=2"])
-    st = kd_overhead.step_time(argparse.Namespace(rounds=2 if args.tiny else 4, steps=2 if args.tiny else 5),
-                               llm_overrides=(f"data.path={data}", *llm, *common, f"train.micro_batch_size={mb // 2}",
-                                              "train.zero_stage=1"),
-                               teacher=str(slm_run / "final"), score_overrides=(f"data={data}", "batch_size=4"),
-                               work=work / "kd")
+    llm_kd = [f"data.path={data}", *llm, *common, f"train.micro_batch_size={mb // 2}", "train.zero_stage=1"]
+    subprocess.run([sys.executable, str(REPO / "bench/kd_overhead.py"), "--skip-memory", "--rounds",
+                    "2" if args.tiny else "4", "--steps", "2" if args.tiny else "5", "--teacher", str(slm_run / "final"),
+                    "--work", str(work / "kd"), "--out", str(work / "kd.json"), *[f"--llm={o}" for o in llm_kd],
+                    f"--score=data={data}", "--score=batch_size=4"], cwd=REPO, check=True)
+    st = json.loads((work / "kd.json").read_text())["step_time"]
     out.update(kd_step_ratio_online=st["kd_step_ratio_online"], kd_step_ratio_cached=st["kd_step_ratio_cached"],
                flop_limit=st["flop_limit"], kd_detail=st)
 

@@ -6,7 +6,21 @@ from typing import Any
 
 import torch
 
-from slm_assist.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_factor, param_groups
+from slm_assist.training.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_factor, param_groups
+
+
+class ModelWithHeads(torch.nn.Module):
+    """The model plus an objective's trainable modules (e.g. projections) as the one module DeepSpeed wraps, so
+    they are cast, all-reduced, optimised and checkpointed with it. Calls go to the model; export saves `.model`.
+    Used only when an objective has such modules: a plain model keeps its checkpoint layout."""
+
+    def __init__(self, model: torch.nn.Module, heads: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        self.heads = torch.nn.ModuleList(heads)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
 
 
 def deepspeed_config(*, micro_batch: int, grad_accum: int, world: int, dtype: str, zero_stage: int,

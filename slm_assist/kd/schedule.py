@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from slm_assist.config import check
+from slm_assist.core.config import check
 
 
 @dataclass

@@ -14,7 +14,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from slm_assist.errors import ConfigError
+from slm_assist.core.errors import ConfigError
+from slm_assist.core.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -181,8 +182,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from slm_assist.fsutil import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

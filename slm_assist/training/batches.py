@@ -1,15 +1,15 @@
-"""Packed token data for training: a deterministic, resumable batch order, sharded by data-parallel rank."""
+"""What an objective is fed: `Batch`, and the streams of them over a packed split (a deterministic, resumable
+order, sharded by data-parallel rank)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from slm_assist.errors import UserError
+from slm_assist.core.errors import UserError
 
 
 @dataclass
@@ -20,20 +20,26 @@ class DataConfig:
     """Seeds the shuffle order; epoch e uses a permutation seeded by (seed, e)."""
 
 
-def load_split(data_dir: str | Path, split: str):
-    """The Arrow dataset of one split, as numpy rows of int32 token ids (memory-mapped, not copied)."""
-    import datasets
+@dataclass
+class Batch:
+    """One micro-batch. Position t predicts the target at t+1: `labels` when given, else the inputs themselves."""
 
-    path = Path(data_dir) / split
-    if not path.is_dir():
-        raise UserError(f"{data_dir}: split '{split}' not found ({path})")
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:
-        raise UserError(f"{path}: cannot load the packed split: {e}") from None
-    if "input_ids" not in ds.column_names:
-        raise UserError(f"{path}: no 'input_ids' column (columns: {ds.column_names})")
-    return ds.with_format("numpy")
+    input_ids: torch.Tensor
+    """[B, T] token ids."""
+    index: np.ndarray | None = None
+    """The sequences' row indices in their split (soft-label cache lookups); None when not from a split."""
+    labels: torch.Tensor | None = None
+    """[B, T] targets (None = input_ids: plain next-token prediction on packed text)."""
+    loss_mask: torch.Tensor | None = None
+    """[B, T] 1 where the token counts as a target, 0 where it does not (None = every token counts)."""
+
+    def to(self, device: torch.device) -> Batch:
+        move = {k: v.to(device) for k in ("input_ids", "labels", "loss_mask") if (v := getattr(self, k)) is not None}
+        return replace(self, **move)
+
+    def targets(self) -> torch.Tensor:
+        """[B, T-1] next-token targets, aligned with the logits of positions 0..T-2."""
+        return (self.input_ids if self.labels is None else self.labels)[:, 1:]
 
 
 class ShardedBatches:
@@ -63,18 +69,15 @@ class ShardedBatches:
             self._perm = torch.randperm(self.n, generator=g).numpy()
         return self._perm
 
-    def next(self) -> torch.Tensor:
-        return self.next_with_index()[0]
-
-    def next_with_index(self) -> tuple[torch.Tensor, np.ndarray]:
-        """The next micro-batch and the split indices of its sequences (for soft-label cache lookups)."""
+    def next(self) -> Batch:
+        """The next micro-batch, with the split indices of its sequences (for soft-label cache lookups)."""
         if self.cursor + self.mb * self.world > self.n:
             self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
         start = self.cursor + self.rank * self.mb
         idx = self._permutation()[start : start + self.mb]
         idx = np.sort(idx if self.rows is None else self.rows[idx])  # sorted reads are faster on Arrow
         self.cursor += self.mb * self.world
-        return torch.from_numpy(np.asarray(self.ds[idx]["input_ids"], dtype=np.int64)), idx
+        return Batch(torch.from_numpy(np.asarray(self.ds[idx]["input_ids"], dtype=np.int64)), index=idx)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "world": self.world, "mb": self.mb}
@@ -85,18 +88,6 @@ class ShardedBatches:
             print(f"note: resuming data order with world x micro_batch {self.world}x{self.mb} "
                   f"(checkpoint had {state['world']}x{state['mb']})")
         self.epoch, self.cursor, self.seed, self._perm = state["epoch"], state["cursor"], state["seed"], None
-
-
-def read_index(path: str | Path, n_rows: int, field: str) -> np.ndarray:
-    """A selection index (index.npy of data_tools.select): sorted unique sequence indices within the split."""
-    try:
-        idx = np.load(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{field}={path}: cannot read a .npy index: {e}") from None
-    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (len(idx) and (idx.min() < 0 or idx.max() >= n_rows)):
-        raise UserError(f"{field}={path}: expected a 1-D array of sequence indices in [0, {n_rows}), "
-                        f"got shape {idx.shape}, dtype {idx.dtype}")
-    return np.unique(idx)
 
 
 def validation_batches(dataset, micro_batch: int, max_batches: int, rank: int, world: int) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from slm_assist.errors import UserError
+from slm_assist.core.errors import UserError
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -120,39 +121,23 @@ def sampled_kl(s: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, weigh
     return (weights.float() * (logprobs.float() - logp_s)).sum(-1)
 
 
-# ---- the loss the trainer calls ------------------------------------------------------------------------------
+# ---- the teacher side: an online teacher's logits or cached sparse labels ---------------------------------------
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None, *, kind: str = "forward_kl",
-            tau: float = 1.0, beta: float = 0.5, gamma: float = 1.5, targets: torch.Tensor | None = None,
-            cache: dict[str, torch.Tensor] | None = None, token_weights: torch.Tensor | None = None,
-            chunk: int = 1024) -> torch.Tensor:
-    """Mean distillation loss over tokens (weighted by `token_weights` when given), times tau^2.
-
-    student_logits: [..., V]; teacher_logits: [..., V'] with V' <= V (a padded student vocabulary is cut to the
-    teacher's). `cache` (from `SoftLabelCache.get`, positions aligned with the student's) replaces the teacher
-    for kind="top_k" or "sampled"; cached labels are at temperature 1, so tau must be 1 there.
-    """
-    scale = tau**2
-    v = student_logits.shape[-1] if teacher_logits is None else teacher_logits.shape[-1]
-    s = student_logits[..., :v].reshape(-1, v)
-    n = s.shape[0]
-    if kind in ("top_k", "sampled"):
-        if cache is None or tau != 1.0:
-            raise ValueError(f"kind={kind} needs cache= and tau=1 (cached labels are at temperature 1); got tau={tau}")
+def _kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, cache: dict[str, torch.Tensor] | None,
+             kind: str, tau: float, beta: float, gamma: float) -> tuple[torch.Tensor, Callable, tuple, float]:
+    """(student rows [n, V'], fn(student_fp32, targets, *teacher_side) -> per-token KD [n], teacher side as
+    [n, ...] tensors, scale) for either teacher. A padded student vocabulary is cut to the teacher's V'."""
+    if cache is not None:
+        if tau != 1.0:
+            raise ValueError(f"cached soft labels are at temperature 1; got tau={tau}")
+        n = student_logits.numel() // student_logits.shape[-1]
         div, side = _cache_divergence(cache, n)
-        per_tok = chunked_token_loss(div, student_logits.reshape(n, -1), *side, chunk=chunk)
-    else:
-        if teacher_logits is None:
-            raise ValueError(f"kind={kind} needs teacher_logits")
-        if kind == "nkd" and targets is None:
-            raise ValueError("kind=nkd needs targets")
-        fn, scale = _divergence(kind, tau, beta, gamma)
-        y = targets.reshape(n) if targets is not None else torch.zeros(n, dtype=torch.long, device=s.device)
-        per_tok = chunked_token_loss(fn, s, teacher_logits.reshape(n, v), y, chunk=chunk)
-    if token_weights is None:
-        return per_tok.mean() * scale
-    w = token_weights.reshape(n).float()
-    return (per_tok * w).sum() / w.sum().clamp_min(1e-12) * scale
+        return student_logits.reshape(n, -1), (lambda x, y, *t: div(x, *t)), side, 1.0
+    if teacher_logits is None:
+        raise ValueError("KD needs teacher_logits or a cache")
+    v = teacher_logits.shape[-1]
+    fn, scale = _divergence(kind, tau, beta, gamma)
+    return student_logits[..., :v].reshape(-1, v), (lambda x, y, t: fn(x, t, y)), (teacher_logits.reshape(-1, v),), scale
 
 
 def _cache_divergence(cache: dict[str, torch.Tensor], n: int) -> tuple[Callable, tuple[torch.Tensor, ...]]:
@@ -177,6 +162,34 @@ def _divergence(kind: str, tau: float, beta: float, gamma: float) -> tuple[Calla
     raise ValueError(f"unknown KD kind {kind!r}: forward_kl, reverse_kl, jsd, nkd")
 
 
+# ---- the losses the objectives call --------------------------------------------------------------------------
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None, *, kind: str = "forward_kl",
+            tau: float = 1.0, beta: float = 0.5, gamma: float = 1.5, targets: torch.Tensor | None = None,
+            cache: dict[str, torch.Tensor] | None = None, token_weights: torch.Tensor | None = None,
+            chunk: int = 1024) -> torch.Tensor:
+    """Mean distillation loss over tokens (weighted by `token_weights` when given), times tau^2.
+
+    student_logits: [..., V]; teacher_logits: [..., V'] with V' <= V (a padded student vocabulary is cut to the
+    teacher's). `cache` (from `SoftLabelCache.get`, positions aligned with the student's) replaces the teacher
+    for kind="top_k" or "sampled"; cached labels are at temperature 1, so tau must be 1 there.
+    """
+    cached = kind in ("top_k", "sampled")
+    if cached and (cache is None or tau != 1.0):
+        raise ValueError(f"kind={kind} needs cache= and tau=1 (cached labels are at temperature 1); got tau={tau}")
+    if kind == "nkd" and targets is None:
+        raise ValueError("kind=nkd needs targets")
+    s, fn, side, scale = _kd_term(student_logits, None if cached else teacher_logits, cache if cached else None,
+                                  kind, tau, beta, gamma)
+    n = s.shape[0]
+    y = targets.reshape(n) if targets is not None else torch.zeros(n, dtype=torch.long, device=s.device)
+    per_tok = chunked_token_loss(fn, s, y, *side, chunk=chunk)
+    if token_weights is None:
+        return per_tok.mean() * scale
+    w = token_weights.reshape(n).float()
+    return (per_tok * w).sum() / w.sum().clamp_min(1e-12) * scale
+
+
 def ce_plus_kd(student_logits: torch.Tensor, targets: torch.Tensor, kd_share: torch.Tensor, *,
                teacher_logits: torch.Tensor | None = None, cache: dict[str, torch.Tensor] | None = None,
                kind: str = "forward_kl", tau: float = 1.0, beta: float = 0.5, gamma: float = 1.5,
@@ -189,21 +202,9 @@ def ce_plus_kd(student_logits: torch.Tensor, targets: torch.Tensor, kd_share: to
     peak loss memory is ~1.08x CE alone at vocab 32k, seq 2048 (bench/kd_overhead.py), against ~2x when CE
     and a chunked KD are separate terms.
     """
-    v = student_logits.shape[-1] if teacher_logits is None else teacher_logits.shape[-1]
-    s = student_logits[..., :v].reshape(-1, v)
+    s, fn_kd, side, scale = _kd_term(student_logits, teacher_logits, cache, kind, tau, beta, gamma)
     n = s.shape[0]
     y, a = targets.reshape(n), kd_share.reshape(n).float()
-    if cache is not None:
-        if tau != 1.0:
-            raise ValueError(f"cached soft labels are at temperature 1; got tau={tau}")
-        div, side = _cache_divergence(cache, n)
-        fn_kd, scale = (lambda x, y_, *teacher_side: div(x, *teacher_side)), 1.0
-    else:
-        if teacher_logits is None:
-            raise ValueError("ce_plus_kd needs teacher_logits or cache")
-        side = (teacher_logits.reshape(n, v),)
-        fn_div, scale = _divergence(kind, tau, beta, gamma)
-        fn_kd = lambda x, y_, t: fn_div(x, t, y_)  # noqa: E731
 
     def fn(x: torch.Tensor, share: torch.Tensor, y_: torch.Tensor, *teacher_side: torch.Tensor):
         kd = scale * fn_kd(x, y_, *teacher_side)
@@ -212,3 +213,39 @@ def ce_plus_kd(student_logits: torch.Tensor, targets: torch.Tensor, kd_share: to
 
     per_tok, aux = chunked_token_loss(fn, s, a, y, *side, chunk=chunk, with_aux=True)
     return per_tok.mean(), aux[:, 0], aux[:, 1]
+
+
+@dataclass
+class SoftTargets:
+    """The KD term's target for one micro-batch, positions aligned with the student's logits [B, P]: exactly one
+    of an online teacher's `logits`, `sparse` cached labels, or a one-hot `smoothing`."""
+
+    logits: torch.Tensor | None = None
+    """[B, P, V] teacher logits (V may be below a padded student vocabulary)."""
+    sparse: dict[str, torch.Tensor] | None = None
+    """Cached top-k or sampled labels, as `SoftLabelCache.get` returns them."""
+    smoothing: float = 0.0
+    """> 0: the one-hot target smoothed by this epsilon (the label-smoothing control)."""
+    gate: torch.Tensor | None = None
+    """[B·P] 1.0 where the KD term applies, 0.0 where the token is CE only (token gating); None = every token."""
+
+
+def mixed_ce_kd(student_logits: torch.Tensor, targets: torch.Tensor, weight: float, soft: SoftTargets, *,
+                kind: str = "forward_kl", tau: float = 1.0, beta: float = 0.5, gamma: float = 1.5,
+                chunk: int = 1024) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean over tokens of (1 - w·g)·CE + w·g·KD(soft targets || student) with the gate g (1 without one), and
+    its detached parts to log: `ce`, `kd` (over the gated tokens) and `gate_frac`."""
+    if soft.smoothing:
+        # (1-w)·CE + w·CE(one-hot smoothed by eps) = CE with smoothing w·eps, up to a constant (the target's
+        # entropy): one exact torch call instead of a second term.
+        flat, tgt = student_logits.reshape(-1, student_logits.shape[-1]).float(), targets.reshape(-1)
+        loss = F.cross_entropy(flat, tgt, label_smoothing=weight * soft.smoothing)
+        with torch.no_grad():
+            ce = F.cross_entropy(flat, tgt)
+            kd = F.cross_entropy(flat, tgt, label_smoothing=soft.smoothing)
+        return loss, {"ce": ce, "kd": kd}
+    gate = soft.gate if soft.gate is not None else torch.ones(targets.numel(), device=student_logits.device)
+    loss, ce_tok, kd_tok = ce_plus_kd(student_logits, targets, weight * gate, teacher_logits=soft.logits,
+                                      cache=soft.sparse, kind=kind, tau=tau, beta=beta, gamma=gamma, chunk=chunk)
+    kept = gate.sum()
+    return loss, {"ce": ce_tok.mean(), "kd": (kd_tok * gate).sum() / kept.clamp_min(1.0), "gate_frac": kept / gate.numel()}

@@ -5,15 +5,14 @@ The model stays a plain `nn.Module` (an HF `PreTrainedModel`); DeepSpeed wrappin
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from slm_assist.config import check
-from slm_assist.errors import UserError
+from slm_assist.core.config import check
+from slm_assist.core.errors import UserError
+from slm_assist.core.model_dir import ModelDir, resolve_attn_implementation
 
 
 @dataclass
@@ -51,19 +50,6 @@ class ModelConfig:
               f"-1 or a divisor of num_heads={self.num_heads}")
 
 
-def resolve_attn_implementation(requested: str, device: torch.device) -> str:
-    """transformers does not fall back on its own when flash-attn is missing, so we decide here, explicitly."""
-    has_flash = importlib.util.find_spec("flash_attn") is not None
-    if requested == "auto":
-        return "flash_attention_2" if has_flash and device.type == "cuda" else "sdpa"
-    if requested == "flash_attention_2" and not (has_flash and device.type == "cuda"):
-        raise UserError(
-            "model.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
-            f"(pip install -e .[gpu]); device={device.type}, flash_attn installed={has_flash}. Use auto or sdpa."
-        )
-    return requested
-
-
 def padded_vocab_size(vocab: int, multiple: int) -> int:
     return -(-vocab // multiple) * multiple
 
@@ -98,22 +84,13 @@ def build_model(cfg: ModelConfig, tokenizer, device: torch.device, dtype: torch.
     """Random-init model from the config, or a pretrained directory. Parameters live in `dtype` on `device`."""
     from transformers import AutoModelForCausalLM
 
-    attn = resolve_attn_implementation(cfg.attn_implementation, device)
     if cfg.pretrained:
-        path = Path(cfg.pretrained)
-        if not (path / "config.json").is_file():
-            raise UserError(f"model.pretrained={path}: not a save_pretrained directory (no config.json)")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attn, dtype=dtype)
-        except Exception as e:
-            raise UserError(f"model.pretrained={path}: cannot load: {e}") from None
-        if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            raise UserError(f"model.pretrained={path}: embedding size {model.get_input_embeddings().num_embeddings} "
-                            f"< tokenizer vocabulary {len(tokenizer)}; wrong tokenizer for this model")
-    else:
-        specials = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
-        hf_cfg = build_hf_config(cfg, len(tokenizer), specials)
-        model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn, dtype=dtype)
+        return ModelDir.open(cfg.pretrained, "model.pretrained").load(device, len(tokenizer), dtype,
+                                                                      cfg.attn_implementation)
+    attn = resolve_attn_implementation(cfg.attn_implementation, device)
+    specials = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    hf_cfg = build_hf_config(cfg, len(tokenizer), specials)
+    model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn, dtype=dtype)
     return model.to(device)
 
 

@@ -1,19 +1,22 @@
-"""SALT distillation objective: (1 - w_t)·CE + w_t·KD(student, frozen SLM teacher; tau), with w_t from the
-KD-weight schedule. Plugs into the trainer through the `Objective` interface (objectives.py)."""
+"""SALT's objective: (1 - w_t)·CE + w_t·KD(student, soft targets; tau) = the KD-weight schedule x a soft-target
+source (online SLM, its cached labels, or the smoothed one-hot control) x the fused CE+KD loss."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from slm_assist.config import check
-from slm_assist.errors import UserError
-from slm_assist.kd_schedule import KDScheduleConfig, kd_weight
-from slm_assist.losses import ce_plus_kd
+from slm_assist.core import dist
+from slm_assist.core.config import check
+from slm_assist.core.errors import UserError
+from slm_assist.kd.losses import mixed_ce_kd
+from slm_assist.kd.schedule import KDScheduleConfig, kd_weight
+from slm_assist.kd.sources import SoftTargetSource
+from slm_assist.training.batches import Batch
+from slm_assist.training.objective import Objective
 
 
 @dataclass
@@ -70,58 +73,14 @@ class DistillConfig:
         return bool(self.teacher or self.cache or self.label_smoothing)
 
 
-def load_teacher(path: str, dataset_fingerprint: str, vocab: int, device: torch.device) -> torch.nn.Module:
-    """Frozen teacher: eval mode, no grad, its own dtype; the data's tokenizer, and at least `vocab` (the real,
-    unpadded vocabulary) output rows. Padded embedding sizes may differ from the student's."""
-    from transformers import AutoModelForCausalLM
+class SALTObjective(Objective):
+    """Loss for one micro-batch at step t; metrics: ce, kd (when w_t > 0), w_t, kd_phase, gate_frac.
+    `teacher` (an online SLM) is needed only for the auto handover's loss comparison."""
 
-    from data_tools.tokenizer import load_tokenizer, tokenizer_fingerprint
-
-    d = Path(path)
-    if not (d / "config.json").is_file():
-        raise UserError(f"distill.teacher={path}: not a save_pretrained directory (no config.json)")
-    if not (d / "tokenizer_config.json").is_file():
-        raise UserError(f"distill.teacher={path}: no tokenizer next to the model; cannot check the vocabulary")
-    fp = tokenizer_fingerprint(load_tokenizer(d))
-    if fp != dataset_fingerprint:
-        raise UserError(f"distill.teacher={path}: tokenizer fingerprint {fp} differs from the data's "
-                        f"{dataset_fingerprint}; SALT needs the teacher and the student to share one vocabulary")
-    teacher = AutoModelForCausalLM.from_pretrained(str(d)).to(device)
-    v_t = teacher.get_output_embeddings().weight.shape[0]
-    if v_t < vocab:
-        raise UserError(f"distill.teacher={path}: {v_t} output rows < the tokenizer's {vocab} tokens")
-    teacher.eval().requires_grad_(False)
-    return teacher
-
-
-def load_cache(scores_dir: str, data_manifest: dict):
-    """The soft-label cache of a scoring run over exactly this packed dataset's train split."""
-    import json
-
-    from data_tools.pack import dataset_fingerprint
-    from data_tools.softlabels import SoftLabelCache
-
-    d = Path(scores_dir)
-    if not (d / "manifest.json").is_file() or not (d / "cache").is_dir():
-        raise UserError(f"distill.cache={scores_dir}: no finished data_tools.score output with a cache/ "
-                        "(score with cache.mode=top_k or sampled)")
-    m = json.loads((d / "manifest.json").read_text())
-    if m.get("dataset_fingerprint") != dataset_fingerprint(data_manifest) or m.get("split") != "train":
-        raise UserError(f"distill.cache={scores_dir}: cached for dataset {m.get('dataset_fingerprint')} split "
-                        f"{m.get('split')!r}, but this run trains on {dataset_fingerprint(data_manifest)} 'train'")
-    return SoftLabelCache(d / "cache")
-
-
-class SALTObjective:
-    """Loss for one micro-batch at step t; metrics: ce, kd (when w_t > 0), w_t, kd_phase, gate_frac."""
-
-    def __init__(self, cfg: DistillConfig, teacher: torch.nn.Module | None, vocab: int, total_steps: int,
-                 probe_batch: torch.Tensor | None = None, cache=None) -> None:
-        self.cfg, self.teacher, self.vocab, self.total_steps, self.cache = cfg, teacher, vocab, total_steps, cache
+    def __init__(self, cfg: DistillConfig, source: SoftTargetSource, vocab: int, total_steps: int,
+                 teacher: torch.nn.Module | None = None, probe_batch: torch.Tensor | None = None) -> None:
+        self.cfg, self.source, self.vocab, self.total_steps, self.teacher = cfg, source, vocab, total_steps, teacher
         self.chunk = cfg.chunk_tokens if cfg.chunk_tokens >= 0 else max(1, (16 << 20) // (4 * vocab))
-        if cache is not None and cfg.gate_topk and (cache.mode != "top_k" or cfg.gate_topk > cache.shape[1]):
-            raise UserError(f"distill.gate_topk={cfg.gate_topk} needs a top_k cache with k >= {cfg.gate_topk} "
-                            f"(this one: {cache.mode}, width {cache.shape[1]})")
         if cfg.handover_every and probe_batch is None:
             raise UserError("distill.handover_every needs a validation split (a fixed batch to compare losses on)")
         self.probe = probe_batch
@@ -135,8 +94,6 @@ class SALTObjective:
 
     @torch.no_grad()
     def _probe_losses(self, model: torch.nn.Module) -> tuple[float, float]:
-        from slm_assist import dist
-
         ids = self.probe.to(next(self.teacher.parameters()).device)
         ce = [F.cross_entropy(m(input_ids=ids).logits[:, :-1, : self.vocab].float().reshape(-1, self.vocab),
                               ids[:, 1:].reshape(-1)).item() for m in (model, self.teacher)]
@@ -144,8 +101,6 @@ class SALTObjective:
         return s, t
 
     def _maybe_hand_over(self, model: torch.nn.Module, step: int) -> None:
-        from slm_assist import dist
-
         every = self.cfg.handover_every
         if not every or self.handover_step is not None or step % every or step == self._checked_step:
             return
@@ -159,46 +114,24 @@ class SALTObjective:
                 print(f"auto handover at step {step}: student probe loss {student:.4f} < teacher {teacher:.4f}; "
                       "KD phase ends", flush=True)
 
-    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, step: int,
-                 index=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, model: torch.nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if batch.loss_mask is not None:
+            raise UserError("the SALT objective does not take loss masks; distil on packed causal-LM data")
         self._maybe_hand_over(model, step)
         w = self.weight(step)
         # Only the real vocabulary is compared and scored: padded rows of either model are cut off.
-        logits = model(input_ids=input_ids).logits[:, :-1, : self.vocab]
-        targets = input_ids[:, 1:]
+        logits = model(input_ids=batch.input_ids).logits[:, :-1, : self.vocab]
+        targets = batch.targets()
         metrics = {"w_t": torch.tensor(w, dtype=torch.float64), "kd_phase": torch.tensor(float(w > 0))}
         if self.handover_step is not None:
             metrics["handover_step"] = torch.tensor(float(self.handover_step))
         if w == 0.0:
             ce = F.cross_entropy(logits.reshape(-1, self.vocab).float(), targets.reshape(-1))
             return ce, {"ce": ce.detach(), **metrics}
-        if self.cfg.label_smoothing:
-            # (1-w)·CE + w·CE(smoothed one-hot eps) = CE with smoothing w·eps, up to a constant (the target entropy)
-            flat, tgt = logits.reshape(-1, self.vocab).float(), targets.reshape(-1)
-            loss = F.cross_entropy(flat, tgt, label_smoothing=w * self.cfg.label_smoothing)
-            with torch.no_grad():
-                ce = F.cross_entropy(flat, tgt)
-                kd = F.cross_entropy(flat, tgt, label_smoothing=self.cfg.label_smoothing)
-            return loss, {"ce": ce, "kd": kd, **metrics}
-        gate = torch.ones(targets.numel(), device=logits.device)
-        if self.cache is not None:
-            labels = {k: v.to(logits.device) for k, v in self.cache.get(index).items()}
-            if self.cfg.gate_topk:  # the cache's ids are sorted by teacher probability
-                gate = (labels["ids"][..., : self.cfg.gate_topk] == targets.unsqueeze(-1)).any(-1).reshape(-1).float()
-            kd_args = {"cache": labels}
-        else:
-            with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=input_ids).logits[:, :-1, : self.vocab]
-                if self.cfg.gate_topk:
-                    kth = teacher_logits.topk(self.cfg.gate_topk, dim=-1).values[..., -1]
-                    gate = (teacher_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) >= kth).reshape(-1).float()
-            kd_args = {"teacher_logits": teacher_logits, "kind": self.cfg.kind, "tau": self.cfg.tau,
-                       "beta": self.cfg.beta, "gamma": self.cfg.gamma}
-        # per token: (1 - w·g)·CE + w·g·KD, averaged over all tokens, CE and KD fused in one chunked pass
-        loss, ce_tok, kd_tok = ce_plus_kd(logits, targets, w * gate, chunk=self.chunk, **kd_args)
-        kept = gate.sum()
-        metrics.update(ce=ce_tok.mean(), kd=(kd_tok * gate).sum() / kept.clamp_min(1.0), gate_frac=kept / gate.numel())
-        return loss, metrics
+        cfg = self.cfg
+        loss, parts = mixed_ce_kd(logits, targets, w, self.source(batch, self.vocab), kind=cfg.kind, tau=cfg.tau,
+                                  beta=cfg.beta, gamma=cfg.gamma, chunk=self.chunk)
+        return loss, {**metrics, **parts}
 
     def stream(self, step: int) -> str:
         return "kd" if self.weight(step) > 0 else "main"

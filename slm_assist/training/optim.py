@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from slm_assist.config import check
+from slm_assist.core.config import check
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Run logging on rank 0: `metrics.jsonl` (one JSON object per logged step) and TensorBoard scalars."""
+"""Run logging on rank 0: `metrics.jsonl` (one JSON object per logged step) and TensorBoard scalars; reading
+them back (curves, steps to reach a loss)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from slm_assist.fsutil import atomic_write_text
+from slm_assist.core.files import atomic_write_text
 
 
 class MetricsLogger:
@@ -61,3 +62,21 @@ def _clean(v: Any) -> Any:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def val_curve(run_dir: str | Path) -> list[tuple[int, float]]:
+    """(step, validation loss) at every evaluation of a run."""
+    return [(r["step"], r["val_loss"]) for r in read_metrics(run_dir) if "val_loss" in r]
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First step at which the (linearly interpolated) validation curve is <= target; None if it never is."""
+    prev: tuple[int, float] | None = None
+    for step, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return float(step)
+            s0, l0 = prev
+            return s0 + (l0 - target) / (l0 - loss) * (step - s0)
+        prev = (step, loss)
+    return None

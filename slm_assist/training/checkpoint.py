@@ -12,7 +12,6 @@ import os
 import random
 import re
 import shutil
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from slm_assist import dist
-from slm_assist.config import check
-from slm_assist.errors import UserError
+from slm_assist.core import dist
+from slm_assist.core.config import check
+from slm_assist.core.errors import UserError
+from slm_assist.core.faults import fault
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-# Test hook: "kill_after_checkpoint:N" or "kill_before_commit:N" sends SIGKILL to this process at that point of
-# the checkpoint at step N, so the exact-resume and atomicity tests get a real kill -9 at a known place.
-FAULT_ENV = "SLM_ASSIST_FAULT"
 
 
 @dataclass
@@ -69,11 +66,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _fault(point: str, step: int) -> None:
-    if os.environ.get(FAULT_ENV) == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class Checkpointer:
     def __init__(self, run_dir: Path, cfg: CheckpointConfig) -> None:
         self.root = Path(run_dir) / "checkpoints"
@@ -102,7 +94,7 @@ class Checkpointer:
         torch.save({"train_state": state.__dict__, "rng": _rng_state()},
                    self.root / tmp_tag / f"train_state_rank{dist.rank()}.pt")
         dist.barrier()
-        _fault("kill_before_commit", state.step)
+        fault("kill_before_commit", state.step)
         final = self.root / tag
         if dist.is_main():
             if final.exists():  # a re-save of the same step (e.g. final == periodic): replace it
@@ -116,7 +108,7 @@ class Checkpointer:
             for old in self.complete()[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
-        _fault("kill_after_checkpoint", state.step)
+        fault("kill_after_checkpoint", state.step)
         return final
 
     def load(self, engine, path: Path) -> TrainState:

@@ -1,0 +1,120 @@
+"""The packed dataset (written by `data_tools.pack`): the one place that reads and writes its files.
+
+    <dir>/manifest.json   tokenizer fingerprint, seq_len, split counts; written last, so it marks a complete dataset
+    <dir>/tokenizer/      the HF tokenizer every model of the pipeline shares
+    <dir>/train/, <dir>/validation/   Arrow datasets, one row per sequence: `input_ids` (int32, length seq_len)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slm_assist.core.errors import UserError
+from slm_assist.core.files import atomic_write_text
+from slm_assist.core.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer"
+SPLITS = ("train", "validation")
+FORMAT_VERSION = 1
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a packed dataset; its absence means the dataset is missing or incomplete."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{data_dir}: no {MANIFEST}; not a packed dataset (or packing did not finish). "
+                        "Run `python -m data_tools.pack CONFIG`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt manifest: {e}") from None
+
+
+def write_manifest(data_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Written last (atomically): from here on the directory is a complete dataset."""
+    atomic_write_text(Path(data_dir) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def dataset_fingerprint(manifest: dict[str, Any]) -> str:
+    """Identifies a packed dataset (tokenizer, seq_len, split sizes...): what scores and caches are keyed by."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_split(rows: np.ndarray, path: Path) -> None:
+    """[n, seq_len] token rows as an Arrow dataset with one `input_ids` column (fixed-size int32 lists)."""
+    import datasets
+    import pyarrow as pa
+
+    flat = pa.array(rows.reshape(-1), type=pa.int32())
+    col = pa.FixedSizeListArray.from_arrays(flat, rows.shape[1]) if rows.size else pa.array([], pa.list_(pa.int32(), rows.shape[1]))
+    datasets.Dataset(pa.table({"input_ids": col})).save_to_disk(str(path))
+
+
+def load_split(data_dir: str | Path, split: str):
+    """The Arrow dataset of one split, as numpy rows of int32 token ids (memory-mapped, not copied)."""
+    import datasets
+
+    path = Path(data_dir) / split
+    if not path.is_dir():
+        raise UserError(f"{data_dir}: split '{split}' not found ({path})")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: cannot load the packed split: {e}") from None
+    if "input_ids" not in ds.column_names:
+        raise UserError(f"{path}: no 'input_ids' column (columns: {ds.column_names})")
+    return ds.with_format("numpy")
+
+
+class PackedDataset:
+    """An opened packed dataset: its manifest at once; its tokenizer (checked against the manifest's fingerprint)
+    and splits on first use."""
+
+    def __init__(self, path: str | Path, manifest: dict[str, Any]) -> None:
+        self.path, self.manifest = Path(path), manifest
+
+    @classmethod
+    def open(cls, path: str | Path) -> PackedDataset:
+        return cls(path, read_manifest(path))
+
+    @property
+    def fingerprint(self) -> str:
+        return dataset_fingerprint(self.manifest)
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.manifest["tokenizer_fingerprint"]
+
+    @property
+    def seq_len(self) -> int:
+        return self.manifest["seq_len"]
+
+    def has_split(self, name: str) -> bool:
+        return name in self.manifest["splits"]
+
+    @functools.cached_property
+    def tokenizer(self):
+        tok = load_tokenizer(self.path / TOKENIZER)
+        if tokenizer_fingerprint(tok) != self.tokenizer_fingerprint:
+            raise UserError(f"{self.path}: tokenizer/ does not match the manifest's tokenizer_fingerprint; "
+                            "the data was packed with another tokenizer: re-run data_tools.pack")
+        return tok
+
+    def split(self, name: str, field: str = "split"):
+        """A split's rows; `field` names the setting that asked for it, for the error."""
+        if not self.has_split(name):
+            raise UserError(f"{field}={name!r}: {self.path} has no such split (splits: {list(self.manifest['splits'])})")
+        return load_split(self.path, name)
+
+    def check_tokenizer(self, fingerprint: str, who: str, why: str) -> None:
+        """`who` (a model, a cache...) must use this dataset's vocabulary; the error names both fingerprints."""
+        if fingerprint != self.tokenizer_fingerprint:
+            raise UserError(f"{who}: tokenizer fingerprint {fingerprint} differs from the data's "
+                            f"{self.tokenizer_fingerprint} ({self.path}); {why}")

@@ -1,0 +1,124 @@
+"""A scoring run's output (written by `data_tools.score`) and its sparse soft-label cache: the one place that
+opens them and checks what they were made from.
+
+    <dir>/manifest.json   identity (model / dataset fingerprints, split, settings) + counts; written last
+    <dir>/scores/         Arrow: `index` + one column per score
+    <dir>/cache/          Arrow: `index`, `ids`, `logprobs`, and `tail` (top_k) + cache_info.json (mode, shape)
+
+Cache encodings per scored position (T-1 per sequence): `top_k` keeps the SLM's k most likely ids (int32), their
+log-probs (fp16) and the leftover tail mass (fp32); `sampled` keeps n draws from the SLM's distribution with
+their log-probs, each of weight 1/n (an unbiased estimate of the distribution).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slm_assist.core.dataset import PackedDataset
+from slm_assist.core.errors import UserError
+
+MANIFEST = "manifest.json"
+SCORES = "scores"
+CACHE = "cache"
+CACHE_INFO = "cache_info.json"
+
+
+class ScoresDir:
+    """An opened, finished scoring run. `field` names the setting that pointed here, for the errors."""
+
+    def __init__(self, path: str | Path, field: str, manifest: dict[str, Any]) -> None:
+        self.path, self.field, self.manifest = Path(path), field, manifest
+
+    @classmethod
+    def open(cls, path: str | Path, field: str) -> ScoresDir:
+        d = Path(path)
+        if not (d / MANIFEST).is_file():
+            raise UserError(f"{field}={d}: no {MANIFEST}; not a finished data_tools.score output")
+        return cls(d, field, json.loads((d / MANIFEST).read_text(encoding="utf-8")))
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Every score column (and `index`) as numpy arrays."""
+        import datasets
+
+        ds = datasets.load_from_disk(str(self.path / SCORES))
+        return {c: np.asarray(ds[c]) for c in ds.column_names}
+
+    def soft_labels(self, data: PackedDataset) -> SoftLabelCache:
+        """The soft-label cache, which must have been made over exactly `data`'s train split."""
+        if not (self.path / CACHE).is_dir():
+            raise UserError(f"{self.field}={self.path}: no finished data_tools.score output with a cache/ "
+                            "(score with cache.mode=top_k or sampled)")
+        m = self.manifest
+        if m.get("dataset_fingerprint") != data.fingerprint or m.get("split") != "train":
+            raise UserError(f"{self.field}={self.path}: cached for dataset {m.get('dataset_fingerprint')} split "
+                            f"{m.get('split')!r}, but this run trains on {data.fingerprint} 'train'")
+        return SoftLabelCache(self.path / CACHE)
+
+
+def write_cache(rows: dict[str, list[np.ndarray]], indices: list[int], mode: str, path: Path) -> None:
+    """Save per-sequence label arrays ([P, width], or [P] for the tail) as an Arrow dataset plus shape info.
+    Callers skip empty shards (nothing selected), so `indices` is never empty here."""
+    import datasets
+    import pyarrow as pa
+
+    def col(arrays: list[np.ndarray], dtype) -> pa.Array:
+        flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(dtype)
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat), arrays[0].size)
+
+    table = {"index": pa.array(np.asarray(indices, dtype=np.int64)),
+             "ids": col(rows["ids"], np.int32), "logprobs": col(rows["logprobs"], np.float16)}
+    if mode == "top_k":
+        table["tail"] = col(rows["tail"], np.float32)
+    datasets.Dataset(pa.table(table)).save_to_disk(str(path))
+    positions, width = rows["ids"][0].shape
+    (path / CACHE_INFO).write_text(json.dumps({"mode": mode, "positions": positions, "width": width}))
+
+
+class SoftLabelCache:
+    """Read a soft-label cache: `get(indices)` returns batched tensors for those sequences.
+
+    top_k:   {"ids": [B, P, k] long, "logprobs": [B, P, k] float, "tail": [B, P] float}
+    sampled: {"ids": [B, P, n] long, "logprobs": [B, P, n] float, "weights": [B, P, n] float (1/n each)}
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import datasets
+
+        path = Path(path)
+        try:
+            self.ds = datasets.load_from_disk(str(path)).with_format("numpy")
+        except Exception as e:
+            raise UserError(f"{path}: not a soft-label cache: {e}") from None
+        info_path = path / CACHE_INFO
+        if not info_path.is_file():
+            raise UserError(f"{path}: no {CACHE_INFO}; not a soft-label cache written by data_tools.score")
+        info = json.loads(info_path.read_text())
+        self.mode, self.shape = info["mode"], (info["positions"], info["width"])
+        idx = np.asarray(self.ds["index"])
+        self.row_of = {int(i): r for r, i in enumerate(idx)}
+        self.path = path
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def get(self, indices) -> dict[str, torch.Tensor]:
+        try:
+            rows = [self.row_of[int(i)] for i in indices]
+        except KeyError as e:
+            raise UserError(f"{self.path}: sequence {e.args[0]} is not in the soft-label cache "
+                            "(it was cached for a selection; see cache.indices)") from None
+        batch = self.ds[rows]
+        shape = (len(rows), *self.shape)
+        ids = torch.from_numpy(np.asarray(batch["ids"], dtype=np.int64).reshape(shape))
+        out = {"ids": ids,
+               "logprobs": torch.from_numpy(np.asarray(batch["logprobs"], dtype=np.float32).reshape(shape))}
+        if self.mode == "top_k":
+            out["tail"] = torch.from_numpy(np.asarray(batch["tail"], dtype=np.float32))
+        else:
+            out["weights"] = torch.full(ids.shape, 1.0 / ids.shape[-1])
+        return out

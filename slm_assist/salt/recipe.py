@@ -1,0 +1,100 @@
+"""The SALT pretraining recipe: its run config, the objective and batch streams it hands to the Trainer, and how a
+finished run's recipe reads in reports and model cards.
+
+Without a `distill` teacher, cache or label smoothing the run is plain CE pretraining (the baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slm_assist.core.scores import ScoresDir
+from slm_assist.core.selection import read_index, read_summary
+from slm_assist.kd.schedule import KDScheduleConfig
+from slm_assist.kd.sources import CachedSoftLabels, OnlineTeacher, SmoothedOneHot, SoftTargetSource
+from slm_assist.kd.teacher import load_teacher
+from slm_assist.salt.objective import DistillConfig, SALTObjective
+from slm_assist.training.objective import CausalLMObjective, Objective
+from slm_assist.training.trainer import RunData, Trainer, TrainerConfig
+
+
+@dataclass
+class RunConfig(TrainerConfig):
+    """A pretraining run: the trainer's sections plus SALT's `distill` section."""
+
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+def build_trainer(cfg: RunConfig) -> Trainer:
+    """The Trainer for a pretraining run, with every input checked before step 1: the KD-phase subset as the
+    "kd" stream, the teacher's vocabulary, the cache's identity."""
+    data = RunData(cfg)
+    streams = {}
+    if cfg.distill.selection:
+        rows = read_index(cfg.distill.selection, len(data.train), "distill.selection")
+        streams["kd"] = data.stream(rows)
+    return Trainer(cfg, build_objective(cfg, data), streams, data)
+
+
+def build_objective(cfg: RunConfig, data: RunData) -> Objective:
+    d = cfg.distill
+    if not d.enabled:
+        return CausalLMObjective()
+    teacher = load_teacher(d.teacher, data.dataset, data.device) if d.teacher else None
+    source: SoftTargetSource
+    if d.label_smoothing:
+        source = SmoothedOneHot(d.label_smoothing)
+    elif d.cache:
+        source = CachedSoftLabels(ScoresDir.open(d.cache, "distill.cache").soft_labels(data.dataset), d.gate_topk)
+    else:
+        source = OnlineTeacher(teacher, d.gate_topk)
+    probe = data.val_batches[0] if data.val_batches else None
+    return SALTObjective(d, source, len(data.tokenizer), cfg.train.max_steps, teacher=teacher, probe_batch=probe)
+
+
+@dataclass
+class RecipeSummary:
+    """How a run's recipe reads: a table cell (`short`), a model-card section (`title`, `lines`), hub tags."""
+
+    short: str
+    title: str = ""
+    lines: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+
+
+def describe(run_config: dict[str, Any]) -> RecipeSummary:
+    """The recipe of a finished run, from its saved config (`slm_assist.json` or config.yaml): the one rendering
+    that reports and model cards share."""
+    d = run_config.get("distill") or {}
+    if not (d.get("teacher") or d.get("cache") or d.get("label_smoothing")):
+        return RecipeSummary("CE")
+    s = d["schedule"]
+    n_kd = KDScheduleConfig(**s).n_kd(run_config["train"]["max_steps"])
+    span = f"{s['n_kd_fraction']:.0%} of steps" if s["n_kd_steps"] < 0 else f"{n_kd} steps"
+    summary = read_summary(d["selection"]) if d.get("selection") else None
+    policy = (summary or {}).get("policy", "?")
+    subset = "" if not d.get("selection") else ", SALT_DS subset" if policy == "salt_ds" else f", {policy} subset"
+    if d.get("label_smoothing"):
+        short = f"control: label smoothing ε={d['label_smoothing']}, {s['kind']} w={s['weight']} for {span}{subset}"
+    else:
+        source = Path(d["teacher"]).parent.name if d.get("teacher") else f"the cache {Path(d['cache']).name}"
+        short = f"SALT: KD from {source}, {s['kind']} w={s['weight']} for {span}{subset}"
+    lines = ["Loss `(1 - w_t)·CE + w_t·KD(student, SLM teacher; τ)`:", "",
+             f"- teacher: `{d['teacher'] or '(cached soft labels)'}`"
+             + (f", soft labels from the cache `{d['cache']}`" if d.get("cache") else ""),
+             f"- KD: {d['kind']}, τ = {d['tau']}",
+             f"- schedule: {s['kind']}, w = {s['weight']}, n_KD = {n_kd} steps"]
+    if d.get("selection"):
+        summary = summary or {}
+        lines.append(f"- KD-phase data: the `{policy}` subset ({summary.get('kept', '?')} of "
+                     f"{summary.get('total', '?')} sequences, `{d['selection']}`)")
+    if d.get("gate_topk"):
+        lines.append(f"- token gating: KD only where the target is in the teacher's top-{d['gate_topk']}")
+    if d.get("handover_every"):
+        lines.append(f"- auto handover checked every {d['handover_every']} steps")
+    if d.get("label_smoothing"):
+        lines.append(f"- control: label smoothing ε = {d['label_smoothing']} instead of a teacher")
+    tags = ["salt", "distillation"] if d.get("teacher") or d.get("cache") else []
+    return RecipeSummary(short, "SALT recipe", lines, tags)

@@ -1,0 +1,61 @@
+"""Training objectives: what the trainer minimises. An objective maps (model, batch, step) to a scalar loss plus
+detached metrics. It may carry state that is checkpointed with the run (e.g. a KD phase), bring trainable modules
+of its own (e.g. projection heads), and name the attention implementation it needs. Recipes subclass
+`Objective`; the Trainer knows nothing else about them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from slm_assist.training.batches import Batch
+
+
+class Objective:
+    """The interface the Trainer calls, with the defaults of a stateless objective on the full split."""
+
+    attn_implementation: str | None = None
+    """The attention the objective needs (e.g. "eager" to read attention probabilities); None = any."""
+
+    def __call__(self, model: torch.nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss for one micro-batch at optimizer step `step` (0-based), and metrics to log (detached)."""
+        raise NotImplementedError
+
+    def stream(self, step: int) -> str:
+        """Which batch stream step `step` draws from: "main" (the full split) or a recipe's own (e.g. "kd")."""
+        return "main"
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """Modules trained with the model (optimizer, all-reduce, checkpoint) but not exported with it."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class CausalLMObjective(Objective):
+    """Plain next-token cross-entropy (the HF model shifts the labels; masked tokens are ignored)."""
+
+    def __call__(self, model: torch.nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels = batch.input_ids if batch.labels is None else batch.labels
+        if batch.loss_mask is not None:
+            labels = labels.masked_fill(batch.loss_mask == 0, -100)  # HF's ignore_index
+        loss = model(input_ids=batch.input_ids, labels=labels).loss
+        return loss, {"ce": loss.detach()}
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> tuple[float, int]:
+    """Summed token CE and token count over fixed batches (callers all-reduce and divide)."""
+    total, count = 0.0, 0
+    for ids in batches:
+        ids = ids.to(device)
+        loss = model(input_ids=ids, labels=ids).loss
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        total += loss.float().item() * n
+        count += n
+    return total, count

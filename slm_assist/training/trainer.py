@@ -1,0 +1,282 @@
+"""The one training loop: `Trainer(cfg, objective, streams)` pretrains or distils a causal LM with DeepSpeed.
+
+It knows no recipe: the loss comes from the `Objective`, extra batch streams (e.g. a selected subset) from the
+caller. It runs as a plain process, under `torchrun`, or under the `deepspeed` launcher; resumes from the newest
+complete checkpoint in run_dir; and exports the final model with `save_pretrained` to run_dir/final.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from slm_assist.core import dist
+from slm_assist.core.config import check, save_config, to_dict
+from slm_assist.core.dataset import PackedDataset
+from slm_assist.core.errors import UserError
+from slm_assist.core.files import atomic_output_dir
+from slm_assist.core.model_dir import ModelDir, write_model_dir
+from slm_assist.training.batches import DataConfig, ShardedBatches, validation_batches
+from slm_assist.training.checkpoint import CheckpointConfig, Checkpointer, TrainState
+from slm_assist.training.engine import ModelWithHeads, deepspeed_config, initialize
+from slm_assist.training.metrics import MetricsLogger
+from slm_assist.training.models import ModelConfig, build_model, count_params, flops_per_token
+from slm_assist.training.objective import Objective, eval_loss
+from slm_assist.training.optim import OptimConfig, ScheduleConfig
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps in the run (the LR schedule spans them)."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward (HF gradient checkpointing): less memory, ~30% more compute."""
+    eval_every: int = 100
+    """Validation loss every N steps (0 = only at the end)."""
+    eval_batches: int = 20
+    """Validation micro-batches per rank (-1 = the whole validation split)."""
+    log_every: int = 10
+    """Write metrics every N steps."""
+    torch_threads: int = 0
+    """torch intra-op threads on CPU (0 = torch's default)."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one device (H100/H200 SXM: 989, A100: 312). > 0 logs `mfu`: model FLOPs per
+    token (models.flops_per_token) x tokens/s / (peak x devices)."""
+
+    def __post_init__(self) -> None:
+        check(self.max_steps > 0, "max_steps", self.max_steps, "> 0")
+        check(self.micro_batch_size > 0, "micro_batch_size", self.micro_batch_size, "> 0")
+        check(self.grad_accum > 0, "grad_accum", self.grad_accum, "> 0")
+        check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "0, 1, 2 or 3")
+        check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0 (0 = only at the end)")
+        check(self.eval_batches == -1 or self.eval_batches > 0, "eval_batches", self.eval_batches, "-1 or > 0")
+        check(self.log_every > 0, "log_every", self.log_every, "> 0")
+        check(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, ">= 0 (0 = do not log MFU)")
+
+
+@dataclass
+class TrainerConfig:
+    """The sections every run has; a recipe's config adds its own (SALT: `distill`)."""
+
+    run_dir: str = "runs/demo/llm"
+    """Checkpoints, metrics, TensorBoard, config.yaml and final/ go here."""
+    seed: int = 0
+    """Seeds model init and every RNG."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+class RunData:
+    """What a run reads before any model exists, set up once and shared by the recipe and the Trainer: the process
+    group and CPU threads, the packed dataset (its tokenizer checked against the manifest), the train split, and
+    this rank's fixed validation batches."""
+
+    def __init__(self, cfg: TrainerConfig) -> None:
+        self.cfg = cfg
+        dist.init()
+        self.device = dist.device()
+        if cfg.train.torch_threads > 0:
+            torch.set_num_threads(cfg.train.torch_threads)
+        torch.manual_seed(cfg.seed)  # objectives that build modules of their own build them seeded
+        self.dataset = PackedDataset.open(cfg.data.path)
+        self.tokenizer = self.dataset.tokenizer
+        self.train = self.dataset.split("train")
+        self.val_batches = (
+            validation_batches(self.dataset.split("validation"), cfg.train.micro_batch_size, cfg.train.eval_batches,
+                               dist.rank(), dist.world_size())
+            if self.dataset.has_split("validation") else []
+        )
+
+    def stream(self, rows: np.ndarray | None = None) -> ShardedBatches:
+        """This rank's batches over the train split, or over its `rows` (a selected subset)."""
+        return ShardedBatches(self.train, self.cfg.train.micro_batch_size, dist.rank(), dist.world_size(),
+                              self.cfg.data.seed, rows=rows)
+
+
+class Trainer:
+    """Builds the model, engine and logging, then runs `fit()`. The loss comes from `objective`; each step draws
+    from the stream the objective names (`"main"`, the full train split, always exists; `streams` adds more).
+    `data` passes a RunData the caller already set up for `cfg`."""
+
+    def __init__(self, cfg: TrainerConfig, objective: Objective, streams: dict[str, ShardedBatches] | None = None,
+                 data: RunData | None = None) -> None:
+        self.cfg, self.objective = cfg, objective
+        self.run_dir = Path(cfg.run_dir)
+        self.data = data or RunData(cfg)
+        self.device, self.tokenizer = self.data.device, self.data.tokenizer
+        self.manifest = self.data.dataset.manifest
+        self.val_batches = self.data.val_batches
+        self.streams = {"main": self.data.stream(), **(streams or {})}
+
+        # Seeded here, not only in RunData: the student's init must not depend on what the recipe loaded before.
+        torch.manual_seed(cfg.seed)
+        # Built in fp32: with bf16 on, DeepSpeed casts the module and keeps fp32 masters in the optimizer.
+        model = build_model(_model_config(cfg.model, objective), self.tokenizer, self.device, dtype=torch.float32)
+        if cfg.train.activation_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.n_params = count_params(model)
+        self.flops_per_token = flops_per_token(model, self.manifest["seq_len"])
+        heads = [h.to(self.device) for h in objective.trainable_modules()]
+        self.ds_config = deepspeed_config(
+            micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=dist.world_size(),
+            dtype=cfg.train.dtype, zero_stage=cfg.train.zero_stage, grad_clip=cfg.optim.grad_clip)
+        self.engine = initialize(ModelWithHeads(model, heads) if heads else model, self.ds_config, cfg.optim,
+                                 cfg.schedule, cfg.train.max_steps, self.device)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
+        self.state = TrainState()
+        self.tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * dist.world_size() * self.manifest["seq_len"]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model being trained, without the objective's heads."""
+        module = self.engine.module
+        return module.model if isinstance(module, ModelWithHeads) else module
+
+    # ---- steps -------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches; returns step-mean metrics."""
+        sums: dict[str, float] = {}
+        batches = self.streams.get(self.objective.stream(self.state.step), self.streams["main"])
+        for _ in range(self.cfg.train.grad_accum):
+            loss, metrics = self.objective(self.engine, batches.next().to(self.device), self.state.step)
+            if dist.any_rank(not math.isfinite(loss.item())):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) at step {self.state.step + 1} (micro-batch of epoch "
+                    f"{batches.epoch}, position {batches.cursor}); no checkpoint written, the last good "
+                    f"one stays in {self.checkpointer.root}. Lower optim.lr or check the data")
+            self.engine.backward(loss)
+            self.engine.step()
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {k: v / self.cfg.train.grad_accum for k, v in sums.items()}
+
+    def evaluate(self) -> float | None:
+        if not self.val_batches:
+            return None
+        self.engine.eval()
+        total, count = eval_loss(self.engine, self.val_batches, self.device)
+        self.engine.train()
+        total, count = dist.all_reduce_sum([total, float(count)])
+        return total / count
+
+    # ---- run ---------------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        self.checkpointer.clean_partial()
+        latest = self.checkpointer.latest() if self.cfg.checkpoint.resume else None
+        if latest is None:
+            return
+        self.state = self.checkpointer.load(self.engine, latest)
+        for name, stream in self.streams.items():
+            if name in self.state.data:
+                stream.load_state_dict(self.state.data[name])
+        self.objective.load_state_dict(self.state.objective)
+        if dist.is_main():
+            print(f"resumed from {latest} (step {self.state.step})", flush=True)
+
+    def save(self) -> None:
+        self.state.data = {name: stream.state_dict() for name, stream in self.streams.items()}
+        self.state.objective = self.objective.state_dict()
+        self.checkpointer.save(self.engine, self.state)
+
+    def fit(self) -> dict[str, float | None]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if dist.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+        self.resume()
+        logger = MetricsLogger(self.run_dir, enabled=dist.is_main())
+        logger.truncate_after(self.state.step)
+        bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=not dist.is_main(),
+                   desc=self.run_dir.name, unit="step", dynamic_ncols=True)
+        last_val: float | None = None
+        window_t, window_tokens = time.perf_counter(), 0
+        try:
+            while self.state.step < cfg.train.max_steps:
+                lr = self.engine.get_lr()[0]  # the LR this step uses (the scheduler advances inside step())
+                metrics = self.train_step()
+                self.state.step += 1
+                self.state.tokens_seen += self.tokens_per_step
+                window_tokens += self.tokens_per_step
+                step = self.state.step
+                is_last = step == cfg.train.max_steps
+                record: dict[str, float | None] = {}
+                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
+                    last_val = record["val_loss"] = self.evaluate()
+                if step % cfg.train.log_every == 0 or is_last or "val_loss" in record:
+                    elapsed = time.perf_counter() - window_t
+                    gn = self.engine.get_global_grad_norm()
+                    tps = window_tokens / max(elapsed, 1e-9)
+                    record.update(metrics, lr=lr, tokens=self.state.tokens_seen, tokens_per_s=tps,
+                                  grad_norm=float(gn) if gn is not None else None)
+                    if cfg.train.peak_tflops:
+                        record["mfu"] = self.flops_per_token * tps / (cfg.train.peak_tflops * 1e12 * dist.world_size())
+                    logger.log(step, record)
+                    window_t, window_tokens = time.perf_counter(), 0
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", **({"val": f"{last_val:.3f}"} if last_val else {}))
+                bar.update(1)
+                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or is_last:
+                    self.save()
+        finally:
+            bar.close()
+            logger.close()
+        self.export()
+        return {"step": self.state.step, "val_loss": last_val}
+
+    def export(self) -> Path:
+        """save_pretrained (safetensors) + tokenizer + run metadata into run_dir/final, atomically, on rank 0.
+        The objective's heads are trained with the model but not exported."""
+        final = self.run_dir / "final"
+        state_dict = None
+        if self.cfg.train.zero_stage == 3:  # a collective: every rank calls it; rank 0 gets the full weights
+            state_dict = self.engine._zero3_consolidated_16bit_state_dict()
+            if state_dict is not None and isinstance(self.engine.module, ModelWithHeads):
+                state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        if dist.is_main():
+            with atomic_output_dir(final, overwrite=True) as tmp:
+                write_model_dir(tmp, self.model, self.tokenizer, self.metadata(), state_dict)
+        dist.barrier()
+        return final
+
+    def metadata(self) -> dict[str, Any]:
+        """The exported run metadata; `stages` carries over from a pretrained start, for later stages to extend."""
+        start = ModelDir(self.cfg.model.pretrained).meta() if self.cfg.model.pretrained else None
+        return {"run_config": to_dict(self.cfg), "data_manifest": self.manifest, "params": self.n_params,
+                "step": self.state.step, "tokens_seen": self.state.tokens_seen,
+                "stages": (start or {}).get("stages", [])}
+
+
+def _model_config(cfg: ModelConfig, objective: Objective) -> ModelConfig:
+    """The model section with the attention the objective needs: filled in for `auto`, an error otherwise."""
+    need = objective.attn_implementation
+    if need is None or cfg.attn_implementation == need:
+        return cfg
+    if cfg.attn_implementation != "auto":
+        raise UserError(f"model.attn_implementation={cfg.attn_implementation}: {type(objective).__name__} needs "
+                        f"{need}; set model.attn_implementation={need} (or auto)")
+    return dataclasses.replace(cfg, attn_implementation=need)
