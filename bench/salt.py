@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm_assist.core.dataset import load_split
+from slm_assist.core.dataset import load_split, read_manifest
 from slm_assist.eval import cloze_accuracy, dataset_loss, load_model
 from slm_assist.training.metrics import read_metrics, steps_to_reach, val_curve
 
@@ -256,7 +256,7 @@ def main() -> None:
               "crossover_step": crossover, "regime_ok": regime_ok, "arms": result_arms,
               **kd_costs(p, work, data, slm, args),
               "corpus": str(p["corpus"]) if p["corpus"] and p["corpus"].is_file() else "<embedded demo corpus>",
-              "ood_corpus": str(p["ood"]) if ood else None, "data_manifest": json.loads((data / "manifest.json").read_text()),
+              "ood_corpus": str(p["ood"]) if ood else None, "data_manifest": read_manifest(data),
               "token_budget": p["steps"] * p["batch"] * p["seq"], "steps": p["steps"],
               "micro_batch": p["batch"], "seq_len": p["seq"], "n_kd_steps": n_kd,
               "llm_params": _params(work / "baseline" / "final"), "slm_params": _params(slm),

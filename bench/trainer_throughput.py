@@ -21,9 +21,10 @@ import torch
 
 from data_tools.pack import PrepareConfig, prepare
 from slm_assist.core.config import load_config
+from slm_assist.salt.recipe import RunConfig
 from slm_assist.training.objective import CausalLMObjective
 from slm_assist.training.optim import param_groups
-from slm_assist.training.trainer import Trainer, TrainerConfig
+from slm_assist.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     data = ensure_data(REPO / "runs/bench/data")
-    cfg = load_config(TrainerConfig, args.config, [f"data.path={data}", "run_dir=runs/bench/trainer", "train.dtype=bf16",
+    cfg = load_config(RunConfig, args.config, [f"data.path={data}", "run_dir=runs/bench/trainer", "train.dtype=bf16",
                                                "train.zero_stage=0", "checkpoint.resume=false", *args.overrides])
     trainer = Trainer(cfg, CausalLMObjective())
     dev = trainer.device

@@ -19,7 +19,7 @@ from pathlib import Path
 from data_tools.corpus import read_documents
 from data_tools.pack import PrepareConfig, is_validation_doc
 from slm_assist.core.config import load_config
-from slm_assist.core.dataset import read_manifest
+from slm_assist.core.dataset import PREPARE_CONFIG, read_manifest
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.files import atomic_write_text
 
@@ -47,7 +47,7 @@ def build(data_dir: str | Path, examples: int, context_chars: int, seed: int) ->
     manifest = read_manifest(data_dir)
     if not manifest.get("val_fraction"):
         raise UserError(f"{data_dir}: packed with val_fraction=0; there are no held-out documents to build from")
-    cfg = load_config(PrepareConfig, Path(data_dir) / "prepare_config.yaml")
+    cfg = load_config(PrepareConfig, Path(data_dir) / PREPARE_CONFIG)
     held_out = (d for i, d in enumerate(read_documents(cfg.corpus))
                 if is_validation_doc(i, manifest["seed"], manifest["val_fraction"]))
     candidates = cloze_examples(held_out, context_chars)

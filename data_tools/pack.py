@@ -24,7 +24,15 @@ import numpy as np
 from data_tools.corpus import CorpusConfig, read_documents
 from data_tools.tokenizer_training import TokenizerConfig, prepare_tokenizer
 from slm_assist.core.config import check, load_config, save_config, split_argv
-from slm_assist.core.dataset import FORMAT_VERSION, MANIFEST, SPLITS, TOKENIZER, write_manifest, write_split
+from slm_assist.core.dataset import (
+    FORMAT_VERSION,
+    MANIFEST,
+    PREPARE_CONFIG,
+    SPLITS,
+    TOKENIZER,
+    write_manifest,
+    write_split,
+)
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.files import atomic_output_dir
 from slm_assist.core.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -146,7 +154,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             "tokens": int(rows.size),
             "dropped_tail_tokens": int(dropped),
         }
-    save_config(cfg, out / "prepare_config.yaml")
+    save_config(cfg, out / PREPARE_CONFIG)
     write_manifest(out, manifest)
     s = manifest["splits"]
     print(

@@ -11,7 +11,6 @@ modified; its own README.md, when it has one, is uploaded instead of the generat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -22,21 +21,17 @@ from typing import Any
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.model_dir import META, ModelDir
 from slm_assist.salt.recipe import describe
-from slm_assist.training.metrics import read_metrics
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+from slm_assist.training.metrics import METRICS, read_eval, read_metrics
 
 
 def _metrics_rows(model_dir: Path, meta: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     run_dir = model_dir.parent
-    if (run_dir / "metrics.jsonl").is_file():
+    if (run_dir / METRICS).is_file():
         vals = [r["val_loss"] for r in read_metrics(run_dir) if isinstance(r.get("val_loss"), float)]
         if vals:
             rows.append(("validation loss (last training eval)", f"{vals[-1]:.4f}"))
-    for r in (_read_json(run_dir / "eval.json") or {}).get("results", []):
+    for r in read_eval(run_dir):
         if r["task"] == "loss":
             rows.append((f"loss / perplexity on `{Path(r['data']).name}` {r['split']}",
                          f"{r['loss']:.4f} / {r['perplexity']:.2f}"))

@@ -12,7 +12,6 @@ sections: a later stage adds its own with `write_section` without touching the o
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from slm_assist.core.files import atomic_write_text
 from slm_assist.core.model_dir import META, ModelDir
 from slm_assist.core.selection import INDEX, SUMMARY, read_summary
 from slm_assist.salt.recipe import describe
-from slm_assist.training.metrics import read_metrics
+from slm_assist.training.metrics import read_eval, read_metrics
 
 
 def run_summary(run_dir: Path) -> dict:
@@ -32,10 +31,7 @@ def run_summary(run_dir: Path) -> dict:
     if meta is None:
         raise UserError(f"{run_dir}: no final/{META}; the run has not finished")
     vals = [r["val_loss"] for r in read_metrics(run_dir) if isinstance(r.get("val_loss"), float)]
-    evals = {}
-    if (run_dir / "eval.json").is_file():
-        for r in json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))["results"]:
-            evals[r["task"]] = r
+    evals = {r["task"]: r for r in read_eval(run_dir)}
     return {"run": str(run_dir), "name": run_dir.name, "params": meta["params"], "steps": meta["step"],
             "tokens": meta["tokens_seen"], "val_loss": vals[-1] if vals else None, "model": str(run_dir / "final"),
             "recipe": describe(meta["run_config"]).short, "eval": evals}

@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/heads_run.py OUT_DIR CONFIG [key=value ...]
 
-Each rank saves its copy of the head's weights to OUT_DIR/head_rank{r}.pt after training.
+Each rank saves its copy of the head's weights to OUT_DIR/head_init_rank{r}.pt before training and to
+OUT_DIR/head_rank{r}.pt after.
 """
 
 from __future__ import annotations
@@ -44,5 +45,6 @@ def trainer(cfg: RunConfig, **objective_kw) -> Trainer:
 if __name__ == "__main__":
     out, config, *overrides = sys.argv[1:]
     t = trainer(load_config(RunConfig, config, overrides))
+    torch.save(t.objective.proj.state_dict(), Path(out) / f"head_init_rank{dist.rank()}.pt")
     t.fit()
     torch.save(t.objective.proj.state_dict(), Path(out) / f"head_rank{dist.rank()}.pt")

@@ -3,6 +3,7 @@
     <dir>/manifest.json   tokenizer fingerprint, seq_len, split counts; written last, so it marks a complete dataset
     <dir>/tokenizer/      the HF tokenizer every model of the pipeline shares
     <dir>/train/, <dir>/validation/   Arrow datasets, one row per sequence: `input_ids` (int32, length seq_len)
+    <dir>/prepare_config.yaml   the resolved pack config (corpus, tokenizer, packing): how to re-read its documents
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from slm_assist.core.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer"
+PREPARE_CONFIG = "prepare_config.yaml"
 SPLITS = ("train", "validation")
 FORMAT_VERSION = 1
 

@@ -66,14 +66,16 @@ class ModelDir:
         data.check_tokenizer(tokenizer_fingerprint(self.tokenizer), self.name, why)
 
     def load(self, device: torch.device, vocab: int, dtype: torch.dtype | str = "auto",
-             attn_implementation: str = "auto") -> torch.nn.Module:
+             attn_implementation: str | None = "auto") -> torch.nn.Module:
         """The model on `device` (dtype "auto" = as saved), with at least `vocab` (the tokenizer's real
-        vocabulary) output rows; padded rows beyond it are fine."""
+        vocabulary) output rows; padded rows beyond it are fine. `attn_implementation` None = transformers'
+        own default (sdpa where available)."""
         from transformers import AutoModelForCausalLM
 
-        attn = resolve_attn_implementation(attn_implementation, device)
+        attn = {} if attn_implementation is None else {
+            "attn_implementation": resolve_attn_implementation(attn_implementation, device)}
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(self.path), attn_implementation=attn, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=dtype, **attn)
         except Exception as e:
             raise UserError(f"{self.name}: cannot load: {e}") from None
         rows = model.get_output_embeddings().weight.shape[0]
@@ -85,7 +87,12 @@ class ModelDir:
     def meta(self) -> dict[str, Any] | None:
         """The run metadata slm_assist exported with the model, or None for a model from elsewhere."""
         path = self.path / META
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: corrupt run metadata: {e}") from None
 
     def fingerprint(self) -> str:
         """sha256 of the config and weight files: what a scoring run is keyed by."""

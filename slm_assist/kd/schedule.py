@@ -1,4 +1,4 @@
-"""SALT's KD-weight schedule w_t: the trainer minimises (1 - w_t)·CE + w_t·KD."""
+"""The KD-weight schedule w_t of a (1 - w_t)·CE + w_t·KD objective (SALT's central knob)."""
 
 from __future__ import annotations
 

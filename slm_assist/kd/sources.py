@@ -42,7 +42,7 @@ class CachedSoftLabels:
     """The SLM's top-k or sampled labels from a scoring run's cache, looked up by the batch's row indices: KD
     without running the teacher."""
 
-    def __init__(self, cache: SoftLabelCache, gate_topk: int = 0, field: str = "distill.gate_topk") -> None:
+    def __init__(self, cache: SoftLabelCache, gate_topk: int = 0, field: str = "gate_topk") -> None:
         if gate_topk and (cache.mode != "top_k" or gate_topk > cache.shape[1]):
             raise UserError(f"{field}={gate_topk} needs a top_k cache with k >= {gate_topk} "
                             f"(this one: {cache.mode}, width {cache.shape[1]})")

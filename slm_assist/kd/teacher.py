@@ -8,11 +8,14 @@ from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.model_dir import ModelDir
 
 
-def load_teacher(path: str, data: PackedDataset, device: torch.device, field: str = "distill.teacher") -> torch.nn.Module:
+def load_teacher(path: str, data: PackedDataset, device: torch.device, field: str) -> torch.nn.Module:
     """Frozen teacher: eval mode, no grad, its own dtype; the data's tokenizer, and at least the real (unpadded)
-    vocabulary's output rows. Padded embedding sizes may differ from the student's."""
+    vocabulary's output rows. Padded embedding sizes may differ from the student's. `field` is the setting that
+    named it, for the errors."""
     d = ModelDir.open(path, field)
     d.check_vocabulary(data, "distillation needs the teacher and the student to share one vocabulary")
-    teacher = d.load(device, len(data.tokenizer))
+    # transformers' default attention (sdpa), as the teacher always had: "auto" would pick flash-attn on CUDA,
+    # which does not run a teacher saved in fp32
+    teacher = d.load(device, len(data.tokenizer), attn_implementation=None)
     teacher.eval().requires_grad_(False)
     return teacher

@@ -134,7 +134,8 @@ class SALTObjective(Objective):
         return loss, {**metrics, **parts}
 
     def stream(self, step: int) -> str:
-        return "kd" if self.weight(step) > 0 else "main"
+        """The KD phase draws from the selected subset (the recipe's "kd" stream) when there is one."""
+        return "kd" if self.cfg.selection and self.weight(step) > 0 else "main"
 
     def state_dict(self) -> dict[str, Any]:
         return {"handover_step": self.handover_step}

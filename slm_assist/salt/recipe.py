@@ -42,12 +42,13 @@ def build_objective(cfg: RunConfig, data: RunData) -> Objective:
     d = cfg.distill
     if not d.enabled:
         return CausalLMObjective()
-    teacher = load_teacher(d.teacher, data.dataset, data.device) if d.teacher else None
+    teacher = load_teacher(d.teacher, data.dataset, data.device, "distill.teacher") if d.teacher else None
     source: SoftTargetSource
     if d.label_smoothing:
         source = SmoothedOneHot(d.label_smoothing)
     elif d.cache:
-        source = CachedSoftLabels(ScoresDir.open(d.cache, "distill.cache").soft_labels(data.dataset), d.gate_topk)
+        cache = ScoresDir.open(d.cache, "distill.cache").soft_labels(data.dataset)
+        source = CachedSoftLabels(cache, d.gate_topk, "distill.gate_topk")
     else:
         source = OnlineTeacher(teacher, d.gate_topk)
     probe = data.val_batches[0] if data.val_batches else None
@@ -74,12 +75,13 @@ def describe(run_config: dict[str, Any]) -> RecipeSummary:
     n_kd = KDScheduleConfig(**s).n_kd(run_config["train"]["max_steps"])
     span = f"{s['n_kd_fraction']:.0%} of steps" if s["n_kd_steps"] < 0 else f"{n_kd} steps"
     summary = read_summary(d["selection"]) if d.get("selection") else None
-    policy = (summary or {}).get("policy", "?")
-    subset = "" if not d.get("selection") else ", SALT_DS subset" if policy == "salt_ds" else f", {policy} subset"
+    policy = (summary or {}).get("policy")
+    subset = ("" if not d.get("selection") else ", SALT_DS subset" if policy == "salt_ds"
+              else f", {policy} subset" if policy else ", selected subset")
     if d.get("label_smoothing"):
         short = f"control: label smoothing ε={d['label_smoothing']}, {s['kind']} w={s['weight']} for {span}{subset}"
-    else:
-        source = Path(d["teacher"]).parent.name if d.get("teacher") else f"the cache {Path(d['cache']).name}"
+    else:  # the cache, when given, is what the KD term uses (the teacher then only serves the handover)
+        source = f"the cache {Path(d['cache']).name}" if d.get("cache") else Path(d["teacher"]).parent.name
         short = f"SALT: KD from {source}, {s['kind']} w={s['weight']} for {span}{subset}"
     lines = ["Loss `(1 - w_t)·CE + w_t·KD(student, SLM teacher; τ)`:", "",
              f"- teacher: `{d['teacher'] or '(cached soft labels)'}`"
@@ -88,7 +90,7 @@ def describe(run_config: dict[str, Any]) -> RecipeSummary:
              f"- schedule: {s['kind']}, w = {s['weight']}, n_KD = {n_kd} steps"]
     if d.get("selection"):
         summary = summary or {}
-        lines.append(f"- KD-phase data: the `{policy}` subset ({summary.get('kept', '?')} of "
+        lines.append(f"- KD-phase data: the `{policy or '?'}` subset ({summary.get('kept', '?')} of "
                      f"{summary.get('total', '?')} sequences, `{d['selection']}`)")
     if d.get("gate_topk"):
         lines.append(f"- token gating: KD only where the target is in the teacher's top-{d['gate_topk']}")

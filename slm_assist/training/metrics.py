@@ -8,13 +8,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+from slm_assist.core.errors import UserError
 from slm_assist.core.files import atomic_write_text
+
+METRICS = "metrics.jsonl"
 
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS
         self._tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -60,8 +63,22 @@ def _clean(v: Any) -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+EVAL = "eval.json"
+
+
+def read_eval(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The results `python -m slm_assist.eval --out RUN_DIR/eval.json` wrote for a run ([] when there are none)."""
+    path = Path(run_dir) / EVAL
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["results"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not an slm_assist.eval result: {e}") from None
 
 
 def val_curve(run_dir: str | Path) -> list[tuple[int, float]]:

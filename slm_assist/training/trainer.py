@@ -138,7 +138,7 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.n_params = count_params(model)
-        self.flops_per_token = flops_per_token(model, self.manifest["seq_len"])
+        self.flops_per_token = flops_per_token(model, self.data.dataset.seq_len)
         heads = [h.to(self.device) for h in objective.trainable_modules()]
         self.ds_config = deepspeed_config(
             micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=dist.world_size(),
@@ -147,7 +147,8 @@ class Trainer:
                                  cfg.schedule, cfg.train.max_steps, self.device)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
         self.state = TrainState()
-        self.tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * dist.world_size() * self.manifest["seq_len"]
+        self.tokens_per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum * dist.world_size()
+                                * self.data.dataset.seq_len)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -159,7 +160,11 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; returns step-mean metrics."""
         sums: dict[str, float] = {}
-        batches = self.streams.get(self.objective.stream(self.state.step), self.streams["main"])
+        name = self.objective.stream(self.state.step)
+        if name not in self.streams:
+            raise KeyError(f"{type(self.objective).__name__} asked for batch stream {name!r}; this Trainer has "
+                           f"{sorted(self.streams)}")
+        batches = self.streams[name]
         for _ in range(self.cfg.train.grad_accum):
             loss, metrics = self.objective(self.engine, batches.next().to(self.device), self.state.step)
             if dist.any_rank(not math.isfinite(loss.item())):
