@@ -38,6 +38,7 @@ from slm_assist.salt.recipe import RunConfig, build_trainer
 from slm_assist.training.objective import CausalLMObjective
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_SLM = "runs/demo/slm/final"
 
 
 def memory_probe(variant: str) -> None:
@@ -74,7 +75,7 @@ def memory(args) -> dict:
 
 
 def step_time(args, llm_config: Path = REPO / "configs/demo/llm.yaml", llm_overrides: tuple[str, ...] = (),
-              teacher: str = "runs/demo/slm/final", score_overrides: tuple[str, ...] = (),
+              teacher: str = DEMO_SLM, score_overrides: tuple[str, ...] = (),
               work: Path = REPO / "runs/bench") -> dict:
     """Median step time of CE-only, online-KD and cached-KD steps on the same trainer, rounds alternating.
     The SALT recipe builds the trainer (online teacher, KD-phase subset); the other objectives reuse its teacher."""
@@ -142,11 +143,11 @@ def main() -> None:
         return
     if not args.teacher:
         for cmd in (["data_tools.pack", "configs/demo/data.yaml", "overwrite=true"], ["slm_assist.train", "configs/demo/slm.yaml"]):
-            target = REPO / ("runs/demo/data/manifest.json" if cmd[0] == "data_tools.pack" else "runs/demo/slm/final/config.json")
+            target = REPO / ("runs/demo/data/manifest.json" if cmd[0] == "data_tools.pack" else f"{DEMO_SLM}/config.json")
             if not target.is_file():
                 subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True)
     result = {} if args.skip_memory else {"memory": memory(args)}
-    result["step_time"] = step_time(args, llm_overrides=tuple(args.llm), teacher=args.teacher or "runs/demo/slm/final",
+    result["step_time"] = step_time(args, llm_overrides=tuple(args.llm), teacher=args.teacher or DEMO_SLM,
                                     score_overrides=tuple(args.score), work=Path(args.work))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -128,7 +128,6 @@ class Trainer:
         self.data = data or RunData(cfg)
         self.device, self.tokenizer = self.data.device, self.data.tokenizer
         self.manifest = self.data.dataset.manifest
-        self.val_batches = self.data.val_batches
         self.streams = {"main": self.data.stream(), **(streams or {})}
 
         # Seeded here, not only in RunData: the student's init must not depend on what the recipe loaded before.
@@ -179,10 +178,10 @@ class Trainer:
         return {k: v / self.cfg.train.grad_accum for k, v in sums.items()}
 
     def evaluate(self) -> float | None:
-        if not self.val_batches:
+        if not self.data.val_batches:
             return None
         self.engine.eval()
-        total, count = eval_loss(self.engine, self.val_batches, self.device)
+        total, count = eval_loss(self.engine, self.data.val_batches, self.device)
         self.engine.train()
         total, count = dist.all_reduce_sum([total, float(count)])
         return total / count
