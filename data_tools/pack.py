@@ -2,7 +2,8 @@
 document.
 
 `python -m data_tools.pack CONFIG [overrides]` writes into `out_dir`:
-  tokenizer/       HF tokenizer directory (trained, copied from `tokenizer.path`, or reused if already there)
+  tokenizer/       HF tokenizer directory (trained, copied from `tokenizer.path`, or reused when
+                   `data_tools.tokenizer` made it there with the same settings)
   train/           Arrow dataset, one row per sequence: `input_ids` (int32, length seq_len)
   validation/      same, from held-out documents only
   manifest.json    tokenizer fingerprint, seq_len and counts; written last, so it marks a complete dataset
@@ -13,6 +14,7 @@ seq_len is dropped (counted in the manifest). The format's reader and writer are
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from data_tools.corpus import CorpusConfig, read_documents
-from data_tools.tokenizer_training import TokenizerConfig, prepare_tokenizer
-from slm_assist.core.config import check, load_config, save_config, split_argv
+from data_tools.tokenizer_training import TokenizerConfig, check_reusable, prepare_tokenizer
+from slm_assist.core.config import check, parse_cli, save_config
 from slm_assist.core.dataset import (
     FORMAT_VERSION,
     MANIFEST,
@@ -34,7 +36,7 @@ from slm_assist.core.dataset import (
     write_split,
 )
 from slm_assist.core.errors import UserError, run_cli
-from slm_assist.core.files import atomic_output_dir
+from slm_assist.core.files import atomic_output_dir, check_output_dir
 from slm_assist.core.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 
@@ -66,9 +68,10 @@ class PrepareConfig:
     pack: PackConfig = field(default_factory=PackConfig)
 
 
-def load_prepare_config(argv: Sequence[str], usage: str) -> PrepareConfig:
-    path, overrides = split_argv(argv, usage)
-    return load_config(PrepareConfig, path, overrides)
+def load_prepare_config(argv: Sequence[str], usage: str, *, description: str | None = __doc__,
+                        example: str = "") -> PrepareConfig:
+    """The config of pack and tokenizer; `description`/`example` are for `--help`."""
+    return parse_cli(argv, PrepareConfig, usage, description=description, example=example)
 
 
 def is_validation_doc(index: int, seed: int, fraction: float) -> bool:
@@ -104,24 +107,58 @@ def tokenize_documents(docs: list[str], tok, batch_docs: int) -> list[list[int]]
     return out
 
 
-def prepare(cfg: PrepareConfig) -> dict[str, Any]:
-    """Tokenizer -> tokenize -> split by document -> pack -> save. Returns the manifest."""
-    out = Path(cfg.out_dir)
+OUTPUT = (TOKENIZER, *SPLITS, MANIFEST, PREPARE_CONFIG)
+"""Everything pack writes into out_dir: with overwrite=true it replaces a directory holding only these."""
+
+
+def _reused_tokenizer(cfg: PrepareConfig, out: Path) -> bool:
+    """Whether out_dir/tokenizer (left there by `data_tools.tokenizer`) is reused; checked against its record.
+    With overwrite=true the tokenizer is made again, like the rest of the output."""
     tok_dir = out / TOKENIZER
-    for name in (*SPLITS, MANIFEST):  # a tokenizer/ left by `data_tools.tokenizer` is fine: it is reused
-        if (out / name).exists() and not cfg.overwrite:
-            raise UserError(f"output {out / name} exists in {out}; set overwrite=true to replace it")
-    (out / MANIFEST).unlink(missing_ok=True)  # the dataset is incomplete until a new manifest is written
+    if cfg.overwrite or not tok_dir.is_dir():
+        return False
+    check_reusable(tok_dir, cfg.tokenizer, cfg.corpus)
+    return True
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """Tokenizer -> tokenize -> split by document -> pack -> save. Returns the manifest.
+
+    Every input is read and checked before out_dir is touched; the new dataset is built in a temp directory and
+    renamed over the old one only when complete, so a failure leaves out_dir exactly as it was."""
+    out = Path(cfg.out_dir)
+    reuse = _reused_tokenizer(cfg, out)
+    existing = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if not cfg.overwrite and [n for n in existing if not (reuse and n == TOKENIZER)]:
+        check_output_dir(out, overwrite=False)  # raises: names the flag
+    check_output_dir(out, overwrite=True, own=OUTPUT)  # writable, and holds nothing but our own output
+    if cfg.tokenizer.path:
+        load_tokenizer(cfg.tokenizer.path)  # a bad path fails before the corpus is read
 
     t0 = time.time()
     docs = list(read_documents(cfg.corpus))
-    if cfg.tokenizer.path or not tok_dir.is_dir() or cfg.overwrite:
-        with atomic_output_dir(tok_dir, overwrite=True) as tmp:
-            prepare_tokenizer(cfg.tokenizer, docs, tmp)
-    else:
-        print(f"reusing tokenizer {tok_dir}")
-    tok = load_tokenizer(tok_dir)
+    with atomic_output_dir(out, overwrite=True, own=OUTPUT) as tmp:
+        if reuse:
+            print(f"reusing tokenizer {out / TOKENIZER}")
+            shutil.copytree(out / TOKENIZER, tmp / TOKENIZER)
+        else:
+            (tmp / TOKENIZER).mkdir()
+            prepare_tokenizer(cfg.tokenizer, cfg.corpus, docs, tmp / TOKENIZER)
+        tok = load_tokenizer(tmp / TOKENIZER)
+        manifest = _pack_splits(cfg, docs, tok, tmp)
+        save_config(cfg, tmp / PREPARE_CONFIG)
+        write_manifest(tmp, manifest)
+    s = manifest["splits"]
+    print(
+        f"packed {out}: train {s['train']['sequences']} x {cfg.pack.seq_len} tokens from {s['train']['documents']} docs"
+        + (f", validation {s['validation']['sequences']} from {s['validation']['documents']} docs" if "validation" in s else "")
+        + f" ({time.time() - t0:.1f}s)"
+    )
+    return manifest
 
+
+def _pack_splits(cfg: PrepareConfig, docs: list[str], tok, out: Path) -> dict[str, Any]:
+    """Tokenize, split by document, pack and write each split into `out`; returns the manifest."""
     ids = tokenize_documents(docs, tok, cfg.pack.batch_docs)
     is_val = [is_validation_doc(i, cfg.pack.seed, cfg.pack.val_fraction) for i in range(len(ids))]
     manifest: dict[str, Any] = {
@@ -146,27 +183,19 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
                 f"split '{split}' has {len(split_ids)} documents, too few tokens for one sequence of "
                 f"pack.seq_len={cfg.pack.seq_len}; use a larger corpus, a shorter seq_len or another pack.val_fraction"
             )
-        with atomic_output_dir(out / split, overwrite=True) as tmp:
-            write_split(rows, tmp)
+        write_split(rows, out / split)
         manifest["splits"][split] = {
             "documents": len(split_ids),
             "sequences": int(rows.shape[0]),
             "tokens": int(rows.size),
             "dropped_tail_tokens": int(dropped),
         }
-    save_config(cfg, out / PREPARE_CONFIG)
-    write_manifest(out, manifest)
-    s = manifest["splits"]
-    print(
-        f"packed {out}: train {s['train']['sequences']} x {cfg.pack.seq_len} tokens from {s['train']['documents']} docs"
-        + (f", validation {s['validation']['sequences']} from {s['validation']['documents']} docs" if "validation" in s else "")
-        + f" ({time.time() - t0:.1f}s)"
-    )
     return manifest
 
 
 def main(argv: Sequence[str]) -> None:
-    prepare(load_prepare_config(argv, "python -m data_tools.pack CONFIG [key=value ...]"))
+    prepare(load_prepare_config(argv, "python -m data_tools.pack CONFIG [key=value ...]", example=(
+        "python -m data_tools.pack configs/demo/data.yaml corpus.paths=[my.jsonl] out_dir=data/mine")))
 
 
 if __name__ == "__main__":

@@ -13,17 +13,26 @@ from data_tools.corpus import read_documents
 from data_tools.pack import PrepareConfig, load_prepare_config
 from data_tools.tokenizer_training import prepare_tokenizer
 from slm_assist.core.dataset import MANIFEST, TOKENIZER
-from slm_assist.core.errors import run_cli
-from slm_assist.core.files import atomic_output_dir
+from slm_assist.core.errors import UserError, run_cli
+from slm_assist.core.files import atomic_output_dir, check_output_dir
 from slm_assist.core.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 
 def main(argv: Sequence[str]) -> None:
-    cfg: PrepareConfig = load_prepare_config(argv, "python -m data_tools.tokenizer CONFIG [key=value ...]")
-    target = Path(cfg.out_dir) / TOKENIZER
-    with atomic_output_dir(target, overwrite=cfg.overwrite) as tmp:
-        prepare_tokenizer(cfg.tokenizer, read_documents(cfg.corpus), tmp)
-    (Path(cfg.out_dir) / MANIFEST).unlink(missing_ok=True)  # data packed with an old tokenizer is stale
+    cfg: PrepareConfig = load_prepare_config(
+        argv, "python -m data_tools.tokenizer CONFIG [key=value ...]", description=__doc__,
+        example="python -m data_tools.tokenizer configs/demo/data.yaml tokenizer.vocab_size=32000")
+    out = Path(cfg.out_dir)
+    target = out / TOKENIZER
+    if (out / MANIFEST).is_file():  # a new tokenizer would make the packed data stale
+        raise UserError(f"out_dir={out} holds a packed dataset; to change its tokenizer, pack it again with "
+                        "`python -m data_tools.pack CONFIG overwrite=true` (it trains the tokenizer too)")
+    check_output_dir(target, cfg.overwrite, field="out_dir")
+    if cfg.tokenizer.path:
+        load_tokenizer(cfg.tokenizer.path)  # a bad path fails before the corpus is read
+    docs = list(read_documents(cfg.corpus))
+    with atomic_output_dir(target, overwrite=cfg.overwrite, field="out_dir") as tmp:
+        prepare_tokenizer(cfg.tokenizer, cfg.corpus, docs, tmp)
     tok = load_tokenizer(target)
     print(f"tokenizer: {target} (vocab {len(tok)}, fingerprint {tokenizer_fingerprint(tok)})")
 

@@ -5,16 +5,22 @@ the stages check it) live in slm_assist/core/tokenizer.py. The command is `pytho
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from slm_assist.core.config import check
 from slm_assist.core.errors import UserError
 from slm_assist.core.tokenizer import load_tokenizer
+
+RECORD = "slm_assist_tokenizer.json"
+"""Written into the tokenizer directory: the settings (and corpus) that made it, so that a tokenizer/ left in a
+dataset directory is reused only for the same settings."""
 
 
 @dataclass
@@ -27,24 +33,77 @@ class TokenizerConfig:
     """Fraction of characters covered by the vocabulary; the rest fall back to bytes."""
     max_sentences: int = 2_000_000
     """Lines sampled for training (caps sentencepiece's memory and time on big corpora)."""
+    max_line_bytes: int = 4192
+    """Training lines longer than this (UTF-8 bytes) are split at whitespace: sentencepiece silently skips longer
+    ones, so a corpus of long single-line documents would teach it nothing."""
 
     def __post_init__(self) -> None:
         check(self.vocab_size >= 260, "vocab_size", self.vocab_size, ">= 260 (256 byte-fallback pieces + specials)")
         check(0.9 <= self.character_coverage <= 1.0, "character_coverage", self.character_coverage, "in [0.9, 1]")
         check(self.max_sentences > 0, "max_sentences", self.max_sentences, "> 0")
+        check(self.max_line_bytes >= 64, "max_line_bytes", self.max_line_bytes, ">= 64")
 
 
-def train_sentencepiece(docs: Iterable[str], cfg: TokenizerConfig, out_dir: Path) -> None:
-    """Train sentencepiece on `docs` and write an HF tokenizer directory (tokenizer.json + the .model file)."""
+_BEFORE_SPACE = re.compile(r"(?=\s)")
+
+
+def training_lines(docs: Iterable[str], max_bytes: int, stats: dict[str, int]) -> Iterator[str]:
+    """The documents' lines, each at most `max_bytes` UTF-8 bytes: longer lines are cut before a whitespace
+    (the whitespace starts the next piece, as it would in running text), or anywhere when a word is longer.
+    `stats` counts documents, lines, characters and the long lines that were split."""
+    for doc in docs:
+        stats["documents"] += 1
+        for line in doc.split("\n"):
+            if not line.strip():
+                continue
+            stats["characters"] += len(line)
+            if len(line.encode("utf-8")) <= max_bytes:
+                stats["lines"] += 1
+                yield line
+                continue
+            stats["long_lines"] += 1
+            piece, size = "", 0
+            for word in _BEFORE_SPACE.split(line):
+                n = len(word.encode("utf-8"))
+                if size + n > max_bytes and piece:
+                    stats["lines"] += 1
+                    yield piece
+                    piece, size = "", 0
+                while n > max_bytes:  # one word longer than a line: cut it; 4 bytes per character at most
+                    cut = max_bytes // 4
+                    stats["lines"] += 1
+                    yield word[:cut]
+                    word = word[cut:]
+                    n = len(word.encode("utf-8"))
+                piece, size = piece + word, size + n
+            if piece.strip():
+                stats["lines"] += 1
+                yield piece
+
+
+def train_sentencepiece(docs: Iterable[str], cfg: TokenizerConfig, out_dir: Path) -> dict[str, int]:
+    """Train sentencepiece on `docs` and write an HF tokenizer directory (tokenizer.json + the .model file).
+    Returns what it trained on (documents, lines, characters, long lines split)."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
+    stats = {"documents": 0, "lines": 0, "characters": 0, "long_lines": 0}
     with tempfile.TemporaryDirectory() as tmp:
         text_file = Path(tmp) / "corpus.txt"
         with open(text_file, "w", encoding="utf-8") as f:
-            for doc in docs:
-                f.write(doc)
+            for line in training_lines(docs, cfg.max_line_bytes, stats):
+                f.write(line)
                 f.write("\n")
+        if not stats["lines"]:
+            raise UserError(f"tokenizer training: the corpus has no text ({stats['documents']} documents, all "
+                            "blank); check corpus.paths and corpus.text_field")
+        sampled = min(1.0, cfg.max_sentences / stats["lines"])
+        print(f"tokenizer: training on {stats['lines']:,} lines ({stats['characters']:,} characters) of "
+              f"{stats['documents']:,} documents"
+              + (f"; {stats['long_lines']:,} lines over {cfg.max_line_bytes} bytes split at whitespace"
+                 if stats["long_lines"] else "")
+              + (f"; sentencepiece samples {cfg.max_sentences:,} of them (~{sampled:.0%} of the characters, "
+                 "tokenizer.max_sentences)" if sampled < 1 else ""), flush=True)
         spm_dir = Path(tmp) / "spm"
         spm_dir.mkdir()
         try:
@@ -55,6 +114,7 @@ def train_sentencepiece(docs: Iterable[str], cfg: TokenizerConfig, out_dir: Path
                 model_type=cfg.model_type,
                 character_coverage=cfg.character_coverage,
                 input_sentence_size=cfg.max_sentences,
+                max_sentence_length=cfg.max_line_bytes,
                 shuffle_input_sentence=True,
                 # Byte fallback: no <unk> on unseen characters. Identity normalisation and no dummy prefix keep
                 # whitespace (code indentation) intact and make HF's conversion token-for-token identical.
@@ -76,12 +136,40 @@ def train_sentencepiece(docs: Iterable[str], cfg: TokenizerConfig, out_dir: Path
         )
         tok.save_pretrained(str(out_dir))
         shutil.copy(spm_dir / "tokenizer.model", out_dir / "sentencepiece.model")
+    stats["sampled_fraction"] = sampled
+    return stats
 
 
-def prepare_tokenizer(cfg: TokenizerConfig, docs: Iterable[str], out_dir: Path) -> None:
-    """Write the run's tokenizer into `out_dir`: a copy of `cfg.path`, or a freshly trained sentencepiece."""
+def _made_with(cfg: TokenizerConfig, corpus: Any) -> dict[str, Any]:
+    """The settings a tokenizer directory depends on: for a copy only its source, else training and corpus."""
+    return {"tokenizer": asdict(cfg), "corpus": None if cfg.path else asdict(corpus)}
+
+
+def prepare_tokenizer(cfg: TokenizerConfig, corpus: Any, docs: Iterable[str], out_dir: Path) -> None:
+    """Write the run's tokenizer into `out_dir`: a copy of `cfg.path`, or a freshly trained sentencepiece on
+    `docs` (read from the corpus config `corpus`), with a record of what made it."""
+    trained: dict[str, Any] | None = None
     if cfg.path:
-        tok = load_tokenizer(cfg.path)
-        tok.save_pretrained(str(out_dir))
+        load_tokenizer(cfg.path).save_pretrained(str(out_dir))
     else:
-        train_sentencepiece(docs, cfg, out_dir)
+        trained = train_sentencepiece(docs, cfg, out_dir)
+    record = {**_made_with(cfg, corpus), "trained_on": trained}
+    (out_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def check_reusable(tok_dir: Path, cfg: TokenizerConfig, corpus: Any) -> None:
+    """A tokenizer directory left in a dataset dir (by data_tools.tokenizer) is reused only when the same
+    settings made it: otherwise the config's tokenizer section would be silently ignored."""
+    path = tok_dir / RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{tok_dir}: exists but has no readable record of how it was made ({path.name}: {e}); "
+                        "set overwrite=true to make it again, or tokenizer.path= to use a tokenizer as is") from None
+    want = _made_with(cfg, corpus)
+    diff = [f"{section}.{k}: {v!r} there, {want[section][k]!r} here"
+            for section in ("tokenizer", "corpus") if record.get(section) is not None and want[section] is not None
+            for k, v in record[section].items() if k in want[section] and want[section][k] != v]
+    if diff or (record.get("corpus") is None) != (want["corpus"] is None):
+        raise UserError(f"{tok_dir} was made with other settings ({'; '.join(diff) or 'tokenizer.path'}); "
+                        "set overwrite=true to make it again with this config")

@@ -82,7 +82,7 @@ def test_refuses_to_overwrite_without_flag(tiny_data, tmp_path):
     args = [f"out_dir={out}", f"tokenizer.path={tiny_data / 'tokenizer'}", "corpus.max_docs=20", "pack.seq_len=16", "pack.val_fraction=0.3"]
     prepare(load_config(PrepareConfig, None, args))
     before = (out / "manifest.json").read_text()
-    with pytest.raises(UserError, match=r"train exists.*overwrite=true"):
+    with pytest.raises(UserError, match=r"out_dir=.*exists and is not empty.*overwrite=true"):
         prepare(load_config(PrepareConfig, None, args))
     assert (out / "manifest.json").read_text() == before  # the complete dataset is untouched
     prepare(load_config(PrepareConfig, None, [*args, "overwrite=true"]))

@@ -1,15 +1,34 @@
-"""Atomic file and directory writes: output is complete or absent, never half-written."""
+"""Output files and directories: checked before any work, written atomically (complete or absent, never
+half-written), with the permissions a plain write would have had, and replaced only when they are ours.
+
+Every command follows the same rule: validate every input first; check the output location (writable, not a
+file, not someone else's folder); build the new output under a temp name next to it; rename it over the old one
+only when it is complete. Nothing that is not our own output is ever deleted.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from slm_assist.core.errors import UserError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(is_dir: bool) -> int:
+    """The mode `open()` / `mkdir()` would give under the current umask. mkstemp/mkdtemp make private files
+    (0600/0700): on a shared cluster a colleague could not read our outputs."""
+    return (0o777 if is_dir else 0o666) & ~_umask()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -20,6 +39,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, plain_mode(is_dir=False))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -27,21 +47,105 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def check_output_dir(path: Path, overwrite: bool, flag: str = "overwrite") -> None:
-    """Refuse to clobber an existing non-empty directory unless the user said so."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise UserError(f"output directory {path} exists and is not empty; set {flag}=true to replace it")
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _probe(where: Path, field: str, path: Path) -> None:
+    """Create and remove a file in `where`: a real test, since `os.access` says yes to root on read-only mounts."""
+    if not where.is_dir():
+        raise UserError(f"{field}={path}: {where} is a file, so the directory cannot be created")
+    try:
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".slm_assist-probe-")
+    except OSError as e:
+        raise UserError(f"{field}={path}: cannot write in {where} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_writable(path: str | Path, field: str) -> None:
+    """`path` is a directory we will create, write into or replace: fail now, before any expensive work, if it
+    is a file, sits under a file, or lies where we cannot create files."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{field}={path}: is a file, not a directory")
+    _probe(_nearest_existing(path), field, path)
+    if path.exists():  # atomic replacement renames a sibling over it
+        _probe(_nearest_existing(path.parent), field, path)
+
+
+def check_output_file(path: str | Path, field: str) -> Path:
+    """`path` is a file we will write atomically (creating missing parent directories): not a directory, and
+    its nearest existing parent accepts new files."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{field}={path}: is a directory; give a file path")
+    _probe(_nearest_existing(path.parent), field, path)
+    return path
+
+
+def is_ours(path: Path, own: Sequence[str]) -> bool:
+    """Every visible entry of directory `path` matches one of the glob patterns `own` (our output's names).
+    Hidden entries are our temp names (or editor/OS litter) and do not count."""
+    return all(any(fnmatch.fnmatch(p.name, pat) for pat in own) for p in path.iterdir() if not p.name.startswith("."))
+
+
+def check_output_dir(path: str | Path, overwrite: bool, flag: str = "overwrite", field: str = "out_dir",
+                     own: Sequence[str] | None = None) -> None:
+    """The output directory can be written, and an existing non-empty one is replaced only when the user said
+    so and, when `own` (our output's entry names) is given, only when everything in it is ours."""
+    path = Path(path)
+    check_writable(path, field)
+    if not (path.is_dir() and any(path.iterdir())):
+        return
+    if not overwrite:
+        raise UserError(f"{field}={path}: exists and is not empty; set {flag}=true to replace it")
+    if own is not None and not is_ours(path, own):
+        foreign = sorted(p.name for p in path.iterdir() if not p.name.startswith(".")
+                         and not any(fnmatch.fnmatch(p.name, pat) for pat in own))
+        raise UserError(f"{field}={path}: holds files this command did not write ({', '.join(foreign[:5])}); "
+                        f"{flag}=true replaces only our own output. Choose another {field} or empty it yourself")
+
+
+def clean_stale(path: Path) -> None:
+    """Leftovers of an atomic replacement that was killed: temp copies are dropped; an old copy that was moved
+    aside but never replaced is put back (it is the only complete one)."""
+    old = sorted(path.parent.glob(f".{path.name}.old-*"))
+    if old and not path.exists():
+        os.replace(old.pop(), path)
+    for p in [*path.parent.glob(f".{path.name}.tmp-*"), *old]:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _plain_modes(root: Path) -> None:
+    """Give everything under `root` the mode a plain write would have had: some writers we call (safetensors via
+    save_pretrained) make private files."""
+    file_mode, dir_mode = plain_mode(is_dir=False), plain_mode(is_dir=True)
+    for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, dir_mode)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, file_mode)
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: Path, overwrite: bool = False, flag: str = "overwrite") -> Iterator[Path]:
-    """Yield a temp directory next to `path`; on success it replaces `path`, on failure it is removed."""
+def atomic_output_dir(path: Path, overwrite: bool = False, flag: str = "overwrite", field: str = "out_dir",
+                      own: Sequence[str] | None = None) -> Iterator[Path]:
+    """Yield a temp directory next to `path`; on success it replaces `path`, on failure it is removed.
+    One writer per `path`: leftovers of an earlier killed writer are cleaned up first."""
     path = Path(path)
-    check_output_dir(path, overwrite, flag)
+    check_output_dir(path, overwrite, flag, field, own)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    os.chmod(tmp, plain_mode(is_dir=True))
     try:
         yield tmp
+        _plain_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
