@@ -21,7 +21,7 @@ from data_tools.pack import PrepareConfig, is_validation_doc
 from slm_assist.core.config import load_config
 from slm_assist.core.dataset import PREPARE_CONFIG, read_manifest
 from slm_assist.core.errors import UserError, run_cli
-from slm_assist.core.files import atomic_write_text
+from slm_assist.core.files import atomic_write_text, check_output_file
 
 # a word of >= 3 letters that ends a sentence: "... returns the value." -> "value"
 _FINAL_WORD = re.compile(r"(?<=\s)([A-Za-z][a-z]{2,})\.(?=\s|$)")
@@ -65,6 +65,9 @@ def main(argv: Sequence[str]) -> None:
     ap.add_argument("--context-chars", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(list(argv))
+    check_output_file(args.out, "out")
+    if args.examples <= 0:
+        raise UserError(f"--examples={args.examples}: expected > 0")
     rows = build(args.data_dir, args.examples, args.context_chars, args.seed)
     atomic_write_text(Path(args.out), "".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} cloze examples to {args.out}")

@@ -35,16 +35,24 @@ from data_tools.softlabels import (
     top_k_labels,
 )
 from slm_assist.core import dist
-from slm_assist.core.config import check, load_config, split_argv
+from slm_assist.core.config import check, parse_cli
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.faults import fault
-from slm_assist.core.files import atomic_output_dir, atomic_write_text
+from slm_assist.core.files import (
+    atomic_output_dir,
+    atomic_write_text,
+    check_output_dir,
+    check_writable,
+    is_ours,
+)
 from slm_assist.core.model_dir import ModelDir
 from slm_assist.core.scores import CACHE, CACHE_INFO, MANIFEST, SCORES, write_cache
 from slm_assist.core.selection import read_index
 
 USAGE = "python -m data_tools.score CONFIG [key=value ...]"
+OUTPUT = (SCORES, CACHE, MANIFEST, "shards")
+"""Everything score writes into out_dir; it never touches anything else there."""
 
 
 @dataclass
@@ -98,6 +106,10 @@ class Scorer:
             raise UserError(f"shard={cfg.shard} is out of range for num_shards={self.num_shards}")
         self.model_dir = ModelDir.open(cfg.model, "model")
         self.ref_dir = ModelDir.open(cfg.ref_model, "ref_model") if cfg.ref_model else None
+        for d in (self.model_dir, self.ref_dir):  # every input checked before out_dir is touched
+            if d is not None:
+                d.check_vocabulary(self.data, "score with a model trained on this tokenizer")
+                d.check_context(self.data.seq_len, "score sequences of the data's seq_len")
         self.cache_indices: set[int] | None = None
         if cfg.cache.mode != "none" and cfg.cache.indices:
             self.cache_indices = set(read_index(cfg.cache.indices, len(self.ds), "cache.indices").tolist())
@@ -150,7 +162,6 @@ class Scorer:
         dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32
 
         def load(d: ModelDir) -> torch.nn.Module:
-            d.check_vocabulary(self.data, "score with a model trained on this tokenizer")
             return d.load(device, len(d.tokenizer), dtype=dtype).eval()
 
         return load(self.model_dir), (load(self.ref_dir) if self.ref_dir else None), device
@@ -204,6 +215,21 @@ class Scorer:
                 labels[key].append(arr)
             cached.append(int(idx[r]))
 
+    def prepare_output(self) -> None:
+        """Rank 0, before a full scoring run: out_dir holds nothing but our own output, and is not a finished
+        one unless overwrite=true. Old merged results stay until the new merge replaces them."""
+        manifest = self.out / MANIFEST
+        if manifest.is_file() and "model_fingerprint" not in _read_json(manifest):
+            raise UserError(f"out_dir={self.out}: its {MANIFEST} is not a data_tools.score manifest (a packed "
+                            "dataset?); choose another out_dir")
+        if self.out.is_dir() and not is_ours(self.out, OUTPUT):
+            check_output_dir(self.out, overwrite=True, own=OUTPUT)  # raises: names what is not ours
+        if not self.cfg.overwrite:
+            if manifest.is_file():
+                raise UserError(f"out_dir={self.out} already holds merged scores; set overwrite=true to score again")
+            return
+        shutil.rmtree(self.out / "shards", ignore_errors=True)  # shards of the old run must not be reused
+
     # ---- merge -------------------------------------------------------------------------------------------
     def merge(self) -> dict:
         import datasets
@@ -216,9 +242,11 @@ class Scorer:
         manifest = {"format_version": 1, **self.identity, "data": str(self.cfg.data), "model": self.cfg.model,
                     "ref_model": self.cfg.ref_model or None, "num_sequences": len(self.ds),
                     "columns": [c for c in datasets.load_from_disk(str(dirs[0] / SCORES)).column_names]}
+        (self.out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest is written
         for name in (SCORES, CACHE):
             parts = [datasets.load_from_disk(str(d / name)) for d in dirs if (d / name).is_dir()]
             if not parts:
+                shutil.rmtree(self.out / name, ignore_errors=True)  # an old run's cache is not this run's
                 continue
             with atomic_output_dir(self.out / name, overwrite=True) as tmp:
                 datasets.concatenate_datasets(parts).save_to_disk(str(tmp))
@@ -234,20 +262,26 @@ class Scorer:
         return manifest
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not readable JSON: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
 def main(argv: Sequence[str]) -> None:
-    path, overrides = split_argv(argv, USAGE)
-    cfg = load_config(ScoreConfig, path, overrides)
+    cfg = parse_cli(argv, ScoreConfig, USAGE, description=__doc__,
+                    example="python -m data_tools.score configs/demo/score.yaml cache.mode=top_k cache.k=32")
     out = Path(cfg.out_dir)
+    check_writable(out, "out_dir")
     launched = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if launched:
         dist.init()  # for the barriers around the shared output directory
+    scorer = Scorer(cfg)  # reads and checks every input
     if dist.is_main() and not cfg.merge_only and cfg.shard < 0:
-        if cfg.overwrite:
-            shutil.rmtree(out, ignore_errors=True)
-        elif (out / MANIFEST).is_file():
-            raise UserError(f"{out} already holds merged scores; set overwrite=true to score again")
+        scorer.prepare_output()
     dist.barrier()
-    scorer = Scorer(cfg)
     if not cfg.merge_only:
         scorer.run()
     if cfg.shard >= 0:

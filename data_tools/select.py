@@ -20,11 +20,11 @@ from typing import Literal
 
 import numpy as np
 
-from slm_assist.core.config import check, load_config, split_argv
+from slm_assist.core.config import check, parse_cli
 from slm_assist.core.errors import UserError, run_cli
-from slm_assist.core.files import atomic_output_dir
+from slm_assist.core.files import atomic_output_dir, check_output_dir
 from slm_assist.core.scores import ScoresDir
-from slm_assist.core.selection import INDEX, write_selection
+from slm_assist.core.selection import INDEX, SUMMARY, write_selection
 
 USAGE = "python -m data_tools.select CONFIG [key=value ...]"
 
@@ -152,14 +152,19 @@ def _plotted(cols: dict[str, np.ndarray], score_name: str) -> list[str]:
     return [score_name] + [c for c in ("salt_ds", "mean_loss") if c in cols and c != score_name]
 
 
+OUTPUT = (INDEX, SUMMARY, "report.md", "hist_*.png")
+"""Everything select writes into out_dir: with overwrite=true it replaces a directory holding only these."""
+
+
 def run(cfg: SelectConfig) -> dict:
+    check_output_dir(Path(cfg.out_dir), cfg.overwrite, own=OUTPUT)  # before the scores are read
     cols = ScoresDir.open(cfg.scores, "scores").columns()
     keep = select(cols, cfg, f"scores={cfg.scores}")
     score_name, score = policy_score(cols, cfg, cfg.scores)
     index = cols["index"][keep]
     summary = {"policy": cfg.policy, "kept": int(keep.sum()), "total": len(keep),
                "kept_fraction": float(keep.mean()), "config": asdict(cfg)}
-    with atomic_output_dir(Path(cfg.out_dir), overwrite=cfg.overwrite) as tmp:
+    with atomic_output_dir(Path(cfg.out_dir), overwrite=cfg.overwrite, own=OUTPUT) as tmp:
         write_selection(tmp, index, summary)
         plot_cols = {**cols, score_name: score}
         for name in _plotted(cols, score_name):
@@ -171,8 +176,8 @@ def run(cfg: SelectConfig) -> dict:
 
 
 def main(argv: Sequence[str]) -> None:
-    path, overrides = split_argv(argv, USAGE)
-    run(load_config(SelectConfig, path, overrides))
+    run(parse_cli(argv, SelectConfig, USAGE, description=__doc__,
+                  example="python -m data_tools.select configs/demo/select.yaml policy=ppl_band fraction=0.3"))
 
 
 if __name__ == "__main__":

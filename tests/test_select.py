@@ -78,7 +78,7 @@ def test_run_writes_index_report_and_plots(tmp_path):
     scores = tmp_path / "scores"
     datasets.Dataset.from_dict({k: v.astype(np.float32 if k != "index" else np.int64) for k, v in COLS.items()}
                                ).save_to_disk(str(scores / "scores"))
-    (scores / "manifest.json").write_text(json.dumps({"columns": list(COLS)}))
+    (scores / "manifest.json").write_text(json.dumps({"model_fingerprint": "0" * 16, "columns": list(COLS)}))
     out = tmp_path / "sel"
     summary = run(load_config(SelectConfig, None, [f"scores={scores}", f"out_dir={out}", "fraction=0.3333"]))
     assert summary["kept"] == 3

@@ -39,7 +39,14 @@ class ScoresDir:
         d = Path(path)
         if not (d / MANIFEST).is_file():
             raise UserError(f"{field}={d}: no {MANIFEST}; not a finished data_tools.score output")
-        return cls(d, field, json.loads((d / MANIFEST).read_text(encoding="utf-8")))
+        try:
+            manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{field}={d}: corrupt {MANIFEST}: {e}") from None
+        if not isinstance(manifest, dict) or "model_fingerprint" not in manifest or not (d / SCORES).is_dir():
+            raise UserError(f"{field}={d}: not a data_tools.score output (its {MANIFEST} is not a scoring "
+                            f"manifest, or {SCORES}/ is missing); a packed dataset or model directory?")
+        return cls(d, field, manifest)
 
     def columns(self) -> dict[str, np.ndarray]:
         """Every score column (and `index`) as numpy arrays."""
@@ -105,6 +112,10 @@ class SoftLabelCache:
 
     def __len__(self) -> int:
         return len(self.row_of)
+
+    def missing(self, indices: np.ndarray) -> np.ndarray:
+        """Those of `indices` (sequence indices into the train split) that have no cached labels."""
+        return np.asarray([i for i in np.asarray(indices).tolist() if i not in self.row_of], dtype=np.int64)
 
     def get(self, indices) -> dict[str, torch.Tensor]:
         try:

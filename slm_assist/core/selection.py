@@ -22,11 +22,19 @@ def write_selection(out_dir: Path, index: np.ndarray, summary: dict[str, Any]) -
 
 
 def read_index(path: str | Path, n_rows: int, field: str) -> np.ndarray:
-    """A selection index: sorted unique sequence indices within a split of `n_rows` rows."""
+    """A selection index: sorted unique sequence indices within a split of `n_rows` rows. `path` may also be
+    the data_tools.select output directory that holds it."""
+    p = Path(path)
+    if p.is_dir() and (p / INDEX).is_file():
+        p = p / INDEX
     try:
-        idx = np.load(path)
+        with open(p, "rb") as f:
+            is_npy = f.read(6) == b"\x93NUMPY"
+        idx = np.load(p) if is_npy else None
     except (OSError, ValueError) as e:
         raise UserError(f"{field}={path}: cannot read a .npy index: {e}") from None
+    if idx is None:
+        raise UserError(f"{field}={path}: not a .npy file (expected the {INDEX} that data_tools.select writes)")
     if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (len(idx) and (idx.min() < 0 or idx.max() >= n_rows)):
         raise UserError(f"{field}={path}: expected a 1-D array of sequence indices in [0, {n_rows}), "
                         f"got shape {idx.shape}, dtype {idx.dtype}")
@@ -35,5 +43,14 @@ def read_index(path: str | Path, n_rows: int, field: str) -> np.ndarray:
 
 def read_summary(index_path: str | Path) -> dict[str, Any] | None:
     """The summary written next to an index, or None when the index came from elsewhere."""
-    path = Path(index_path).parent / SUMMARY
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    p = Path(index_path)
+    path = (p if p.is_dir() else p.parent) / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, not UTF-8
+        raise UserError(f"{path}: corrupt selection summary: {e}") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{path}: corrupt selection summary: not a JSON object")
+    return summary
