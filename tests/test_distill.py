@@ -84,7 +84,8 @@ def test_token_gating_matches_its_definition(tiny_data, tiny_slm, trained):
     w = 0.6
 
     def objective(*overrides):
-        cfg = load_config(DistillConfig, None, ["schedule.kind=constant", f"schedule.weight={w}", *overrides])
+        cfg = load_config(DistillConfig, None, [f"teacher={tiny_slm}", "schedule.kind=constant",
+                                                f"schedule.weight={w}", *overrides])
         return SALTObjective(cfg, OnlineTeacher(teacher, cfg.gate_topk), 400, total_steps=10)
 
     with torch.no_grad():
@@ -213,6 +214,8 @@ def test_cache_for_other_data_is_refused(tiny_data, tiny_slm, tmp_path):
 
     scores = tmp_path / "scores"
     (scores / "cache").mkdir(parents=True)
-    (scores / "manifest.json").write_text(json.dumps({"dataset_fingerprint": "0" * 16, "split": "train"}))
+    (scores / "scores").mkdir()
+    (scores / "manifest.json").write_text(json.dumps({"model_fingerprint": "0" * 16, "dataset_fingerprint": "0" * 16,
+                                                      "split": "train"}))
     with pytest.raises(UserError, match=r"distill\.cache=.*cached for dataset 0+ split 'train', but this run"):
         main(run_overrides(tiny_data, tmp_path / "r", "train.max_steps=1", f"distill.cache={scores}"))

@@ -87,18 +87,20 @@ def test_keep_last_prunes_old_checkpoints(tiny_data, tmp_path):
     assert _ckpt_names(run) == ["step_00000005", "step_00000006"]
 
 
-def test_nan_loss_stops_without_checkpoint(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("first_bad, kept", [(2, r"the last good checkpoint is .*step_00000002\."),
+                                              (0, r"no checkpoint had been written yet\.")])
+def test_nan_loss_stops_without_checkpoint(tiny_data, tmp_path, monkeypatch, first_bad, kept):
     original = CausalLMObjective.__call__
 
     def poisoned(self, model, batch, step):
         loss, metrics = original(self, model, batch, step)
-        return (loss * float("nan"), metrics) if step >= 2 else (loss, metrics)
+        return (loss * float("nan"), metrics) if step >= first_bad else (loss, metrics)
 
     monkeypatch.setattr(CausalLMObjective, "__call__", poisoned)
     run = tmp_path / "N"
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3.*no checkpoint written"):
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite loss \(nan\) at step {first_bad + 1}.*{kept}"):
         main(run_overrides(tiny_data, run, "train.max_steps=6", "checkpoint.every=2"))
-    assert _ckpt_names(run) == ["step_00000002"]
+    assert _ckpt_names(run) == (["step_00000002"] if first_bad == 2 else [])
     assert not (run / "final").exists()
     assert isinstance(NonFiniteLossError("x"), UserError)  # so the CLI exits non-zero with the message
 

@@ -65,6 +65,22 @@ class ModelDir:
         """This model's tokenizer must be the data's (by fingerprint), checked before any work is done."""
         data.check_tokenizer(tokenizer_fingerprint(self.tokenizer), self.name, why)
 
+    def context_length(self) -> int | None:
+        """The longest sequence its position embeddings cover (config.json), or None when it does not say."""
+        try:
+            cfg = json.loads((self.path / CONFIG).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{self.name}: unreadable {CONFIG}: {e}") from None
+        n = cfg.get("max_position_embeddings", cfg.get("n_positions"))
+        return n if isinstance(n, int) else None
+
+    def check_context(self, seq_len: int, why: str) -> None:
+        """Sequences of `seq_len` must fit its position embeddings (gpt2 fails with an IndexError, RoPE models
+        silently extrapolate)."""
+        n = self.context_length()
+        if n is not None and n < seq_len:
+            raise UserError(f"{self.name}: max_position_embeddings={n} is below the data's seq_len={seq_len}; {why}")
+
     def load(self, device: torch.device, vocab: int, dtype: torch.dtype | str = "auto",
              attn_implementation: str | None = "auto") -> torch.nn.Module:
         """The model on `device` (dtype "auto" = as saved), with at least `vocab` (the tokenizer's real

@@ -14,6 +14,7 @@ def load_teacher(path: str, data: PackedDataset, device: torch.device, field: st
     named it, for the errors."""
     d = ModelDir.open(path, field)
     d.check_vocabulary(data, "distillation needs the teacher and the student to share one vocabulary")
+    d.check_context(data.seq_len, "the teacher reads the student's sequences")
     # transformers' default attention (sdpa), as the teacher always had: "auto" would pick flash-attn on CUDA,
     # which does not run a teacher saved in fp32
     teacher = d.load(device, len(data.tokenizer), attn_implementation=None)

@@ -3,7 +3,7 @@ source (online SLM, its cached labels, or the smoothed one-hot control) x the fu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
 import torch
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from slm_assist.core import dist
 from slm_assist.core.config import check
-from slm_assist.core.errors import UserError
+from slm_assist.core.errors import ConfigError, UserError
 from slm_assist.kd.losses import mixed_ce_kd
 from slm_assist.kd.schedule import KDScheduleConfig, kd_weight
 from slm_assist.kd.sources import SoftTargetSource
@@ -67,10 +67,31 @@ class DistillConfig:
         if self.label_smoothing:
             check(not (self.teacher or self.cache or self.gate_topk), "label_smoothing", self.label_smoothing,
                   "0 with distill.teacher / cache / gate_topk (the control replaces the teacher)")
+        if self.cache and self.teacher:  # KD reads the cache: the teacher would be loaded for nothing
+            check(self.handover_every > 0, "teacher", self.teacher,
+                  '"" with distill.cache unless distill.handover_every is set (the cache gives the soft labels; '
+                  "the teacher serves only the auto handover)")
+        if not self.enabled:  # a plain CE run: any other distill setting would be silently ignored
+            for name, value in _changed(self):
+                raise ConfigError(f"{name}={value!r} has no effect without distill.teacher, distill.cache or "
+                                  "distill.label_smoothing (the run is plain CE); remove it or set one of those")
 
     @property
     def enabled(self) -> bool:
         return bool(self.teacher or self.cache or self.label_smoothing)
+
+
+def _changed(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted name, value) of every setting of a config dataclass that differs from its default."""
+    out = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if is_dataclass(value):
+            out += _changed(value, f"{prefix}{f.name}.")
+        elif value != default:
+            out.append((prefix + f.name, value))
+    return out
 
 
 class SALTObjective(Objective):

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from slm_assist.core.errors import UserError
 from slm_assist.core.scores import ScoresDir
 from slm_assist.core.selection import read_index, read_summary
 from slm_assist.kd.schedule import KDScheduleConfig
@@ -31,14 +34,13 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     """The Trainer for a pretraining run, with every input checked before step 1: the KD-phase subset as the
     "kd" stream, the teacher's vocabulary, the cache's identity."""
     data = RunData(cfg)
-    streams = {}
-    if cfg.distill.selection:
-        rows = read_index(cfg.distill.selection, len(data.train), "distill.selection")
-        streams["kd"] = data.stream(rows)
-    return Trainer(cfg, build_objective(cfg, data), streams, data)
+    rows = read_index(cfg.distill.selection, len(data.train), "distill.selection") if cfg.distill.selection else None
+    streams = {"kd": data.stream(rows)} if rows is not None else {}
+    return Trainer(cfg, build_objective(cfg, data, rows), streams, data)
 
 
-def build_objective(cfg: RunConfig, data: RunData) -> Objective:
+def build_objective(cfg: RunConfig, data: RunData, kd_rows: np.ndarray | None = None) -> Objective:
+    """SALT's objective, or plain CE. `kd_rows`: the KD phase's subset of the train split (None = all of it)."""
     d = cfg.distill
     if not d.enabled:
         return CausalLMObjective()
@@ -48,6 +50,13 @@ def build_objective(cfg: RunConfig, data: RunData) -> Objective:
         source = SmoothedOneHot(d.label_smoothing)
     elif d.cache:
         cache = ScoresDir.open(d.cache, "distill.cache").soft_labels(data.dataset)
+        missing = cache.missing(np.arange(len(data.train)) if kd_rows is None else kd_rows)
+        if len(missing):  # found now, not at the step that first draws one
+            raise UserError(f"distill.cache={d.cache}: {len(missing)} of the KD phase's sequences are not cached "
+                            f"(e.g. {missing[:5].tolist()}), "
+                            + (f"distill.selection={d.selection} reaches outside the cached subset"
+                               if kd_rows is not None else "and the KD phase draws from the whole train split")
+                            + "; score with cache.indices= the same selection, or without cache.indices")
         source = CachedSoftLabels(cache, d.gate_topk, "distill.gate_topk")
     else:
         source = OnlineTeacher(teacher, d.gate_topk)

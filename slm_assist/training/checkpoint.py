@@ -83,6 +83,10 @@ class Checkpointer:
             return []
         return sorted(p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / "train_state_rank0.pt").is_file())
 
+    @staticmethod
+    def step_of(path: Path) -> int:
+        return int(_STEP_DIR.match(path.name).group(1))
+
     def latest(self) -> Path | None:
         done = self.complete()
         return done[-1] if done else None

@@ -22,7 +22,7 @@ from slm_assist.core import dist
 from slm_assist.core.config import check, save_config, to_dict
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import UserError
-from slm_assist.core.files import atomic_output_dir
+from slm_assist.core.files import atomic_output_dir, atomic_write_text, check_writable, clean_stale
 from slm_assist.core.model_dir import ModelDir, write_model_dir
 from slm_assist.training.batches import DataConfig, ShardedBatches, validation_batches
 from slm_assist.training.checkpoint import CheckpointConfig, Checkpointer, TrainState
@@ -96,6 +96,7 @@ class RunData:
 
     def __init__(self, cfg: TrainerConfig) -> None:
         self.cfg = cfg
+        check_writable(cfg.run_dir, "run_dir")  # before any expensive work
         dist.init()
         self.device = dist.device()
         if cfg.train.torch_threads > 0:
@@ -103,6 +104,7 @@ class RunData:
         torch.manual_seed(cfg.seed)  # objectives that build modules of their own build them seeded
         self.dataset = PackedDataset.open(cfg.data.path)
         self.tokenizer = self.dataset.tokenizer
+        _check_model_fits(cfg.model, self.dataset)
         self.train = self.dataset.split("train")
         self.val_batches = (
             validation_batches(self.dataset.split("validation"), cfg.train.micro_batch_size, cfg.train.eval_batches,
@@ -129,6 +131,8 @@ class Trainer:
         self.device, self.tokenizer = self.data.device, self.data.tokenizer
         self.manifest = self.data.dataset.manifest
         self.streams = {"main": self.data.stream(), **(streams or {})}
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
+        self._check_resumable()
 
         # Seeded here, not only in RunData: the student's init must not depend on what the recipe loaded before.
         torch.manual_seed(cfg.seed)
@@ -144,10 +148,19 @@ class Trainer:
             dtype=cfg.train.dtype, zero_stage=cfg.train.zero_stage, grad_clip=cfg.optim.grad_clip)
         self.engine = initialize(ModelWithHeads(model, heads) if heads else model, self.ds_config, cfg.optim,
                                  cfg.schedule, cfg.train.max_steps, self.device)
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
         self.state = TrainState()
         self.tokens_per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum * dist.world_size()
                                 * self.data.dataset.seq_len)
+
+    def _check_resumable(self) -> None:
+        """A checkpoint past train.max_steps means this run_dir holds a longer run than the config asks for:
+        say so before any model is built, instead of reporting the old run as done."""
+        latest = self.checkpointer.latest() if self.cfg.checkpoint.resume else None
+        step = self.checkpointer.step_of(latest) if latest else 0
+        if step > self.cfg.train.max_steps:
+            raise UserError(f"run_dir={self.run_dir} has a checkpoint at step {step}, past "
+                            f"train.max_steps={self.cfg.train.max_steps}; use another run_dir, raise "
+                            "train.max_steps, or set checkpoint.resume=false to start over")
 
     @property
     def model(self) -> torch.nn.Module:
@@ -167,10 +180,13 @@ class Trainer:
         for _ in range(self.cfg.train.grad_accum):
             loss, metrics = self.objective(self.engine, batches.next().to(self.device), self.state.step)
             if dist.any_rank(not math.isfinite(loss.item())):
+                latest = self.checkpointer.latest()
+                kept = (f"the last good checkpoint is {latest}" if latest else
+                        "no checkpoint had been written yet")
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss.item()}) at step {self.state.step + 1} (micro-batch of epoch "
-                    f"{batches.epoch}, position {batches.cursor}); no checkpoint written, the last good "
-                    f"one stays in {self.checkpointer.root}. Lower optim.lr or check the data")
+                    f"{batches.epoch}, position {batches.cursor}); nothing was saved for this step, "
+                    f"{kept}. Lower optim.lr or check the data")
             self.engine.backward(loss)
             self.engine.step()
             for k, v in {"loss": loss.detach(), **metrics}.items():
@@ -211,8 +227,9 @@ class Trainer:
         cfg = self.cfg
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            clean_stale(self.run_dir / "final")  # an export killed mid-write
             save_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+            atomic_write_text(self.run_dir / "deepspeed_config.json", json.dumps(self.ds_config, indent=2) + "\n")
         self.resume()
         logger = MetricsLogger(self.run_dir, enabled=dist.is_main())
         logger.truncate_after(self.state.step)
@@ -273,6 +290,17 @@ class Trainer:
         return {"run_config": to_dict(self.cfg), "data_manifest": self.manifest, "params": self.n_params,
                 "step": self.state.step, "tokens_seen": self.state.tokens_seen,
                 "stages": (start or {}).get("stages", [])}
+
+
+def _check_model_fits(cfg: ModelConfig, data: PackedDataset) -> None:
+    """The model reads the data's vocabulary and sequences of its seq_len (checked before any model is built)."""
+    if cfg.pretrained:
+        d = ModelDir.open(cfg.pretrained, "model.pretrained")
+        d.check_vocabulary(data, "the model must be trained on the data's tokenizer")
+        d.check_context(data.seq_len, "use data packed with a shorter pack.seq_len")
+    elif cfg.max_position_embeddings < data.seq_len:
+        raise UserError(f"model.max_position_embeddings={cfg.max_position_embeddings} is below the data's "
+                        f"seq_len={data.seq_len} ({data.path}); raise it to at least {data.seq_len}")
 
 
 def _model_config(cfg: ModelConfig, objective: Objective) -> ModelConfig:
