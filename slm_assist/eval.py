@@ -6,7 +6,7 @@
 - a jsonl of {"input", "choices", "label"}: multiple-choice accuracy, each choice scored by the log-likelihood
   of input + choice, optionally normalised by the choice's length in characters (lm-eval-harness's acc_norm).
 
-    python -m slm_assist.eval MODEL_DIR [DATA ...] [--split validation] [--max-rows N] [--out results.json]
+    python -m slm_assist.eval MODEL_DIR DATA [DATA ...] [--split validation] [--max-rows N] [--out results.json]
 
 Only the tokenizer's real vocabulary is scored: padded embedding rows are cut off.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,11 @@ from tqdm import tqdm
 from slm_assist.core import dist
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import UserError, run_cli
-from slm_assist.core.files import atomic_write_text
+from slm_assist.core.files import atomic_write_text, check_output_file
 from slm_assist.core.model_dir import ModelDir
 from slm_assist.core.tokenizer import tokenizer_fingerprint
+
+LOSS_VOCAB_WHY = "losses over different vocabularies are not comparable"
 
 
 def load_model(model_dir: str | Path, device: torch.device | None = None):
@@ -49,8 +51,7 @@ def dataset_loss(model, tok, data_dir: str | Path, split: str = "validation", ba
                  max_rows: int = -1) -> dict[str, Any]:
     """Mean next-token loss over every token of a packed split (each row scored on its own)."""
     data = PackedDataset.open(data_dir)
-    data.check_tokenizer(tokenizer_fingerprint(tok), "the model",
-                         "losses over different vocabularies are not comparable")
+    data.check_tokenizer(tokenizer_fingerprint(tok), "the model", LOSS_VOCAB_WHY)
     ds = data.split(split, "--split")
     n = len(ds) if max_rows < 0 else min(len(ds), max_rows)
     v, total, count = len(tok), 0.0, 0
@@ -89,20 +90,69 @@ def _continuation_logprobs(model, tok, context: str, continuation: str, max_len:
     return logp.gather(-1, target[:, None]).squeeze(-1), logp.argmax(-1) == target
 
 
-def _read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+TASKS = {"cloze": ("context", "target"), "multiple_choice": ("input", "choices", "label")}
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of every non-blank line; a line that is not UTF-8 or not JSON is an error that
+    names it."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: not JSON: {e}") from None
-            missing = [k for k in fields if k not in row]
-            if missing:
-                raise UserError(f"{path}:{lineno}: missing field(s) {missing}; expected {list(fields)}")
-            rows.append(row)
+
+
+def _expected(kind: str) -> str:
+    return "{" + ", ".join(TASKS[kind]) + "}"
+
+
+def _check_row(path: str | Path, lineno: int, row: Any, kind: str) -> None:
+    """A row of a `kind` jsonl has every field, each of the right type."""
+    where = f"{path}:{lineno}"
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: not a JSON object but {_short(row)}; expected {_expected(kind)}")
+    missing = [k for k in TASKS[kind] if k not in row]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {missing}; expected {list(TASKS[kind])}")
+    for k in ("context", "target") if kind == "cloze" else ("input",):
+        if not isinstance(row[k], str):
+            raise UserError(f"{where}: field {k!r} must be a string, not {_short(row[k])}")
+    if kind == "cloze":
+        return
+    choices, label = row["choices"], row["label"]
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise UserError(f"{where}: field 'choices' must be a list of at least 2 strings, not {_short(choices)}")
+    bad = next((i for i, c in enumerate(choices) if not isinstance(c, str)), None)
+    if bad is not None:
+        raise UserError(f"{where}: field 'choices' must be a list of strings; choices[{bad}] is "
+                        f"{_short(choices[bad])}")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+        raise UserError(f"{where}: field 'label' must be an integer index into its {len(choices)} choices "
+                        f"(0..{len(choices) - 1}), not {_short(label)}")
+
+
+def _read_jsonl(path: str | Path, kind: str) -> list[dict[str, Any]]:
+    """Every example of a cloze or multiple-choice jsonl, each checked (fields and their types)."""
+    rows = []
+    for lineno, row in _json_lines(path):
+        _check_row(path, lineno, row, kind)
+        rows.append(row)
     if not rows:
         raise UserError(f"{path}: no examples")
     return rows
@@ -115,7 +165,7 @@ def _max_len(model) -> int:
 @torch.inference_mode()
 def cloze_accuracy(model, tok, path: str | Path, max_rows: int = -1) -> dict[str, Any]:
     """Fraction of {context, target} examples whose " target" is predicted greedily, token for token."""
-    rows = _read_jsonl(path, ("context", "target"))[: max_rows if max_rows > 0 else None]
+    rows = _read_jsonl(path, "cloze")[: max_rows if max_rows > 0 else None]
     hits, logps = 0, 0.0
     for r in tqdm(rows, desc=f"cloze {Path(path).name}", leave=False):
         lp, greedy = _continuation_logprobs(model, tok, r["context"], " " + r["target"], _max_len(model))
@@ -128,12 +178,9 @@ def cloze_accuracy(model, tok, path: str | Path, max_rows: int = -1) -> dict[str
 @torch.inference_mode()
 def multiple_choice_accuracy(model, tok, path: str | Path, max_rows: int = -1) -> dict[str, Any]:
     """acc: argmax of log p(choice | input); acc_norm: of log p divided by the choice's length in characters."""
-    rows = _read_jsonl(path, ("input", "choices", "label"))[: max_rows if max_rows > 0 else None]
+    rows = _read_jsonl(path, "multiple_choice")[: max_rows if max_rows > 0 else None]
     acc = acc_norm = 0
-    for i, r in enumerate(tqdm(rows, desc=f"choice {Path(path).name}", leave=False)):
-        if not isinstance(r["label"], int) or not 0 <= r["label"] < len(r["choices"]):
-            raise UserError(f"{path}: example {i}: label {r['label']!r} is not an index into its "
-                            f"{len(r['choices'])} choices")
+    for r in tqdm(rows, desc=f"choice {Path(path).name}", leave=False):
         lls = [_continuation_logprobs(model, tok, r["input"], c, _max_len(model))[0].sum().item() for c in r["choices"]]
         acc += int(np.argmax(lls)) == r["label"]
         acc_norm += int(np.argmax([ll / max(1, len(c)) for ll, c in zip(lls, r["choices"])])) == r["label"]
@@ -142,31 +189,71 @@ def multiple_choice_accuracy(model, tok, path: str | Path, max_rows: int = -1) -
 
 
 def _kind(path: str) -> str:
+    """What a DATA path is, from a look at it: a packed dataset directory, or a jsonl whose first example's
+    fields say cloze or multiple choice. The rows themselves are checked when they are read."""
     p = Path(path)
     if p.is_dir():
         return "loss"
     if not p.is_file():
         raise UserError(f"{path}: no such file or directory")
-    with open(p, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
+    first = next(_json_lines(p), None)
+    if first is None:
+        raise UserError(f"{path}: no examples (an empty file)")
+    lineno, row = first
+    keys = set(row) if isinstance(row, dict) else set()
+    overlap = {kind: len(keys & set(fields)) for kind, fields in TASKS.items()}
+    kind = max(overlap, key=overlap.__getitem__)
+    if overlap[kind]:  # the reader names any missing field
+        return kind
+    found = f"fields {sorted(keys)}" if isinstance(row, dict) else f"not a JSON object but {_short(row)}"
+    raise UserError(f"{path}:{lineno}: {found}; expected a packed dataset directory or a jsonl of "
+                    "{context, target} (cloze) or {input, choices, label} (multiple choice)")
+
+
+def _check_input(path: str, split: str) -> tuple[str, PackedDataset | None]:
+    """(kind, the opened packed dataset) of one DATA path; every row of a jsonl is read and checked."""
+    kind = _kind(path)
+    if kind != "loss":
+        _read_jsonl(path, kind)
+        return kind, None
+    data = PackedDataset.open(path)
+    if not data.has_split(split):
+        raise UserError(f"--split={split!r}: {path} has no such split (splits: {list(data.manifest['splits'])})")
+    return kind, data
+
+
+def _no_data_message(model_dir: str | Path) -> str:
+    msg = ("no DATA to evaluate on: give packed dataset directories (token loss and perplexity), jsonl files of "
+           "{context, target} (cloze accuracy) or of {input, choices, label} (multiple-choice accuracy)")
     try:
-        keys = set(json.loads(first)) if first else set()
-    except json.JSONDecodeError:
-        keys = set()
-    if {"context", "target"} <= keys:
-        return "cloze"
-    if {"input", "choices", "label"} <= keys:
-        return "multiple_choice"
-    raise UserError(f"{path}: neither a packed dataset directory nor a jsonl of {{context, target}} (cloze) or "
-                    "{input, choices, label} (multiple choice)")
+        meta = ModelDir(model_dir).meta()
+    except UserError:
+        meta = None
+    run_config = meta.get("run_config") if isinstance(meta, dict) else None
+    run_data = run_config.get("data") if isinstance(run_config, dict) else None
+    trained_on = run_data.get("path") if isinstance(run_data, dict) else None
+    if isinstance(trained_on, str) and trained_on:
+        where = "" if Path(trained_on).is_dir() else " (not found from here)"
+        msg += (f"; this model was trained on {trained_on}{where}: "
+                f"python -m slm_assist.eval {model_dir} {trained_on}")
+    return msg
 
 
 def evaluate(model_dir: str | Path, data: Sequence[str], split: str = "validation",
              max_rows: int = -1) -> dict[str, Any]:
-    model, tok = load_model(model_dir)
+    """Every DATA path is checked (packed datasets: manifest, split, vocabulary; jsonl: every row) before the
+    model is loaded."""
+    d = ModelDir.open(model_dir)
+    if not data:
+        raise UserError(_no_data_message(model_dir))
+    inputs = [(path, *_check_input(path, split)) for path in data]
+    tok = d.tokenizer
+    for _, _, packed in inputs:
+        if packed is not None:
+            packed.check_tokenizer(tokenizer_fingerprint(tok), "the model", LOSS_VOCAB_WHY)
+    model = d.load(dist.device(), len(tok), dtype=torch.float32).eval()
     results = []
-    for path in data:
-        kind = _kind(path)
+    for path, kind, _ in inputs:
         if kind == "loss":
             results.append(dataset_loss(model, tok, path, split, max_rows=max_rows))
         elif kind == "cloze":
@@ -184,13 +271,17 @@ def main(argv: Sequence[str]) -> None:
     ap.add_argument("--max-rows", type=int, default=-1, help="cap sequences / examples per input (-1 = all)")
     ap.add_argument("--out", default="", help="also write the results as JSON here")
     args = ap.parse_args(list(argv))
+    out = check_output_file(args.out, "--out") if args.out else None
     res = evaluate(args.model_dir, args.data, args.split, args.max_rows)
     for r in res["results"]:
         figures = {k: v for k, v in r.items() if k not in ("task", "data")}
         print(f"{r['task']:>16}  {r['data']}: " + "  ".join(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
-    if args.out:
-        atomic_write_text(Path(args.out), json.dumps(res, indent=2) + "\n")
+    if out is not None:
+        try:
+            atomic_write_text(out, json.dumps(res, indent=2) + "\n")
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot write: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,20 +1,29 @@
 """Publish an exported model on the Hugging Face hub, with a model card generated from its run metadata.
 
     python -m slm_assist.hub push RUN_DIR/final --repo-id ORG/NAME [--private] [--revision R] [--create-pr]
+                                  [--endpoint URL] [--timeout SECONDS]
     python -m slm_assist.hub card RUN_DIR/final            # print the generated card, upload nothing
 
 The token comes from HF_TOKEN (or `hf auth login`), the endpoint from --endpoint or HF_ENDPOINT. The folder is
 uploaded with `huggingface_hub.upload_folder` from a staging copy (hard links), so the local folder is never
-modified; its own README.md, when it has one, is uploaded instead of the generated card.
+modified; its own README.md, when it has one, is uploaded instead of the generated card. The staging copy lives in
+the temp dir as `slm_assist_push_<pid>_*` and is removed on every exit (errors, SIGTERM, SIGINT, SIGHUP); one left by
+a killed push (kill -9) is removed by the next push once its process is gone. Every network operation (connect, each
+read, each write) waits at most --timeout seconds, so a hub that accepts the connection and never answers is an
+error, not a hang.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
+import signal
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,24 +97,34 @@ def model_card(model_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_TIMEOUT = 60.0
+STAGE_PREFIX = "slm_assist_push_"  # + "<pid>_<random>": the staging copies in tempfile.gettempdir()
+_STAGE_RE = re.compile(re.escape(STAGE_PREFIX) + r"(\d+)_[^/]+")
+
+
 def push(model_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
-         create_pr: bool = False, endpoint: str | None = None, token: str | None = None) -> str:
-    """Upload the folder (plus a generated card) to `repo_id`; returns the commit (or PR) URL."""
-    from httpx2 import TransportError  # huggingface_hub's HTTP client
+         create_pr: bool = False, endpoint: str | None = None, token: str | None = None,
+         timeout: float = DEFAULT_TIMEOUT) -> str:
+    """Upload the folder (plus a generated card) to `repo_id`; returns the commit (or PR) URL. `timeout` bounds each
+    network operation (connect, each read or write), not the whole upload."""
+    from httpx2 import TimeoutException, TransportError  # huggingface_hub's HTTP client
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
     d = ModelDir.open(model_dir).path
     if "/" not in repo_id or repo_id.count("/") != 1:
         raise UserError(f"--repo-id {repo_id!r}: expected ORG/NAME")
+    if not timeout > 0:
+        raise UserError(f"--timeout {timeout}: expected a positive number of seconds")
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     api = HfApi(endpoint=endpoint, token=token)
     if not (token or get_token()):
         raise UserError("no Hugging Face token: set HF_TOKEN (or run `hf auth login`) before pushing")
     card = None if (d / "README.md").is_file() else model_card(d).replace("REPO_ID", repo_id)
+    remove_stale_staging()
     try:
-        with tempfile.TemporaryDirectory(prefix="slm_assist_push_") as tmp:
-            stage = Path(tmp) / d.name
+        with _http_timeout(timeout), _staging_dir() as tmp:
+            stage = tmp / d.name
             shutil.copytree(d, stage, copy_function=_link_or_copy)
             if card is not None:
                 (stage / "README.md").write_text(card, encoding="utf-8")
@@ -119,10 +138,107 @@ def push(model_dir: str | Path, repo_id: str, private: bool = False, revision: s
     except (OSError, ValueError) as e:
         raise UserError(f"push of {d} to {repo_id} via {endpoint} failed: {type(e).__name__}: {e}; "
                         "the local folder is unchanged") from None
-    except TransportError as e:  # connection refused, DNS, timeouts: the hub was never reached
+    except TimeoutException as e:  # connected (or connecting) but no answer; huggingface_hub re-raises it as is
+        raise UserError(f"hub endpoint {endpoint} did not answer within {timeout:g} s ({type(e).__name__}; "
+                        "--timeout sets the limit); the local folder is unchanged") from None
+    except TransportError as e:  # connection refused, DNS: the hub was never reached
         raise UserError(f"hub endpoint {endpoint} is unreachable ({type(e).__name__}: {e}); "
                         "check HF_ENDPOINT / --endpoint; the local folder is unchanged") from None
     return info.pr_url or info.commit_url
+
+
+@contextmanager
+def _http_timeout(seconds: float) -> Iterator[None]:
+    """huggingface_hub's shared httpx2 client, as its current factory builds it (by default: its request hook,
+    follow_redirects) but with `seconds` as the connect/read/write/pool timeout instead of none; the previous factory
+    is restored after (set_client_factory closes the cached client, so the next call builds a fresh one)."""
+    import httpx2
+    from huggingface_hub.utils import _http, set_client_factory
+
+    previous: Callable[[], httpx2.Client] = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+    def factory() -> httpx2.Client:
+        client = previous()
+        client.timeout = httpx2.Timeout(seconds)
+        return client
+
+    set_client_factory(factory)
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
+@contextmanager
+def _staging_dir() -> Iterator[Path]:
+    """A temp dir named `slm_assist_push_<pid>_*`, removed on exit, also when the process gets SIGTERM, SIGINT or
+    SIGHUP meanwhile (turned into SystemExit / KeyboardInterrupt, so the removal runs; a second signal during the
+    removal is ignored). The previous handlers are restored after."""
+    with _signals_as_exceptions():
+        tmp = tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}_")
+        try:
+            yield Path(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _signals_as_exceptions() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from the main thread
+        yield
+        return
+    fired = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal fired
+        if fired:  # already unwinding: let the cleanup finish
+            return
+        fired = True
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        # only replace a handler that would end the process anyway: an ignored signal stays ignored, a caller's own
+        # handler stays in charge
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def remove_stale_staging(tmp_dir: str | Path | None = None) -> list[Path]:
+    """Remove the staging dirs (`slm_assist_push_<pid>_*`) of pushes whose process is gone (killed with SIGKILL, or
+    the machine went down); returns them. Anything else in the temp dir, and the dirs of live processes, stay."""
+    root = Path(tmp_dir or tempfile.gettempdir())
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _STAGE_RE.fullmatch(entry.name)
+        if not m or not entry.is_dir(follow_symlinks=False) or _alive(int(m.group(1))):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process, or not a pid we can ask about
+        return True
+    return True
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -142,13 +258,18 @@ def main(argv: Sequence[str]) -> None:
     p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     p.add_argument("--endpoint", default=None, help="hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="the longest wait for each network operation (connecting, each read or write of a request), "
+                        "not for the whole upload, so big uploads still work; a hub that stays silent this long is "
+                        f"an error (default: {DEFAULT_TIMEOUT:g})")
     c = sub.add_parser("card", help="print the generated model card")
     c.add_argument("model_dir")
     args = ap.parse_args(list(argv))
     if args.cmd == "card":
         print(model_card(args.model_dir))
         return
-    url = push(args.model_dir, args.repo_id, args.private, args.revision, args.create_pr, args.endpoint)
+    url = push(args.model_dir, args.repo_id, args.private, args.revision, args.create_pr, args.endpoint,
+               timeout=args.timeout)
     print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
 
 

@@ -19,17 +19,26 @@ from pathlib import Path
 
 from slm_assist.core.dataset import read_manifest
 from slm_assist.core.errors import UserError, run_cli
-from slm_assist.core.files import atomic_write_text
+from slm_assist.core.files import atomic_write_text, check_output_file
 from slm_assist.core.model_dir import META, ModelDir
 from slm_assist.core.selection import INDEX, SUMMARY, read_summary
 from slm_assist.salt.recipe import describe
 from slm_assist.training.metrics import read_eval, read_metrics
 
+RUN_META_FIELDS = ("run_config", "params", "step", "tokens_seen")
+
 
 def run_summary(run_dir: Path) -> dict:
+    """A finished run's figures; without metrics.jsonl (logging off, or lost) its val_loss is None."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: " + ("not a run directory (a file)" if run_dir.exists() else "no such directory"))
     meta = ModelDir(run_dir / "final").meta()
     if meta is None:
         raise UserError(f"{run_dir}: no final/{META}; the run has not finished")
+    missing = [k for k in RUN_META_FIELDS if k not in meta] if isinstance(meta, dict) else list(RUN_META_FIELDS)
+    if missing or not isinstance(meta["run_config"], dict):
+        raise UserError(f"{run_dir / 'final' / META}: not slm_assist run metadata (missing or bad field(s) "
+                        f"{missing or ['run_config']})")
     vals = [r["val_loss"] for r in read_metrics(run_dir) if isinstance(r.get("val_loss"), float)]
     evals = {r["task"]: r for r in read_eval(run_dir)}
     return {"run": str(run_dir), "name": run_dir.name, "params": meta["params"], "steps": meta["step"],
@@ -59,9 +68,10 @@ def plot_curves(runs: Sequence[Path], path: Path) -> None:
 
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
-        recs = read_metrics(run)
-        train = [(r["step"], r["ce"] if "ce" in r else r["loss"]) for r in recs if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+        recs = read_metrics(run)  # [] for a run without metrics.jsonl: not drawn
+        train = [(r["step"], r["ce"] if "ce" in r else r["loss"]) for r in recs
+                 if "loss" in r and _number(r["ce"] if "ce" in r else r["loss"])]
+        val = [(r["step"], r["val_loss"]) for r in recs if _number(r.get("val_loss"))]
         if train:
             ax_t.plot(*zip(*train), label=run.name, lw=1)
         if val:
@@ -72,11 +82,16 @@ def plot_curves(runs: Sequence[Path], path: Path) -> None:
     ax_t.set(title="training CE", xlabel="step", ylabel="loss")
     ax_v.set(title="validation loss (shaded: KD phase)", xlabel="step", ylabel="loss")
     for a in (ax_t, ax_v):
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
         a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _fmt(v, spec: str = ".4f") -> str:
@@ -128,17 +143,21 @@ def main(argv: Sequence[str]) -> None:
     ap.add_argument("--title", default="slm_assist report")
     args = ap.parse_args(list(argv))
     rows = [run_summary(r) for r in args.runs]
+    if args.data:
+        read_manifest(args.data)
+    if args.select and read_summary(args.select / INDEX) is None:
+        raise UserError(f"--select {args.select}: no {SUMMARY} (not a data_tools.select output)")
+    if args.out:
+        check_output_file(args.out, "--out")
     print(f"{'run':<24} {'params':>8} {'steps':>6} {'tokens':>10} {'val_loss':>9}  model")
     for r in rows:
         print(f"{r['run']:<24} {r['params'] / 1e6:>7.2f}M {r['steps']:>6} {r['tokens']:>10} "
               f"{_fmt(r['val_loss']):>9}  {r['model']}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # the PNGs go next to it
         if args.data:
             write_section(args.out, "data", data_section(args.data), args.title)
         if args.select:
-            if read_summary(args.select / INDEX) is None:
-                raise UserError(f"--select {args.select}: no {SUMMARY} (not a data_tools.select output)")
             write_section(args.out, "selection", selection_section(args.select, args.out.parent), args.title)
         write_section(args.out, "runs", runs_section(args.runs, args.out.parent), args.title)
         print(f"report: {args.out}")

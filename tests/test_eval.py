@@ -14,7 +14,7 @@ import torch
 from slm_assist.core.errors import UserError
 from slm_assist.eval import cloze_accuracy, dataset_loss, load_model, multiple_choice_accuracy
 
-from .conftest import REPO, TINY_MODEL, clean_env, run_module
+from .conftest import REPO, TINY_MODEL, clean_env, error_line, run_module
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,89 @@ def test_bad_eval_inputs_are_clear_errors(tiny_slm, tmp_path, slm_other_tokenize
         dataset_loss(other, other_tok, tiny_data)
     res = run_module("slm_assist.eval", [str(tiny_slm), str(tmp_path / "missing.jsonl")])
     assert res.returncode == 2 and "missing.jsonl: no such file or directory" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def broken_weights_model(tiny_slm, tiny_data, tmp_path_factory):
+    """tiny_slm with its weights file cut short and run metadata naming tiny_data: any error that mentions the
+    data, not "cannot load", proves the inputs were checked before the model was loaded."""
+    import shutil
+
+    from slm_assist.core.model_dir import META, ModelDir
+
+    out = tmp_path_factory.mktemp("broken") / "m"
+    shutil.copytree(tiny_slm, out)
+    (out / "model.safetensors").write_bytes(b"not safetensors")
+    (out / META).write_text(json.dumps({"run_config": {"data": {"path": str(tiny_data)}}}))
+    with pytest.raises(UserError, match="cannot load"):
+        ModelDir(out).load(torch.device("cpu"), 1)
+    return out
+
+
+LONG = ["many words"] * 50
+GOOD_CLOZE = '{"context": "a b", "target": "c"}\n'
+GOOD_MC = '{"input": "a", "choices": [" b", " c"], "label": 0}\n'
+
+# (case, file contents (bytes or text; None: no file), extra CLI arguments, what the error line must contain)
+BAD_EVAL_INPUTS = [
+    ("latin-1 first line", '{"context": "caf\xe9", "target": "x"}\n'.encode("latin-1"), [],
+     ["bad.jsonl:1: not UTF-8 text", "0xe9"]),
+    ("latin-1 later line", (GOOD_CLOZE + '{"context": "na\xefve", "target": "x"}\n').encode("latin-1"), [],
+     ["bad.jsonl:2: not UTF-8 text", "0xef"]),
+    ("first line an array", "[1, 2]\n", [], ["bad.jsonl:1:", "not a JSON object", "[1, 2]"]),
+    ("later line a string", GOOD_CLOZE + '"x"\n', [], ["bad.jsonl:2:", "not a JSON object", "'x'"]),
+    ("later line an array", GOOD_MC + "\n[1, 2]\n", [], ["bad.jsonl:3:", "not a JSON object", "[1, 2]"]),
+    ("context a number", '{"context": 5, "target": "x"}\n', [], ["bad.jsonl:1:", "'context'", "5"]),
+    ("target a list", GOOD_CLOZE + '{"context": "a", "target": ["x"]}\n', [], ["bad.jsonl:2:", "'target'", "['x']"]),
+    ("target missing", '{"context": "a"}\n', [], ["bad.jsonl:1:", "missing field(s) ['target']"]),
+    ("input null", '{"input": null, "choices": ["a", "b"], "label": 0}\n', [], ["bad.jsonl:1:", "'input'", "None"]),
+    ("long value shortened", json.dumps({"context": LONG, "target": "x"}) + "\n", [],
+     ["bad.jsonl:1:", "'context'", "['many words', ", "..."]),
+    ("choices a string", GOOD_MC + '{"input": "a", "choices": "ab", "label": 0}\n', [],
+     ["bad.jsonl:2:", "'choices'", "'ab'"]),
+    ("choices a non-string", '{"input": "a", "choices": ["b", 3], "label": 0}\n', [],
+     ["bad.jsonl:1:", "'choices'", "choices[1] is 3"]),
+    ("one choice", '{"input": "a", "choices": ["b"], "label": 0}\n', [], ["bad.jsonl:1:", "'choices'", "['b']"]),
+    ("label a bool", '{"input": "a", "choices": ["b", "c"], "label": true}\n', [],
+     ["bad.jsonl:1:", "'label'", "True"]),
+    ("label a string", '{"input": "a", "choices": ["b", "c"], "label": "1"}\n', [],
+     ["bad.jsonl:1:", "'label'", "'1'"]),
+    ("label a float", '{"input": "a", "choices": ["b", "c"], "label": 1.0}\n', [],
+     ["bad.jsonl:1:", "'label'", "1.0"]),
+    ("label out of range", GOOD_MC + '{"input": "a", "choices": ["b", "c"], "label": 2}\n', [],
+     ["bad.jsonl:2:", "'label'", "2"]),
+    ("no such split", None, ["{data}", "--split", "nope"], ["--split='nope'", "no such split"]),
+    ("not a packed dataset", None, ["{tmp}"], ["not a packed dataset"]),
+    ("no DATA", None, [], ["no DATA", "packed dataset", "{context, target}", "{input, choices, label}",
+                            "trained on {data}", "python -m slm_assist.eval {model} {data}"]),
+    ("--out an existing directory", GOOD_CLOZE, ["--out", "{tmp}"], ["--out={tmp}", "is a directory"]),
+    ("--out under a file", GOOD_CLOZE, ["--out", "{tmp}/bad.jsonl/results.json"], ["--out", "is a file"]),
+    ("--out unwritable", GOOD_CLOZE, ["--out", "/sys/x/results.json"],
+     ["--out=/sys/x/results.json", "cannot write in /sys"]),
+]
+
+
+@pytest.mark.parametrize("case,content,args,expected", BAD_EVAL_INPUTS, ids=[c[0] for c in BAD_EVAL_INPUTS])
+def test_bad_eval_cli_inputs_are_one_line_errors_before_the_model_loads(case, content, args, expected,
+                                                                        broken_weights_model, tiny_data, tmp_path):
+    subs = {"{data}": str(tiny_data), "{tmp}": str(tmp_path), "{model}": str(broken_weights_model)}
+
+    def sub(text: str) -> str:
+        for k, v in subs.items():
+            text = text.replace(k, v)
+        return text
+
+    argv = [str(broken_weights_model)]
+    if content is not None:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+        argv.append(str(bad))
+    res = run_module("slm_assist.eval", argv + [sub(a) for a in args], timeout=300)
+    assert res.returncode == 2, res.stdout + res.stderr
+    line = error_line(res.stderr)
+    for want in expected:
+        assert sub(want) in line, (want, line)
+    assert len(line) < 600, line  # values are shortened
 
 
 def test_cloze_builder_uses_only_held_out_documents(tiny_data, tmp_path):

@@ -151,3 +151,125 @@ def test_reports_and_cards_share_one_recipe_text():
     salt = recipe("distill.teacher=runs/x/slm/final", "train.max_steps=1000")
     assert salt.short == "SALT: KD from slm, step w=0.667 for 20% of steps" and salt.tags == ["salt", "distillation"]
     assert "- schedule: step, w = 0.667, n_KD = 200 steps" in salt.lines
+
+
+@pytest.fixture
+def silent_hub():
+    """An endpoint that accepts TCP connections and never answers: the URL."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+def staging_dirs(tmp):
+    return sorted(p.name for p in tmp.glob("slm_assist_push_*"))
+
+
+def test_silent_endpoint_times_out_with_a_clear_error(exported, silent_hub, tmp_path):
+    import time
+
+    from .conftest import run_module
+
+    before = snapshot(exported)
+    start = time.monotonic()
+    res = run_module("slm_assist.hub", ["push", str(exported), "--repo-id", "my-org/tiny", "--endpoint", silent_hub,
+                                        "--timeout", "2"],
+                     env={"HF_TOKEN": "hf_test_token", "TMPDIR": str(tmp_path)}, timeout=60)
+    assert time.monotonic() - start < 30
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    (line,) = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert f"hub endpoint {silent_hub} did not answer within 2 s" in line
+    assert "--timeout" in line and "the local folder is unchanged" in line
+    assert snapshot(exported) == before
+    assert staging_dirs(tmp_path) == []
+
+
+def test_push_timeout_in_process_restores_the_client_factory(exported, silent_hub, monkeypatch, tmp_path):
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    factory = _http._GLOBAL_CLIENT_FACTORY
+    with pytest.raises(UserError, match=r"did not answer within 0.5 s \((Read|Connect|Write|Pool)Timeout"):
+        push(exported, "my-org/tiny", endpoint=silent_hub, timeout=0.5)
+    assert _http._GLOBAL_CLIENT_FACTORY is factory and staging_dirs(tmp_path) == []
+    with pytest.raises(UserError, match="--timeout 0.0: expected a positive number"):
+        push(exported, "my-org/tiny", endpoint=silent_hub, timeout=0.0)
+
+
+def test_sigterm_during_a_push_removes_the_staging_copy(exported, silent_hub, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO, clean_env
+
+    before = snapshot(exported)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slm_assist.hub", "push", str(exported), "--repo-id", "my-org/tiny",
+         "--endpoint", silent_hub],  # the default --timeout (60 s) outlasts the test
+        cwd=REPO, env=clean_env(HF_TOKEN="hf_test_token", TMPDIR=str(tmp_path)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not staging_dirs(tmp_path):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no staging dir appeared"
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the copy or the wait for the hub
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 and "Traceback" not in err
+    assert staging_dirs(tmp_path) == []
+    assert snapshot(exported) == before
+
+
+def test_push_removes_stale_staging_of_dead_processes_only(exported, monkeypatch, tmp_path):
+    import os
+    import subprocess
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its pid names no process now
+    stale = tmp_path / f"slm_assist_push_{dead.pid}_k1ll9"
+    live = tmp_path / f"slm_assist_push_{os.getpid()}_alive"
+    keep = [live, tmp_path / "unrelated", tmp_path / "slm_assist_push_notapid"]
+    for d in [stale, *keep]:
+        (d / "final").mkdir(parents=True)
+        (d / "final" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / f"slm_assist_push_{dead.pid}_file").write_text("not a dir")  # only dirs are ours
+    with FakeHub() as hub:
+        push(exported, "my-org/tiny", endpoint=hub.url)
+    assert len(hub.commits) == 1
+    assert not stale.exists()
+    for d in keep:
+        assert (d / "final" / "model.safetensors").read_bytes() == b"x"
+    assert (tmp_path / f"slm_assist_push_{dead.pid}_file").read_text() == "not a dir"
+    assert staging_dirs(tmp_path) == sorted([live.name, "slm_assist_push_notapid", f"slm_assist_push_{dead.pid}_file"])

@@ -21,3 +21,6 @@ def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None 
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: outputs are atomic, so there is nothing to report but the interruption
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)

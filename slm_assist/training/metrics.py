@@ -63,8 +63,35 @@ def _clean(v: Any) -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl ([] when it has none). A torn last line (a kill mid-write) is
+    dropped, as the trainer's resume drops it; a corrupt line before it is an error that names it."""
     path = Path(run_dir) / METRICS
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not path.is_file():
+        return []
+    lines = [(n, raw) for n, raw in enumerate(path.read_bytes().splitlines(), start=1) if raw.strip()]
+    records = []
+    for i, (lineno, raw) in enumerate(lines):
+        record = _record(raw)
+        if isinstance(record, str):
+            if i == len(lines) - 1:
+                break  # torn by a kill mid-write
+            shown = raw[:60].decode("utf-8", "replace") + ("..." if len(raw) > 60 else "")
+            raise UserError(f"{path}:{lineno}: corrupt metrics record ({record}): {shown!r}")
+        records.append(record)
+    return records
+
+
+def _record(raw: bytes) -> dict[str, Any] | str:
+    """A metrics.jsonl line as a record, or what is wrong with it."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    except json.JSONDecodeError as e:
+        return f"not JSON: {e}"
+    if not isinstance(record, dict) or isinstance(record.get("step"), bool) or not isinstance(record.get("step"), int):
+        return "not an object with an integer 'step'"
+    return record
 
 
 EVAL = "eval.json"
