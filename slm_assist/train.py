@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from slm_assist.core import dist
-from slm_assist.core.config import load_config, split_argv
+from slm_assist.core.config import parse_cli
 from slm_assist.core.errors import run_cli
 from slm_assist.salt.recipe import RunConfig, build_trainer
 
@@ -18,8 +18,8 @@ USAGE = "python -m slm_assist.train CONFIG [key=value ...]"
 
 
 def main(argv: Sequence[str]) -> dict:
-    path, overrides = split_argv(argv, USAGE)
-    cfg = load_config(RunConfig, path, overrides)
+    cfg = parse_cli(argv, RunConfig, USAGE, description=__doc__,
+                    example="python -m slm_assist.train configs/demo/llm.yaml train.max_steps=50 run_dir=runs/x")
     trainer = build_trainer(cfg)
     if dist.is_main():
         print(f"model: {trainer.n_params / 1e6:.2f}M params, {cfg.model.model_type}, "

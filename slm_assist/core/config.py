@@ -6,7 +6,12 @@ wrong type are errors that name the key, the value and the file they came from.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import json
+import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -202,6 +207,110 @@ def split_argv(argv: typing.Sequence[str], usage: str) -> tuple[str, list[str]]:
     if bad:
         raise ConfigError(f"argument {bad[0]!r} is not an override of the form key=value; usage: {usage}")
     return args[0], args[1:]
+
+
+def parse_cli(argv: typing.Sequence[str], cls: type[T], usage: str, *, description: str | None = "",
+              example: str = "") -> T:
+    """An entry point's `CONFIG [key=value ...]` -> its config. `-h`/`--help` anywhere prints `config_help` to
+    stdout and exits 0 (a bare `--help` can never be an override, so it cannot shadow one)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help(cls, usage, description, example), end="", flush=True)
+        sys.exit(0)
+    path, overrides = split_argv(argv, usage)
+    return load_config(cls, path, overrides)
+
+
+def config_help(cls: type, usage: str, description: str | None = "", example: str = "") -> str:
+    """The `--help` text of a config-driven command: usage, the first paragraph of `description` (a module
+    docstring as is), every config key of `cls` by section (dotted name, type, default, attribute docstring),
+    and an example command line."""
+    paragraph = (description or "").strip().split("\n\n")[0]
+    out = [f"usage: {usage}", ""]
+    if paragraph:
+        out += _wrap(paragraph, "") + [""]
+    out += _wrap("CONFIG is a YAML file (a top-level `base: other.yaml` is merged in underneath); each key=value "
+                 "override sets a dotted key (its value read as YAML) and wins over the file.", "")
+    out += ["", "config keys (key: type = default):"]
+    out += _help_section(cls, "", "")
+    if example:
+        out += ["", "example:", f"  {example}"]
+    return "\n".join(out) + "\n"
+
+
+def _help_section(cls: type, prefix: str, doc: str) -> list[str]:
+    """Lines for one section: its own keys first, then each nested section (a dataclass field) in field order."""
+    hints, docs = get_type_hints(cls), _field_docs(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    leaves = [f for f in fields if not _is_section(hints[f.name])]
+    lines: list[str] = []
+    if prefix:
+        lines += ["", f"[{prefix}]"] + _wrap(doc, "  ")
+    for f in leaves:
+        lines.append(f"  {_join(prefix, f.name)}: {_type_label(hints[f.name])} = {_default_label(f)}")
+        lines += _wrap(docs.get(f.name, ""), "      ")
+    for f in fields:
+        if _is_section(hints[f.name]):
+            lines += _help_section(hints[f.name], _join(prefix, f.name), docs.get(f.name, ""))
+    return lines
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal right after a field) are not kept at runtime: read them from the
+    source of every class in the MRO, a subclass's winning for a redeclared field."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # no source (e.g. a frozen app): the keys still get listed
+            continue
+        body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef)), [])
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _wrap(doc: str, indent: str) -> list[str]:
+    """Reflow a docstring to 100 columns, keeping its paragraphs."""
+    return [line for para in doc.split("\n\n") if para.strip()
+            for line in textwrap.wrap(" ".join(para.split()), 100, initial_indent=indent, subsequent_indent=indent)]
+
+
+def _type_label(tp: Any) -> str:
+    """An annotation as a user writes the value: `a|b` for a Literal, `X or null` for an Optional."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_label(a) for a in args)
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(_type_label(a) for a in args)}]" if args else name
+    if tp is Any:
+        return "any"
+    return "..." if tp is Ellipsis else _type_name(tp)
+
+
+def _default_label(f: dataclasses.Field) -> str:
+    """The default in the YAML/JSON spelling an override uses ("" for an empty string, true, null, [])."""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def check(cond: bool, field: str, value: Any, expected: str) -> None:
