@@ -71,6 +71,16 @@ def run_module(module: str, args: list[str], env: dict | None = None, timeout: i
                           text=True, timeout=timeout, **kw)
 
 
+def error_line(stderr: str) -> str:
+    """The one `error:` line of a failed CLI's stderr (exit 2): no traceback, nothing else but Python warnings
+    (and their indented source lines)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and not line[0].isspace()
+             and "Warning:" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_slm(tiny_data, tmp_path_factory) -> Path:
     """A random-init tiny Llama saved with the tiny dataset's tokenizer (a scoring model)."""

@@ -1,0 +1,156 @@
+"""Every entry point against bad input, as a new user would give it: exit 2, one `error:` line that names the
+field or file and the value, no traceback, and whatever was already in the output location byte-identical."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import REPO, TINY_MODEL, error_line, run_module
+
+pytestmark = pytest.mark.slow
+
+UNWRITABLE = Path("/sys/slm_assist_no_write")  # read-only even for root, where permission bits do not apply
+
+
+@dataclass
+class Case:
+    module: str
+    args: list[str]
+    expect: list[str]
+    """Substrings of the error line (the field or file, and the bad value)."""
+    watch: list[str] = field(default_factory=list)
+    """Paths whose whole content must be byte-identical afterwards."""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_data, tiny_slm, tmp_path_factory) -> dict[str, Path]:
+    """Finished outputs of every stage, plus the kinds of things users point commands at by mistake."""
+    from data_tools.score import main as score_main
+    from data_tools.select import main as select_main
+
+    root = tmp_path_factory.mktemp("world")
+    w = {"root": root, "data": root / "data", "slm": tiny_slm}
+    shutil.copytree(tiny_data, w["data"])
+    w["scores"] = root / "scores"
+    score_main([str(REPO / "configs/demo/score.yaml"), f"model={tiny_slm}", f"data={tiny_data}",
+                f"out_dir={w['scores']}", "dtype=fp32", "torch_threads=1"])
+    (w["scores"] / "my_model").mkdir()  # something of the user's that lives next to the scores
+    (w["scores"] / "my_model" / "weights.bin").write_bytes(b"precious")
+    w["select"] = root / "select"
+    select_main([str(REPO / "configs/demo/select.yaml"), f"scores={w['scores']}", f"out_dir={w['select']}",
+                 "fraction=0.2"])
+    w["cache"] = root / "cache"  # soft labels for the selected subset only
+    score_main([str(REPO / "configs/demo/score.yaml"), f"model={tiny_slm}", f"data={tiny_data}",
+                f"out_dir={w['cache']}", "dtype=fp32", "torch_threads=1", "cache.mode=top_k", "cache.k=4",
+                f"cache.indices={w['select'] / 'index.npy'}"])
+    other = np.setdiff1d(np.arange(200), np.load(w["select"] / "index.npy"))[:50]
+    np.save(root / "other.npy", other)
+    w["file"] = root / "a_file.txt"
+    w["file"].write_text("not a directory\n")
+    w["text_index"] = root / "index.txt"
+    w["text_index"].write_text("1\n2\n3\n")
+    w["mixed"] = root / "mixed"  # an output folder the user also keeps their own files in
+    w["mixed"].mkdir()
+    (w["mixed"] / "notes.md").write_text("mine\n")
+    w["latin1"] = root / "cloze_latin1.jsonl"
+    w["latin1"].write_bytes(json.dumps({"context": "caf", "target": "X"}).encode().replace(b"X", b"\xe9") + b"\n")
+    return w
+
+
+def _train(w, run_dir, *extra) -> list[str]:
+    return [str(REPO / "configs/demo/llm.yaml"), f"data.path={w['data']}", f"run_dir={run_dir}", *TINY_MODEL,
+            "train.max_steps=2", "train.torch_threads=1", "train.micro_batch_size=4", *extra]
+
+
+def _cases(w) -> dict[str, Case]:
+    r = w["root"]
+    data_yaml = str(REPO / "configs/demo/data.yaml")
+    score_yaml = str(REPO / "configs/demo/score.yaml")
+    select_yaml = str(REPO / "configs/demo/select.yaml")
+    typo = str(r / "corpus_typo.jsonl")
+    return {
+        # data loss: inputs are checked before an existing output is replaced
+        "pack overwrite, corpus typo": Case("data_tools.pack", [data_yaml, f"out_dir={w['data']}", "overwrite=true",
+                                                                f"corpus.paths=[{typo}]"], [typo], [w["data"]]),
+        "score overwrite, model typo": Case("data_tools.score", [score_yaml, f"data={w['data']}", "overwrite=true",
+                                                                 f"out_dir={w['scores']}", f"model={r / 'slm_typo'}"],
+                                            ["model=", "slm_typo"], [w["scores"]]),
+        "score into a packed dataset": Case("data_tools.score", [score_yaml, f"data={w['data']}", f"model={w['slm']}",
+                                                                 f"out_dir={w['data']}", "overwrite=true"],
+                                            [f"out_dir={w['data']}", "not a data_tools.score manifest"], [w["data"]]),
+        "select overwrite, foreign files": Case("data_tools.select", [select_yaml, f"scores={w['scores']}",
+                                                                      f"out_dir={w['mixed']}", "overwrite=true"],
+                                                [f"out_dir={w['mixed']}", "notes.md"], [w["mixed"]]),
+        "pack overwrite, foreign files": Case("data_tools.pack", [data_yaml, f"out_dir={w['mixed']}", "overwrite=true"],
+                                              [f"out_dir={w['mixed']}", "notes.md"], [w["mixed"]]),
+        "tokenizer into a packed dataset": Case("data_tools.tokenizer", [data_yaml, f"out_dir={w['data']}",
+                                                                         "overwrite=true"],
+                                                [f"out_dir={w['data']}", "packed dataset"], [w["data"]]),
+        # output paths, checked before any expensive work
+        "pack out_dir is a file": Case("data_tools.pack", [data_yaml, f"out_dir={w['file']}"],
+                                       [f"out_dir={w['file']}", "is a file"], [w["file"]]),
+        "train run_dir is a file": Case("slm_assist.train", _train(w, w["file"]), [f"run_dir={w['file']}", "is a file"],
+                                        [w["file"]]),
+        "train run_dir read-only": Case("slm_assist.train", _train(w, UNWRITABLE), [f"run_dir={UNWRITABLE}",
+                                                                                   "cannot write"]),
+        "pack out_dir read-only": Case("data_tools.pack", [data_yaml, f"out_dir={UNWRITABLE}"],
+                                       [f"out_dir={UNWRITABLE}", "cannot write"]),
+        "select out_dir read-only": Case("data_tools.select", [select_yaml, f"scores={w['scores']}",
+                                                               f"out_dir={UNWRITABLE}"], [f"out_dir={UNWRITABLE}"]),
+        "score out_dir read-only": Case("data_tools.score", [score_yaml, f"data={w['data']}", f"model={w['slm']}",
+                                                             f"out_dir={UNWRITABLE}"], [f"out_dir={UNWRITABLE}"]),
+        # wrong kinds of input
+        "select scores is a dataset": Case("data_tools.select", [select_yaml, f"scores={w['data']}",
+                                                                 f"out_dir={r / 'sel_new'}"],
+                                           [f"scores={w['data']}", "not a data_tools.score output"]),
+        "selection is a text file": Case("slm_assist.train", _train(w, r / "t1", f"distill.teacher={w['slm']}",
+                                                                    f"distill.selection={w['text_index']}"),
+                                         [f"distill.selection={w['text_index']}", "not a .npy file"]),
+        "selection without a teacher": Case("slm_assist.train", _train(w, r / "t2", f"distill.selection={w['select']}"),
+                                            ["distill.selection=", "has no effect"]),
+        "context shorter than seq_len": Case("slm_assist.train", _train(w, r / "t3", "model.max_position_embeddings=16"),
+                                             ["model.max_position_embeddings=16", "seq_len=32"]),
+        "gpt2 context shorter": Case("slm_assist.train", _train(w, r / "t5", "model.model_type=gpt2",
+                                                                "model.max_position_embeddings=16"),
+                                     ["model.max_position_embeddings=16", "seq_len=32"]),
+        "cache misses the selection": Case("slm_assist.train", _train(w, r / "t4", f"distill.cache={w['cache']}",
+                                                                      f"distill.selection={r / 'other.npy'}"),
+                                           [f"distill.cache={w['cache']}", "not cached", "other.npy"]),
+        "leftover tokenizer, other vocab": Case("data_tools.pack", [data_yaml, f"out_dir={r / 'leftover'}",
+                                                                    "tokenizer.vocab_size=500"],
+                                                ["tokenizer.vocab_size: 400 there, 500 here"], [r / "leftover"]),
+        "eval without data": Case("slm_assist.eval", [str(w["slm"])], ["DATA"]),
+        "eval latin-1 jsonl": Case("slm_assist.eval", [str(w["slm"]), str(w["latin1"])], [str(w["latin1"]), "UTF-8"]),
+        "report missing run": Case("slm_assist.report", [str(r / "no_run")], [str(r / "no_run")]),
+        "hub push without token": Case("slm_assist.hub", ["push", str(w["slm"]), "--repo-id", "me/x"], ["HF_TOKEN"],
+                                       [w["slm"]], env={"HF_TOKEN": "", "HF_HOME": str(r / "hf_home")}),
+    }
+
+
+def _snapshot(paths: list[Path]) -> dict[str, tuple[bytes, int]]:
+    out = {}
+    for p in paths:
+        for f in [p, *p.rglob("*")] if p.is_dir() else [p]:
+            out[str(f)] = (f.read_bytes() if f.is_file() else b"<dir>", f.stat().st_mode)
+    return out
+
+
+def test_every_entry_point_rejects_bad_input_cleanly(world, tiny_data, subtests):
+    (world["root"] / "leftover").mkdir()
+    shutil.copytree(tiny_data / "tokenizer", world["root"] / "leftover" / "tokenizer")  # made with vocab 400
+    for name, case in _cases(world).items():
+        with subtests.test(name):
+            before = _snapshot(case.watch)
+            res = run_module(case.module, case.args, env=case.env, timeout=300)
+            assert res.returncode == 2, res.stderr[-3000:]
+            line = error_line(res.stderr)
+            for s in case.expect:
+                assert s in line, (s, line)
+            assert _snapshot(case.watch) == before
