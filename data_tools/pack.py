@@ -36,7 +36,7 @@ from slm_assist.core.dataset import (
     write_split,
 )
 from slm_assist.core.errors import UserError, run_cli
-from slm_assist.core.files import atomic_output_dir, check_output_dir
+from slm_assist.core.files import atomic_output_dir, check_output_dir, foreign_entries
 from slm_assist.core.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 
@@ -111,12 +111,18 @@ OUTPUT = (TOKENIZER, *SPLITS, MANIFEST, PREPARE_CONFIG)
 """Everything pack writes into out_dir: with overwrite=true it replaces a directory holding only these."""
 
 
-def _reused_tokenizer(cfg: PrepareConfig, out: Path) -> bool:
-    """Whether out_dir/tokenizer (left there by `data_tools.tokenizer`) is reused; checked against its record.
+def _leftover_tokenizer_ok(cfg: PrepareConfig, out: Path) -> bool:
+    """Whether out_dir/tokenizer, left there by `data_tools.tokenizer`, may stay without overwrite=true: it must
+    be what this config makes (its record for a trained one, the fingerprint for a copy of tokenizer.path).
     With overwrite=true the tokenizer is made again, like the rest of the output."""
     tok_dir = out / TOKENIZER
     if cfg.overwrite or not tok_dir.is_dir():
         return False
+    if cfg.tokenizer.path:
+        if tokenizer_fingerprint(load_tokenizer(tok_dir)) != tokenizer_fingerprint(load_tokenizer(cfg.tokenizer.path)):
+            raise UserError(f"{tok_dir} is not a copy of tokenizer.path={cfg.tokenizer.path}; set overwrite=true "
+                            "to replace it")
+        return True
     check_reusable(tok_dir, cfg.tokenizer, cfg.corpus)
     return True
 
@@ -127,18 +133,17 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     Every input is read and checked before out_dir is touched; the new dataset is built in a temp directory and
     renamed over the old one only when complete, so a failure leaves out_dir exactly as it was."""
     out = Path(cfg.out_dir)
-    reuse = _reused_tokenizer(cfg, out)
-    existing = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
-    if not cfg.overwrite and [n for n in existing if not (reuse and n == TOKENIZER)]:
-        check_output_dir(out, overwrite=False)  # raises: names the flag
-    check_output_dir(out, overwrite=True, own=OUTPUT)  # writable, and holds nothing but our own output
     if cfg.tokenizer.path:
         load_tokenizer(cfg.tokenizer.path)  # a bad path fails before the corpus is read
+    leftover_ok = _leftover_tokenizer_ok(cfg, out)
+    if not cfg.overwrite and out.is_dir() and foreign_entries(out, [TOKENIZER] if leftover_ok else []):
+        check_output_dir(out, overwrite=False)  # raises: names the flag
+    check_output_dir(out, overwrite=True, own=OUTPUT)  # writable, and holds nothing but our own output
 
     t0 = time.time()
     docs = list(read_documents(cfg.corpus))
     with atomic_output_dir(out, overwrite=True, own=OUTPUT) as tmp:
-        if reuse:
+        if leftover_ok and not cfg.tokenizer.path:  # a copy of tokenizer.path is made afresh
             print(f"reusing tokenizer {out / TOKENIZER}")
             shutil.copytree(out / TOKENIZER, tmp / TOKENIZER)
         else:

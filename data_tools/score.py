@@ -42,17 +42,13 @@ from slm_assist.core.faults import fault
 from slm_assist.core.files import (
     atomic_output_dir,
     atomic_write_text,
-    check_output_dir,
     check_writable,
-    is_ours,
 )
 from slm_assist.core.model_dir import ModelDir
 from slm_assist.core.scores import CACHE, CACHE_INFO, MANIFEST, SCORES, write_cache
 from slm_assist.core.selection import read_index
 
 USAGE = "python -m data_tools.score CONFIG [key=value ...]"
-OUTPUT = (SCORES, CACHE, MANIFEST, "shards")
-"""Everything score writes into out_dir; it never touches anything else there."""
 
 
 @dataclass
@@ -129,7 +125,10 @@ class Scorer:
         marker = self.shard_dir(i) / "DONE"
         if not marker.is_file():
             return False
-        if json.loads(marker.read_text())["identity"] != self.identity:
+        if _read_json(marker).get("identity") != self.identity:
+            if self.cfg.overwrite:  # this shard is ours to redo (every job owns its shards)
+                shutil.rmtree(self.shard_dir(i))
+                return False
             raise UserError(f"{self.shard_dir(i)} was scored with another model, data or settings; "
                             "set overwrite=true or use another out_dir")
         return True
@@ -215,20 +214,24 @@ class Scorer:
                 labels[key].append(arr)
             cached.append(int(idx[r]))
 
-    def prepare_output(self) -> None:
-        """Rank 0, before a full scoring run: out_dir holds nothing but our own output, and is not a finished
-        one unless overwrite=true. Old merged results stay until the new merge replaces them."""
+    def check_output(self) -> None:
+        """Every rank, every mode, before any work: out_dir's manifest, if any, is a scoring one, and a finished
+        output needs overwrite=true (old merged results stay until the new merge replaces them). Score writes
+        only its own names there (scores/, cache/, manifest.json, shards/): a model folder may live next to them."""
         manifest = self.out / MANIFEST
         if manifest.is_file() and "model_fingerprint" not in _read_json(manifest):
             raise UserError(f"out_dir={self.out}: its {MANIFEST} is not a data_tools.score manifest (a packed "
                             "dataset?); choose another out_dir")
-        if self.out.is_dir() and not is_ours(self.out, OUTPUT):
-            check_output_dir(self.out, overwrite=True, own=OUTPUT)  # raises: names what is not ours
-        if not self.cfg.overwrite:
-            if manifest.is_file():
-                raise UserError(f"out_dir={self.out} already holds merged scores; set overwrite=true to score again")
-            return
-        shutil.rmtree(self.out / "shards", ignore_errors=True)  # shards of the old run must not be reused
+        if manifest.is_file() and not self.cfg.overwrite:
+            raise UserError(f"out_dir={self.out} already holds merged scores; set overwrite=true to score again")
+
+    def drop_other_shards(self) -> None:
+        """overwrite=true (rank 0): shards made under another identity go; this run's own finished shards stay,
+        so a killed overwrite resumes like any other run."""
+        for d in sorted((self.out / "shards").glob("shard_*")):
+            marker = d / "DONE"
+            if not marker.is_file() or _read_json(marker).get("identity") != self.identity:
+                shutil.rmtree(d)
 
     # ---- merge -------------------------------------------------------------------------------------------
     def merge(self) -> dict:
@@ -279,8 +282,9 @@ def main(argv: Sequence[str]) -> None:
     if launched:
         dist.init()  # for the barriers around the shared output directory
     scorer = Scorer(cfg)  # reads and checks every input
-    if dist.is_main() and not cfg.merge_only and cfg.shard < 0:
-        scorer.prepare_output()
+    scorer.check_output()
+    if dist.is_main() and cfg.overwrite and not cfg.merge_only and cfg.shard < 0:
+        scorer.drop_other_shards()
     dist.barrier()
     if not cfg.merge_only:
         scorer.run()

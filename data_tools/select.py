@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from slm_assist.core.config import check, parse_cli
+from slm_assist.core.config import check, check_no_effect, parse_cli
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.files import atomic_output_dir, check_output_dir
 from slm_assist.core.scores import ScoresDir
@@ -51,6 +51,8 @@ class SelectConfig:
             check(len(self.band) == 2, "band", self.band, "[lo, hi]")
             lo, hi = self.band
             check(0 <= lo < hi <= 100, "band", self.band, "percentiles with 0 <= lo < hi <= 100")
+        own = {"band": "salt_ds", "ppl_band": "ppl_band", "difference": "difference", "seed": "random"}
+        check_no_effect(self, [k for k, policy in own.items() if self.policy != policy], f"with policy={self.policy}")
 
 
 def policy_score(cols: dict[str, np.ndarray], cfg: SelectConfig, source: str) -> tuple[str, np.ndarray]:

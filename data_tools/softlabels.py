@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from slm_assist.core.config import check
+from slm_assist.core.config import check, check_no_effect
 
 
 @dataclass
@@ -36,6 +36,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         check(self.k > 0, "k", self.k, "> 0")
         check(self.samples > 0, "samples", self.samples, "> 0")
+        unused = {"none": ["k", "samples", "indices", "seed"], "top_k": ["samples", "seed"], "sampled": ["k"]}
+        check_no_effect(self, unused[self.mode], f"with cache.mode={self.mode}")
 
 
 def bytes_per_position(cfg: CacheConfig) -> int:

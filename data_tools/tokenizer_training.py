@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from data_tools.corpus import CorpusConfig
 from slm_assist.core.config import check
 from slm_assist.core.errors import UserError
 from slm_assist.core.tokenizer import load_tokenizer
@@ -140,12 +141,12 @@ def train_sentencepiece(docs: Iterable[str], cfg: TokenizerConfig, out_dir: Path
     return stats
 
 
-def _made_with(cfg: TokenizerConfig, corpus: Any) -> dict[str, Any]:
+def _made_with(cfg: TokenizerConfig, corpus: CorpusConfig) -> dict[str, Any]:
     """The settings a tokenizer directory depends on: for a copy only its source, else training and corpus."""
     return {"tokenizer": asdict(cfg), "corpus": None if cfg.path else asdict(corpus)}
 
 
-def prepare_tokenizer(cfg: TokenizerConfig, corpus: Any, docs: Iterable[str], out_dir: Path) -> None:
+def prepare_tokenizer(cfg: TokenizerConfig, corpus: CorpusConfig, docs: Iterable[str], out_dir: Path) -> None:
     """Write the run's tokenizer into `out_dir`: a copy of `cfg.path`, or a freshly trained sentencepiece on
     `docs` (read from the corpus config `corpus`), with a record of what made it."""
     trained: dict[str, Any] | None = None
@@ -157,7 +158,7 @@ def prepare_tokenizer(cfg: TokenizerConfig, corpus: Any, docs: Iterable[str], ou
     (out_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def check_reusable(tok_dir: Path, cfg: TokenizerConfig, corpus: Any) -> None:
+def check_reusable(tok_dir: Path, cfg: TokenizerConfig, corpus: CorpusConfig) -> None:
     """A tokenizer directory left in a dataset dir (by data_tools.tokenizer) is reused only when the same
     settings made it: otherwise the config's tokenizer section would be silently ignored."""
     path = tok_dir / RECORD

@@ -251,6 +251,7 @@ def evaluate(model_dir: str | Path, data: Sequence[str], split: str = "validatio
     for _, _, packed in inputs:
         if packed is not None:
             packed.check_tokenizer(tokenizer_fingerprint(tok), "the model", LOSS_VOCAB_WHY)
+            d.check_context(packed.seq_len, f"it cannot read the sequences of {packed.path}")
     model = d.load(dist.device(), len(tok), dtype=torch.float32).eval()
     results = []
     for path, kind, _ in inputs:

@@ -8,9 +8,10 @@ The token comes from HF_TOKEN (or `hf auth login`), the endpoint from --endpoint
 uploaded with `huggingface_hub.upload_folder` from a staging copy (hard links), so the local folder is never
 modified; its own README.md, when it has one, is uploaded instead of the generated card. The staging copy lives in
 the temp dir as `slm_assist_push_<pid>_*` and is removed on every exit (errors, SIGTERM, SIGINT, SIGHUP); one left by
-a killed push (kill -9) is removed by the next push once its process is gone. Every network operation (connect, each
-read, each write) waits at most --timeout seconds, so a hub that accepts the connection and never answers is an
-error, not a hang.
+a killed push (kill -9) is removed by the next push once its process is gone. Every request of huggingface_hub's
+HTTP client (connect, each read, each write) waits at most --timeout seconds, so a hub that accepts the connection
+and never answers is an error, not a hang. (Large files to Xet-backed repos go through hf_xet's own transfer
+client, which has its own retry limits.)
 """
 
 from __future__ import annotations

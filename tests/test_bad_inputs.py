@@ -59,6 +59,12 @@ def world(tiny_data, tiny_slm, tmp_path_factory) -> dict[str, Path]:
     w["mixed"] = root / "mixed"  # an output folder the user also keeps their own files in
     w["mixed"].mkdir()
     (w["mixed"] / "notes.md").write_text("mine\n")
+    (root / "dotgit" / ".git").mkdir(parents=True)  # a folder whose only content is hidden, and the user's
+    (root / "dotgit" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    w["short_ctx"] = root / "short_ctx"  # the SLM with positions for 16 tokens (the data has 32)
+    shutil.copytree(tiny_slm, w["short_ctx"])
+    config = json.loads((w["short_ctx"] / "config.json").read_text())
+    (w["short_ctx"] / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
     w["latin1"] = root / "cloze_latin1.jsonl"
     w["latin1"].write_bytes(json.dumps({"context": "caf", "target": "X"}).encode().replace(b"X", b"\xe9") + b"\n")
     return w
@@ -85,6 +91,29 @@ def _cases(w) -> dict[str, Case]:
         "score into a packed dataset": Case("data_tools.score", [score_yaml, f"data={w['data']}", f"model={w['slm']}",
                                                                  f"out_dir={w['data']}", "overwrite=true"],
                                             [f"out_dir={w['data']}", "not a data_tools.score manifest"], [w["data"]]),
+        "score shard into a packed dataset": Case("data_tools.score", [score_yaml, f"data={w['data']}",
+                                                                       f"model={w['slm']}", f"out_dir={w['data']}",
+                                                                       "num_shards=2", "shard=0"],
+                                                  [f"out_dir={w['data']}", "not a data_tools.score manifest"],
+                                                  [w["data"]]),
+        "score merge into a packed dataset": Case("data_tools.score", [score_yaml, f"data={w['data']}",
+                                                                       f"model={w['slm']}", f"out_dir={w['data']}",
+                                                                       "merge_only=true", "overwrite=true"],
+                                                  [f"out_dir={w['data']}", "not a data_tools.score manifest"],
+                                                  [w["data"]]),
+        "score merge over finished scores": Case("data_tools.score", [score_yaml, f"data={w['data']}",
+                                                                      f"model={w['slm']}", f"out_dir={w['scores']}",
+                                                                      "merge_only=true"],
+                                                 [f"out_dir={w['scores']}", "already holds merged scores"],
+                                                 [w["scores"]]),
+        "pack overwrite, a .git folder": Case("data_tools.pack", [data_yaml, f"out_dir={r / 'dotgit'}",
+                                                                  "overwrite=true"], [".git"], [r / "dotgit"]),
+        "eval context shorter than seq_len": Case("slm_assist.eval", [str(w["short_ctx"]), str(w["data"])],
+                                                  ["max_position_embeddings=16", "seq_len=32"]),
+        "score context shorter than seq_len": Case("data_tools.score", [score_yaml, f"data={w['data']}",
+                                                                        f"model={w['short_ctx']}",
+                                                                        f"out_dir={r / 'sc_new'}"],
+                                                   ["model=", "max_position_embeddings=16", "seq_len=32"]),
         "select overwrite, foreign files": Case("data_tools.select", [select_yaml, f"scores={w['scores']}",
                                                                       f"out_dir={w['mixed']}", "overwrite=true"],
                                                 [f"out_dir={w['mixed']}", "notes.md"], [w["mixed"]]),

@@ -105,3 +105,28 @@ def test_every_shipped_yaml_parses(path):
 
 def test_shipped_configs_exist():
     assert len(list((REPO / "configs").rglob("*.yaml"))) >= 3
+
+
+@pytest.mark.parametrize("cls, overrides, message", [
+    ("run", ["distill.selection=sel.npy"], r"distill\.selection='sel\.npy' has no effect without distill\.teacher"),
+    ("run", ["distill.gate_topk=5"], r"distill\.gate_topk=5 has no effect without distill\.teacher"),
+    ("run", ["distill.schedule.weight=0.5"], r"distill\.schedule\.weight=0\.5 has no effect without"),
+    ("run", ["distill.teacher=t", "distill.beta=0.3"], r"distill\.beta=0\.3 has no effect with distill\.kind=forward_kl"),
+    ("run", ["distill.teacher=t", "distill.cache=c"], r"distill\.teacher: .*handover_every"),
+    ("score", ["cache.k=5"], r"cache\.k=5 has no effect with cache\.mode=none"),
+    ("score", ["cache.mode=top_k", "cache.samples=4"], r"cache\.samples=4 has no effect with cache\.mode=top_k"),
+    ("score", ["cache.indices=i.npy"], r"cache\.indices='i\.npy' has no effect with cache\.mode=none"),
+    ("select", ["seed=3"], r"seed=3 has no effect with policy=salt_ds"),
+    ("select", ["policy=random", "band=[10, 90]"], r"band=\[10\.0, 90\.0\] has no effect with policy=random"),
+    ("select", ["ppl_band=low"], r"ppl_band='low' has no effect with policy=salt_ds"),
+])
+def test_a_setting_without_effect_is_an_error(cls, overrides, message):
+    from data_tools.score import ScoreConfig
+    from data_tools.select import SelectConfig
+
+    klass = {"run": RunConfig, "score": ScoreConfig, "select": SelectConfig}[cls]
+    with pytest.raises(ConfigError, match=message):
+        load_config(klass, None, overrides)
+    base = {"run": ["distill.teacher=t", "distill.kind=jsd", "distill.beta=0.3"], "score": ["cache.mode=sampled",
+            "cache.samples=4", "cache.seed=2"], "select": ["policy=random", "seed=3"]}[cls]
+    load_config(klass, None, base)  # the same kind of setting where it matters is fine

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slm_assist.core.errors import ConfigError
 from slm_assist.kd.losses import ce_plus_kd as ce_plus_kd_fn
 from slm_assist.kd.losses import kd_loss
 from slm_assist.kd.schedule import KDScheduleConfig, kd_weight
@@ -174,7 +175,17 @@ def test_bad_arguments():
 # ---- KD weight schedule -----------------------------------------------------------------------------------
 
 def _w(kind: str, step: int, total: int = 100, **kw) -> float:
-    return kd_weight(step, total, KDScheduleConfig(kind=kind, weight=0.6, n_kd_steps=20, **kw))
+    n_kd = {} if kind == "constant" else {"n_kd_steps": 20}  # constant: KD throughout, no phase length
+    return kd_weight(step, total, KDScheduleConfig(kind=kind, weight=0.6, **n_kd, **kw))
+
+
+def test_schedule_settings_without_effect_are_errors():
+    with pytest.raises(ConfigError, match=r"n_kd_steps=20 has no effect with schedule\.kind=constant"):
+        KDScheduleConfig(kind="constant", n_kd_steps=20)
+    with pytest.raises(ConfigError, match=r"warmup_steps=3 has no effect with schedule\.kind=step"):
+        KDScheduleConfig(kind="step", warmup_steps=3)
+    with pytest.raises(ConfigError, match=r"n_kd_fraction=0\.3 has no effect with schedule\.n_kd_steps=5"):
+        KDScheduleConfig(n_kd_steps=5, n_kd_fraction=0.3)
 
 
 def test_constant_and_step():

@@ -115,3 +115,48 @@ def test_rerun_asking_for_fewer_steps_is_an_error(tiny_data, tmp_path):
     assert (run / "config.yaml").read_bytes() == config
     train_main(run_overrides(tiny_data, run, "train.max_steps=4", "checkpoint.every=2"))  # the same run: done
     assert not stale.exists()
+    # starting over in the same run_dir: the old run's later checkpoint goes, the new run's stay
+    train_main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=1", "checkpoint.resume=false"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+    train_main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=1"))  # resumes the new run
+
+
+def test_atomic_output_dir_recovers_and_rolls_back(tmp_path, monkeypatch):
+    from slm_assist.core import files
+
+    out = tmp_path / "out"
+    old = tmp_path / ".out.old-123"  # killed between moving the old copy aside and renaming the new one in
+    old.mkdir()
+    (old / "manifest.json").write_text("complete\n")
+    trash = tmp_path / ".out.trash-7"  # killed while deleting a replaced copy: never to be restored
+    trash.mkdir()
+    (trash / "manifest.json").write_text("half deleted\n")
+    with pytest.raises(UserError, match="exists and is not empty"):
+        with files.atomic_output_dir(out):
+            pass
+    assert (out / "manifest.json").read_text() == "complete\n"  # the only complete copy is back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    real_replace = os.replace
+    calls = []
+
+    def failing_second_rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(16, "Device or resource busy")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", failing_second_rename)
+    with pytest.raises(UserError, match=r"out_dir=.*out: cannot replace it \(Device or resource busy\); it was left"):
+        with files.atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "manifest.json").write_text("new\n")
+    monkeypatch.undo()
+    assert (out / "manifest.json").read_text() == "complete\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    target = tmp_path / "real"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    with files.atomic_output_dir(tmp_path / "link", overwrite=True) as tmp:
+        (tmp / "x").write_text("x")
+    assert (tmp_path / "link").is_symlink() and (target / "x").read_text() == "x"

@@ -126,6 +126,27 @@ def test_kill_mid_run_then_relaunch_redoes_only_unfinished_shards(tiny_data, tin
     assert _scores(out).equals(_scores(single))
 
 
+@pytest.mark.slow
+def test_killed_overwrite_keeps_the_old_scores_and_resumes(tiny_data, tiny_slm, single, tmp_path):
+    """overwrite=true replaces finished scores only at the merge: a kill before it leaves the old results whole,
+    and the same command then redoes only the unfinished shards."""
+    import shutil
+
+    out = tmp_path / "rescored"
+    shutil.copytree(single, out)  # finished scores of an earlier run (other settings: one shard, batch 16)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = _score_args(tiny_data, tiny_slm, out, "num_shards=3", "overwrite=true")
+    res = run_module("data_tools.score", args, env={FAULT_ENV: "kill_after_shard:0"})
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "shards" not in p.parts} == before
+    res = run_module("data_tools.score", [*args[:-1]])  # without overwrite: the old merge is still complete
+    assert res.returncode == 2 and "already holds merged scores; set overwrite=true" in res.stderr
+    res = run_module("data_tools.score", args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "skipping 1 finished shard(s)" in res.stdout and not (out / "shards").exists()
+    assert _scores(out).equals(_scores(single))
+
+
 def test_top_k_cache_matches_a_direct_forward(tiny_data, tiny_slm, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -313,6 +313,29 @@ def _default_label(f: dataclasses.Field) -> str:
         return repr(value)
 
 
+def non_defaults(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted name, value) of every setting of a config dataclass that differs from its default."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out += non_defaults(value, f"{prefix}{f.name}.")
+        elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if value != default:
+                out.append((prefix + f.name, value))
+    return out
+
+
+def check_no_effect(cfg: Any, names: typing.Iterable[str] | None, when: str) -> None:
+    """For __post_init__: the settings `names` (None = all) must keep their defaults, because `when` they would
+    be silently ignored. A setting that has no effect is an error, not a no-op the saved config still records."""
+    wanted = None if names is None else set(names)
+    for name, value in non_defaults(cfg):
+        if wanted is None or name.split(".")[0] in wanted:
+            raise ConfigError(f"{name}={value!r} has no effect {when}")
+
+
 def check(cond: bool, field: str, value: Any, expected: str) -> None:
     """Validation helper for __post_init__: raises ConfigError naming the field and the bad value."""
     if not cond:

@@ -20,7 +20,16 @@ from slm_assist.core.errors import UserError
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where Linux allows (os.umask sets it, which races with
+    threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -66,14 +75,14 @@ def _probe(where: Path, field: str, path: Path) -> None:
     os.unlink(probe)
 
 
-def check_writable(path: str | Path, field: str) -> None:
-    """`path` is a directory we will create, write into or replace: fail now, before any expensive work, if it
-    is a file, sits under a file, or lies where we cannot create files."""
+def check_writable(path: str | Path, field: str, replace: bool = False) -> None:
+    """`path` is a directory we will create or write into (`replace`: rename a new one over): fail now, before
+    any expensive work, if it is a file, sits under a file, or lies where we cannot create files."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{field}={path}: is a file, not a directory")
     _probe(_nearest_existing(path), field, path)
-    if path.exists():  # atomic replacement renames a sibling over it
+    if replace and path.exists():  # the new one is built next to it and renamed over it
         _probe(_nearest_existing(path.parent), field, path)
 
 
@@ -87,36 +96,44 @@ def check_output_file(path: str | Path, field: str) -> Path:
     return path
 
 
+_OUR_HIDDEN = (".*.tmp-*", ".*.old-*", ".*.trash-*", ".slm_assist-probe-*")
+"""Hidden names we create ourselves (temp copies, old copies moved aside, probes); other hidden entries (.git,
+.env...) are the user's."""
+
+
+def foreign_entries(path: Path, own: Sequence[str]) -> list[str]:
+    """Names in directory `path` that match neither `own` (glob patterns) nor our own temp names."""
+    return sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in (*own, *_OUR_HIDDEN)))
+
+
 def is_ours(path: Path, own: Sequence[str]) -> bool:
-    """Every visible entry of directory `path` matches one of the glob patterns `own` (our output's names).
-    Hidden entries are our temp names (or editor/OS litter) and do not count."""
-    return all(any(fnmatch.fnmatch(p.name, pat) for pat in own) for p in path.iterdir() if not p.name.startswith("."))
+    """Every entry of directory `path` matches one of the glob patterns `own` (our output's names), or is one of
+    our own temp names."""
+    return not foreign_entries(path, own)
 
 
 def check_output_dir(path: str | Path, overwrite: bool, flag: str = "overwrite", field: str = "out_dir",
                      own: Sequence[str] | None = None) -> None:
-    """The output directory can be written, and an existing non-empty one is replaced only when the user said
-    so and, when `own` (our output's entry names) is given, only when everything in it is ours."""
+    """The output directory can be written and replaced, and an existing non-empty one is replaced only when the
+    user said so and, when `own` (our output's entry names) is given, only when everything in it is ours."""
     path = Path(path)
-    check_writable(path, field)
+    check_writable(path, field, replace=True)
     if not (path.is_dir() and any(path.iterdir())):
         return
     if not overwrite:
         raise UserError(f"{field}={path}: exists and is not empty; set {flag}=true to replace it")
-    if own is not None and not is_ours(path, own):
-        foreign = sorted(p.name for p in path.iterdir() if not p.name.startswith(".")
-                         and not any(fnmatch.fnmatch(p.name, pat) for pat in own))
+    if own is not None and (foreign := foreign_entries(path, own)):
         raise UserError(f"{field}={path}: holds files this command did not write ({', '.join(foreign[:5])}); "
                         f"{flag}=true replaces only our own output. Choose another {field} or empty it yourself")
 
 
 def clean_stale(path: Path) -> None:
-    """Leftovers of an atomic replacement that was killed: temp copies are dropped; an old copy that was moved
-    aside but never replaced is put back (it is the only complete one)."""
+    """Leftovers of an atomic replacement that was killed: temp copies and copies being deleted are dropped; a
+    complete old copy that was moved aside but never replaced is put back (it is the only complete one)."""
     old = sorted(path.parent.glob(f".{path.name}.old-*"))
     if old and not path.exists():
         os.replace(old.pop(), path)
-    for p in [*path.parent.glob(f".{path.name}.tmp-*"), *old]:
+    for p in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.trash-*"), *old]:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -138,21 +155,37 @@ def atomic_output_dir(path: Path, overwrite: bool = False, flag: str = "overwrit
     """Yield a temp directory next to `path`; on success it replaces `path`, on failure it is removed.
     One writer per `path`: leftovers of an earlier killed writer are cleaned up first."""
     path = Path(path)
-    check_output_dir(path, overwrite, flag, field, own)
+    if path.is_symlink():  # replace what it points to, not the link
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)
+    check_output_dir(path, overwrite, flag, field, own)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    os.chmod(tmp, plain_mode(is_dir=True))
     try:
         yield tmp
         _plain_modes(tmp)
+        _swap_in(tmp, path, field)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+
+
+def _swap_in(new: Path, path: Path, field: str) -> None:
+    """Rename `new` over `path`. The old copy is moved aside (`.old-*`: complete, put back by `clean_stale` if we
+    die here), then renamed `.trash-*` before it is deleted, so a half-deleted copy is never mistaken for one."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    try:
         os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    except OSError as e:  # e.g. a mount point
+        raise UserError(f"{field}={path}: cannot replace it ({e.strerror or e}); choose another {field}") from None
+    try:
+        os.replace(new, path)
+    except OSError as e:
+        os.replace(old, path)
+        raise UserError(f"{field}={path}: cannot replace it ({e.strerror or e}); it was left as it was") from None
+    trash = path.with_name(f".{path.name}.trash-{os.getpid()}")
+    os.replace(old, trash)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -106,8 +106,8 @@ class SoftLabelCache:
             raise UserError(f"{path}: no {CACHE_INFO}; not a soft-label cache written by data_tools.score")
         info = json.loads(info_path.read_text())
         self.mode, self.shape = info["mode"], (info["positions"], info["width"])
-        idx = np.asarray(self.ds["index"])
-        self.row_of = {int(i): r for r, i in enumerate(idx)}
+        self.index = np.asarray(self.ds["index"])
+        self.row_of = {int(i): r for r, i in enumerate(self.index)}
         self.path = path
 
     def __len__(self) -> int:
@@ -115,7 +115,7 @@ class SoftLabelCache:
 
     def missing(self, indices: np.ndarray) -> np.ndarray:
         """Those of `indices` (sequence indices into the train split) that have no cached labels."""
-        return np.asarray([i for i in np.asarray(indices).tolist() if i not in self.row_of], dtype=np.int64)
+        return np.setdiff1d(np.asarray(indices, dtype=np.int64), self.index)
 
     def get(self, indices) -> dict[str, torch.Tensor]:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from slm_assist.core.config import check
+from slm_assist.core.config import check, check_no_effect
 
 
 @dataclass
@@ -31,6 +31,12 @@ class KDScheduleConfig:
         check(0.0 <= self.n_kd_fraction <= 1.0, "n_kd_fraction", self.n_kd_fraction, "in [0, 1]")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
         check(0.0 < self.decay_fraction <= 1.0, "decay_fraction", self.decay_fraction, "in (0, 1]")
+        if self.kind != "wsd":
+            check_no_effect(self, ["warmup_steps", "decay_fraction"], f"with schedule.kind={self.kind}")
+        if self.kind == "constant":
+            check_no_effect(self, ["n_kd_steps", "n_kd_fraction"], "with schedule.kind=constant (KD throughout)")
+        elif self.n_kd_steps >= 0:
+            check_no_effect(self, ["n_kd_fraction"], f"with schedule.n_kd_steps={self.n_kd_steps}")
 
     def n_kd(self, total_steps: int) -> int:
         """The KD phase length in steps: steps [0, n_kd) are the KD phase."""

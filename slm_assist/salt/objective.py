@@ -3,15 +3,15 @@ source (online SLM, its cached labels, or the smoothed one-hot control) x the fu
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from slm_assist.core import dist
-from slm_assist.core.config import check
-from slm_assist.core.errors import ConfigError, UserError
+from slm_assist.core.config import check, check_no_effect
+from slm_assist.core.errors import UserError
 from slm_assist.kd.losses import mixed_ce_kd
 from slm_assist.kd.schedule import KDScheduleConfig, kd_weight
 from slm_assist.kd.sources import SoftTargetSource
@@ -71,27 +71,15 @@ class DistillConfig:
             check(self.handover_every > 0, "teacher", self.teacher,
                   '"" with distill.cache unless distill.handover_every is set (the cache gives the soft labels; '
                   "the teacher serves only the auto handover)")
-        if not self.enabled:  # a plain CE run: any other distill setting would be silently ignored
-            for name, value in _changed(self):
-                raise ConfigError(f"{name}={value!r} has no effect without distill.teacher, distill.cache or "
-                                  "distill.label_smoothing (the run is plain CE); remove it or set one of those")
+        if not self.enabled:
+            check_no_effect(self, None, "without distill.teacher, distill.cache or distill.label_smoothing (the "
+                                        "run is plain CE); remove it or set one of those")
+        check_no_effect(self, [n for n, kind in (("beta", "jsd"), ("gamma", "nkd")) if self.kind != kind],
+                        f"with distill.kind={self.kind}")
 
     @property
     def enabled(self) -> bool:
         return bool(self.teacher or self.cache or self.label_smoothing)
-
-
-def _changed(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted name, value) of every setting of a config dataclass that differs from its default."""
-    out = []
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        default = f.default if f.default is not MISSING else f.default_factory()
-        if is_dataclass(value):
-            out += _changed(value, f"{prefix}{f.name}.")
-        elif value != default:
-            out.append((prefix + f.name, value))
-    return out
 
 
 class SALTObjective(Objective):

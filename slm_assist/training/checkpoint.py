@@ -109,6 +109,10 @@ class Checkpointer:
                 os.fsync(fd)  # make the rename durable before older checkpoints are deleted
             finally:
                 os.close(fd)
+            # checkpoint.resume=false in an old run_dir: the old run's later checkpoints must not outlive (or,
+            # sorting last, prune) the new run's
+            for old in [p for p in self.complete() if self.step_of(p) > state.step]:
+                shutil.rmtree(old, ignore_errors=True)
             for old in self.complete()[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()

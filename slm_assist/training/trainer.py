@@ -105,6 +105,7 @@ class RunData:
         self.dataset = PackedDataset.open(cfg.data.path)
         self.tokenizer = self.dataset.tokenizer
         _check_model_fits(cfg.model, self.dataset)
+        _check_resumable(cfg)
         self.train = self.dataset.split("train")
         self.val_batches = (
             validation_batches(self.dataset.split("validation"), cfg.train.micro_batch_size, cfg.train.eval_batches,
@@ -132,7 +133,6 @@ class Trainer:
         self.manifest = self.data.dataset.manifest
         self.streams = {"main": self.data.stream(), **(streams or {})}
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
-        self._check_resumable()
 
         # Seeded here, not only in RunData: the student's init must not depend on what the recipe loaded before.
         torch.manual_seed(cfg.seed)
@@ -151,16 +151,6 @@ class Trainer:
         self.state = TrainState()
         self.tokens_per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum * dist.world_size()
                                 * self.data.dataset.seq_len)
-
-    def _check_resumable(self) -> None:
-        """A checkpoint past train.max_steps means this run_dir holds a longer run than the config asks for:
-        say so before any model is built, instead of reporting the old run as done."""
-        latest = self.checkpointer.latest() if self.cfg.checkpoint.resume else None
-        step = self.checkpointer.step_of(latest) if latest else 0
-        if step > self.cfg.train.max_steps:
-            raise UserError(f"run_dir={self.run_dir} has a checkpoint at step {step}, past "
-                            f"train.max_steps={self.cfg.train.max_steps}; use another run_dir, raise "
-                            "train.max_steps, or set checkpoint.resume=false to start over")
 
     @property
     def model(self) -> torch.nn.Module:
@@ -290,6 +280,17 @@ class Trainer:
         return {"run_config": to_dict(self.cfg), "data_manifest": self.manifest, "params": self.n_params,
                 "step": self.state.step, "tokens_seen": self.state.tokens_seen,
                 "stages": (start or {}).get("stages", [])}
+
+
+def _check_resumable(cfg: TrainerConfig) -> None:
+    """A checkpoint past train.max_steps means run_dir holds a longer run than the config asks for: say so before
+    anything is built, instead of reporting the old run as done."""
+    latest = Checkpointer(Path(cfg.run_dir), cfg.checkpoint).latest() if cfg.checkpoint.resume else None
+    step = Checkpointer.step_of(latest) if latest else 0
+    if step > cfg.train.max_steps:
+        raise UserError(f"run_dir={cfg.run_dir} has a checkpoint at step {step}, past train.max_steps="
+                        f"{cfg.train.max_steps}; use another run_dir, raise train.max_steps, or set "
+                        "checkpoint.resume=false to start over (the old checkpoints go as the new run saves)")
 
 
 def _check_model_fits(cfg: ModelConfig, data: PackedDataset) -> None:
