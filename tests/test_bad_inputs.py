@@ -157,6 +157,8 @@ def _cases(w) -> dict[str, Case]:
                                                 ["tokenizer.vocab_size: 400 there, 500 here"], [r / "leftover"]),
         "eval without data": Case("slm_assist.eval", [str(w["slm"])], ["DATA"]),
         "eval latin-1 jsonl": Case("slm_assist.eval", [str(w["slm"]), str(w["latin1"])], [str(w["latin1"]), "UTF-8"]),
+        "cloze out unwritable": Case("data_tools.cloze", [str(w["data"]), str(UNWRITABLE / "cloze.jsonl")],
+                                     [f"out={UNWRITABLE / 'cloze.jsonl'}", "cannot write"]),
         "report missing run": Case("slm_assist.report", [str(r / "no_run")], [str(r / "no_run")]),
         "hub push without token": Case("slm_assist.hub", ["push", str(w["slm"]), "--repo-id", "me/x"], ["HF_TOKEN"],
                                        [w["slm"]], env={"HF_TOKEN": "", "HF_HOME": str(r / "hf_home")}),
