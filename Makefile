@@ -46,7 +46,8 @@ multi = $(DO)$(DS) --hostfile $(HOSTFILE) --num_nodes $(NNODES) --num_gpus $(NUM
 	--launcher $(LAUNCHER) --module $(1) $(CONFIG) $(ARGS)
 slurm = $(DO)sbatch --nodes $(NNODES) --gpus-per-node $(NUM_GPUS) configs/slurm/launch.sbatch $(1) $(CONFIG) $(ARGS)
 
-.PHONY: pretrain pretrain-multinode pretrain-slurm score-multinode score-slurm eval push
+.PHONY: pretrain pretrain-multinode pretrain-slurm score-multinode score-slurm compress compress-multinode \
+	compress-slurm eval push
 
 pretrain: setup
 	$(call need,CONFIG)$(call single,slm_assist.train)
@@ -56,6 +57,16 @@ pretrain-multinode: setup
 
 pretrain-slurm:
 	$(call need,CONFIG)$(call slurm,slm_assist.train)
+
+# Compress a pretrained LLM into a small student (progressive distillation; stages in the config).
+compress: setup
+	$(call need,CONFIG)$(call single,slm_assist.compress)
+
+compress-multinode: setup
+	$(call need,CONFIG)$(call multi,slm_assist.compress)
+
+compress-slurm:
+	$(call need,CONFIG)$(call slurm,slm_assist.compress)
 
 # Score the packed data with the SLM (default: the demo config), one shard per process.
 score: CONFIG ?= configs/demo/score.yaml

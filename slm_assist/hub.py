@@ -65,11 +65,15 @@ def model_card(model_dir: str | Path) -> str:
         raise UserError(f"{d}: no {META}; not a model exported by slm_assist.train (cannot write its card)")
     cfg, data = meta["run_config"], meta["data_manifest"]
     m, recipe = cfg["model"], describe(cfg)
+    hf = ModelDir(d).config()  # the exported model's real shape (a run that started from a model dir has no other)
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags:", "- slm_assist", "- causal-lm", *[f"- {t}" for t in recipe.tags], "---", ""]
-    lines += [f"# {Path(cfg['run_dir']).name}", "",
-              f"A {meta['params'] / 1e6:.2f}M-parameter {m['model_type']} causal LM pretrained with "
-              "slm_assist for "
+    stages = [st.get("name", "?") for st in meta.get("stages", [])]
+    made = (f"compressed with slm_assist in {len(stages)} stages ({' → '.join(stages)}); the last ran "
+            if stages else "pretrained with slm_assist for ")
+    name = Path(cfg["run_dir"]).parent.name if stages else Path(cfg["run_dir"]).name  # a stage's run: run_dir/<stage>
+    lines += [f"# {name}", "",
+              f"A {meta['params'] / 1e6:.2f}M-parameter {m['model_type']} causal LM {made}"
               f"{meta['step']:,} steps ({meta['tokens_seen']:,} tokens).", "",
               "## Data", "",
               f"- sources: {', '.join(f'`{s}`' for s in data['sources'])}",
@@ -79,8 +83,9 @@ def model_card(model_dir: str | Path) -> str:
                           "documents" for k, v in data["splits"].items()),
               f"- validation held out by document (fraction {data['val_fraction']}, seed {data['seed']})", "",
               "## Training", "",
-              f"- model: hidden {m['hidden_size']}, {m['num_layers']} layers, {m['num_heads']} heads, "
-              f"FFN {m['ffn_size']}, context {m['max_position_embeddings']}",
+              f"- model: hidden {hf.hidden_size}, {hf.num_hidden_layers} layers, {hf.num_attention_heads} heads, "
+              f"FFN {getattr(hf, 'intermediate_size', None) or getattr(hf, 'n_inner', None) or '—'}, context "
+              f"{getattr(hf, 'max_position_embeddings', '—')}",
               f"- optimiser: AdamW lr {cfg['optim']['lr']}, weight decay {cfg['optim']['weight_decay']}; "
               f"schedule {cfg['schedule']['kind']} with {cfg['schedule']['warmup_steps']} warmup steps",
               f"- batch: {cfg['train']['micro_batch_size']} × {cfg['train']['grad_accum']} accumulation per rank; "

@@ -30,13 +30,13 @@ class Case:
 
 
 @pytest.fixture(scope="module")
-def world(tiny_data, tiny_slm, tmp_path_factory) -> dict[str, Path]:
+def world(tiny_data, tiny_slm, slm_other_tokenizer, tmp_path_factory) -> dict[str, Path]:
     """Finished outputs of every stage, plus the kinds of things users point commands at by mistake."""
     from data_tools.score import main as score_main
     from data_tools.select import main as select_main
 
     root = tmp_path_factory.mktemp("world")
-    w = {"root": root, "data": root / "data", "slm": tiny_slm}
+    w = {"root": root, "data": root / "data", "slm": tiny_slm, "other_tok": slm_other_tokenizer}
     shutil.copytree(tiny_data, w["data"])
     w["scores"] = root / "scores"
     score_main([str(REPO / "configs/demo/score.yaml"), f"model={tiny_slm}", f"data={tiny_data}",
@@ -65,6 +65,9 @@ def world(tiny_data, tiny_slm, tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(tiny_slm, w["short_ctx"])
     config = json.loads((w["short_ctx"] / "config.json").read_text())
     (w["short_ctx"] / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    w["compress"] = root / "compress.yaml"  # one latent stage: a student of the SLM's width, one block
+    w["compress"].write_text("stages:\n  - {name: gd, teacher: pretrained, data: general, max_steps: 1, "
+                             "loss: {hidden: 1.0, attention: 1.0}}\n")
     w["latin1"] = root / "cloze_latin1.jsonl"
     w["latin1"].write_bytes(json.dumps({"context": "caf", "target": "X"}).encode().replace(b"X", b"\xe9") + b"\n")
     return w
@@ -73,6 +76,12 @@ def world(tiny_data, tiny_slm, tmp_path_factory) -> dict[str, Path]:
 def _train(w, run_dir, *extra) -> list[str]:
     return [str(REPO / "configs/demo/llm.yaml"), f"data.path={w['data']}", f"run_dir={run_dir}", *TINY_MODEL,
             "train.max_steps=2", "train.torch_threads=1", "train.micro_batch_size=4", *extra]
+
+
+def _compress(w, *extra) -> list[str]:
+    return [str(w["compress"]), f"run_dir={w['root'] / 'cmp'}", f"teacher={w['slm']}", f"general_data={w['data']}",
+            "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.ffn_size=64",
+            "model.max_position_embeddings=64", *extra]
 
 
 def _cases(w) -> dict[str, Case]:
@@ -155,6 +164,26 @@ def _cases(w) -> dict[str, Case]:
         "leftover tokenizer, other vocab": Case("data_tools.pack", [data_yaml, f"out_dir={r / 'leftover'}",
                                                                     "tokenizer.vocab_size=500"],
                                                 ["tokenizer.vocab_size: 400 there, 500 here"], [r / "leftover"]),
+        "compress teacher of another vocabulary": Case("slm_assist.compress",
+                                                       _compress(w, f"teacher={w['other_tok']}"),
+                                                       ["teacher=", "tokenizer fingerprint"]),
+        "compress layer map outside the teacher": Case("slm_assist.compress",
+                                                       _compress(w, "stages=[{name: gd, loss: {hidden: 1, "
+                                                                    "layer_map: [3]}}]"),
+                                                       ["stages.gd.loss.layer_map=[3]", "outside 1..2"]),
+        "compress unknown init": Case("slm_assist.compress", _compress(w, "init.kind=distil"),
+                                      ["init.kind", "'distil'"]),
+        "compress teacher not made yet": Case("slm_assist.compress",
+                                              _compress(w, "stages=[{name: ged, teacher: finetuned}]"),
+                                              ["stage 'ged'", "fine-tuned teacher"]),
+        "compress prune larger than teacher": Case("slm_assist.compress",
+                                                   _compress(w, "init.kind=prune", "model.hidden_size=64")[:1]
+                                                   + [a for a in _compress(w, "init.kind=prune")[1:]
+                                                      if "max_position" not in a and "hidden_size" not in a]
+                                                   + ["model.hidden_size=64"],
+                                                   ["model.hidden_size=64", "1..32"]),
+        "compress attention under sdpa": Case("slm_assist.compress", _compress(w, "model.attn_implementation=sdpa"),
+                                              ["model.attn_implementation", "sdpa", "eager"]),
         "eval without data": Case("slm_assist.eval", [str(w["slm"])], ["DATA"]),
         "eval latin-1 jsonl": Case("slm_assist.eval", [str(w["slm"]), str(w["latin1"])], [str(w["latin1"]), "UTF-8"]),
         "cloze out unwritable": Case("data_tools.cloze", [str(w["data"]), str(UNWRITABLE / "cloze.jsonl")],

@@ -87,8 +87,9 @@ def test_saved_config_round_trips(tmp_path):
 def _entry_point_configs():
     from data_tools.score import ScoreConfig
     from data_tools.select import SelectConfig
+    from slm_assist.compress.stages import CompressConfig
 
-    return [PrepareConfig, RunConfig, ScoreConfig, SelectConfig]
+    return [PrepareConfig, RunConfig, ScoreConfig, SelectConfig, CompressConfig]
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml")), ids=str)

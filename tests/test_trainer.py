@@ -261,3 +261,25 @@ def test_mfu_is_logged_from_model_flops_and_throughput(tiny_data, tmp_path):
     fpt = flops_per_token(AutoModelForCausalLM.from_pretrained(str(run / "final")), 32)
     for r in read_metrics(run):
         assert r["mfu"] == pytest.approx(fpt * r["tokens_per_s"] / 1e6, rel=1e-9)
+
+
+def test_patience_stops_early_and_a_rerun_stays_stopped(tiny_data, tmp_path, monkeypatch):
+    from slm_assist.training.trainer import Trainer
+
+    script = iter([5.0, 4.0, 4.5, 4.2, 3.0, 2.0])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: next(script))
+    run = tmp_path / "P"
+    args = run_overrides(tiny_data, run, "train.max_steps=8", "train.eval_every=1", "train.patience=2",
+                         "checkpoint.every=0")
+    assert main(args)["step"] == 4  # 4.5 and 4.2 do not beat 4.0
+    assert [r["step"] for r in read_metrics(run) if r.get("early_stop")] == [4]
+    assert json.loads((run / "final" / "slm_assist.json").read_text())["step"] == 4
+    assert main(args)["step"] == 4  # resumed from the final checkpoint: still stopped
+    from data_tools.pack import PrepareConfig, prepare
+    from slm_assist.core.config import load_config
+
+    no_val = tmp_path / "no_val"
+    prepare(load_config(PrepareConfig, None, [f"out_dir={no_val}", f"tokenizer.path={tiny_data / 'tokenizer'}",
+                                              "corpus.max_docs=20", "pack.seq_len=32", "pack.val_fraction=0"]))
+    with pytest.raises(UserError, match=r"train\.patience=2 needs a validation split"):
+        main(run_overrides(no_val, tmp_path / "Q", "train.patience=2", "train.max_steps=2"))

@@ -327,13 +327,13 @@ def non_defaults(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def check_no_effect(cfg: Any, names: typing.Iterable[str] | None, when: str) -> None:
+def check_no_effect(cfg: Any, names: typing.Iterable[str] | None, when: str, prefix: str = "") -> None:
     """For __post_init__: the settings `names` (None = all) must keep their defaults, because `when` they would
     be silently ignored. A setting that has no effect is an error, not a no-op the saved config still records."""
     wanted = None if names is None else set(names)
     for name, value in non_defaults(cfg):
         if wanted is None or name.split(".")[0] in wanted:
-            raise ConfigError(f"{name}={value!r} has no effect {when}")
+            raise ConfigError(f"{prefix}{name}={value!r} has no effect {when}")
 
 
 def check(cond: bool, field: str, value: Any, expected: str) -> None:

@@ -65,6 +65,15 @@ class ModelDir:
         """This model's tokenizer must be the data's (by fingerprint), checked before any work is done."""
         data.check_tokenizer(tokenizer_fingerprint(self.tokenizer), self.name, why)
 
+    def config(self):
+        """The model's transformers config (config.json), without loading weights."""
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(str(self.path))
+        except Exception as e:
+            raise UserError(f"{self.name}: unreadable {CONFIG}: {e}") from None
+
     def context_length(self) -> int | None:
         """The longest sequence its position embeddings cover (config.json), or None when it does not say."""
         try:

@@ -49,6 +49,10 @@ class TrainState:
     tokens_seen: int = 0
     data: dict[str, Any] = field(default_factory=dict)
     objective: dict[str, Any] = field(default_factory=dict)
+    best_val: float | None = None
+    """train.patience: the best validation loss so far, and evaluations since it."""
+    evals_since_best: int = 0
+    stopped_early: bool = False
 
 
 def _rng_state() -> dict[str, Any]:

@@ -54,6 +54,9 @@ class TrainConfig:
     """Write metrics every N steps."""
     torch_threads: int = 0
     """torch intra-op threads on CPU (0 = torch's default)."""
+    patience: int = 0
+    """Stop early once the validation loss has not improved for this many evaluations in a row (0 = off); the
+    LR schedule still spans max_steps."""
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one device (H100/H200 SXM: 989, A100: 312). > 0 logs `mfu`: model FLOPs per
     token (models.flops_per_token) x tokens/s / (peak x devices)."""
@@ -66,6 +69,7 @@ class TrainConfig:
         check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0 (0 = only at the end)")
         check(self.eval_batches == -1 or self.eval_batches > 0, "eval_batches", self.eval_batches, "-1 or > 0")
         check(self.log_every > 0, "log_every", self.log_every, "> 0")
+        check(self.patience >= 0, "patience", self.patience, ">= 0 (0 = off)")
         check(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, ">= 0 (0 = do not log MFU)")
 
 
@@ -149,6 +153,9 @@ class Trainer:
         self.engine = initialize(ModelWithHeads(model, heads) if heads else model, self.ds_config, cfg.optim,
                                  cfg.schedule, cfg.train.max_steps, self.device)
         self.state = TrainState()
+        if cfg.train.patience and not self.data.val_batches:
+            raise UserError(f"train.patience={cfg.train.patience} needs a validation split; {self.data.dataset.path} "
+                            "has none (pack with pack.val_fraction > 0)")
         self.tokens_per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum * dist.world_size()
                                 * self.data.dataset.seq_len)
 
@@ -228,7 +235,7 @@ class Trainer:
         last_val: float | None = None
         window_t, window_tokens = time.perf_counter(), 0
         try:
-            while self.state.step < cfg.train.max_steps:
+            while self.state.step < cfg.train.max_steps and not self.state.stopped_early:
                 lr = self.engine.get_lr()[0]  # the LR this step uses (the scheduler advances inside step())
                 metrics = self.train_step()
                 self.state.step += 1
@@ -239,6 +246,9 @@ class Trainer:
                 record: dict[str, float | None] = {}
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
                     last_val = record["val_loss"] = self.evaluate()
+                    if self._stop_early(last_val):
+                        record["early_stop"] = 1.0
+                        is_last = True
                 if step % cfg.train.log_every == 0 or is_last or "val_loss" in record:
                     elapsed = time.perf_counter() - window_t
                     gn = self.engine.get_global_grad_norm()
@@ -258,6 +268,22 @@ class Trainer:
             logger.close()
         self.export()
         return {"step": self.state.step, "val_loss": last_val}
+
+    def _stop_early(self, val: float | None) -> bool:
+        """train.patience: stop once the validation loss has not improved for that many evaluations in a row
+        (the state is checkpointed, so a resumed run stops where it would have)."""
+        if not self.cfg.train.patience or val is None:
+            return False
+        st = self.state
+        if st.best_val is None or val < st.best_val:
+            st.best_val, st.evals_since_best = val, 0
+        else:
+            st.evals_since_best += 1
+        st.stopped_early = st.evals_since_best >= self.cfg.train.patience
+        if st.stopped_early and dist.is_main():
+            print(f"early stop at step {st.step}: validation loss {val:.4f} has not improved on {st.best_val:.4f} "
+                  f"for {st.evals_since_best} evaluations (train.patience)", flush=True)
+        return st.stopped_early
 
     def export(self) -> Path:
         """save_pretrained (safetensors) + tokenizer + run metadata into run_dir/final, atomically, on rank 0.

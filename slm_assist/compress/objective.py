@@ -1,0 +1,128 @@
+"""The objective of one compression stage: a weighted sum of hard-label CE, soft-label KD from the stage's
+teacher, and the latent terms (hidden states through learned projections, attention distributions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from slm_assist.compress.latent import Projections, attention_kl, hidden_loss, layer_map
+from slm_assist.core.config import check, check_no_effect
+from slm_assist.core.errors import UserError
+from slm_assist.kd.losses import SoftTargets, mixed_ce_kd
+from slm_assist.training.batches import Batch
+from slm_assist.training.objective import Objective
+
+
+@dataclass
+class LossConfig:
+    ce: float = 0.0
+    """Weight of next-token cross-entropy on the data (hard labels)."""
+    kd: float = 0.0
+    """Weight of soft-label KD from the stage's teacher (its logits)."""
+    kind: Literal["forward_kl", "reverse_kl", "jsd", "nkd"] = "forward_kl"
+    """The KD divergence (as in SALT's distill.kind)."""
+    tau: float = 1.0
+    """KD softmax temperature."""
+    hidden: float = 0.0
+    """Weight of the hidden-state loss over the mapped layers (through a learned projection when widths differ)."""
+    hidden_kind: Literal["cosine", "mse"] = "cosine"
+    """Distance between layer-normalised states: 1 - cosine, or mean squared error."""
+    attention: float = 0.0
+    """Weight of KL(teacher ‖ student) between mapped layers' attention distributions (needs eager attention)."""
+    layer_map: list[int] = field(default_factory=list)
+    """The teacher layer (1-based) each student layer learns from; [] = uniform (the last maps to the last)."""
+    map_embeddings: bool = False
+    """Also match the embedding outputs (layer 0), with the hidden-state loss."""
+    scale_latent: bool = False
+    """Minitron: rescale the latent term at every step to the magnitude of the logit terms (CE + KD)."""
+    chunk_tokens: int = -1
+    """Tokens per chunk of the fused CE+KD loss (-1 = auto, 16 MiB fp32 temporaries)."""
+
+    def __post_init__(self) -> None:
+        for name in ("ce", "kd", "hidden", "attention"):
+            check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        check(self.ce + self.kd + self.hidden + self.attention > 0, "ce/kd/hidden/attention",
+              (self.ce, self.kd, self.hidden, self.attention), "at least one weight > 0")
+        check(self.tau > 0, "tau", self.tau, "> 0")
+        check(self.chunk_tokens >= -1, "chunk_tokens", self.chunk_tokens, "-1 (auto), 0 or > 0")
+        if not self.kd:
+            check_no_effect(self, ["kind", "tau"], "with kd=0")
+        if not (self.hidden or self.attention):
+            check_no_effect(self, ["layer_map", "map_embeddings", "scale_latent"], "without a latent loss")
+        if not self.hidden:
+            check_no_effect(self, ["hidden_kind", "map_embeddings"], "with hidden=0")
+        if self.scale_latent:
+            check(bool(self.ce or self.kd), "scale_latent", self.scale_latent, "false without a ce or kd term")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.kd or self.hidden or self.attention)
+
+
+class CompressObjective(Objective):
+    """Loss for one micro-batch; metrics: loss parts (`ce`, `kd`, `hidden`, `attention`) and `latent_scale`.
+    `teacher` is frozen; the projections are trainable heads (trained and checkpointed, never exported)."""
+
+    def __init__(self, cfg: LossConfig, teacher: torch.nn.Module | None, student_config, vocab: int,
+                 field: str = "loss") -> None:
+        if cfg.needs_teacher and teacher is None:
+            raise UserError(f"{field}: kd/hidden/attention need a teacher for this stage")
+        self.cfg, self.teacher, self.vocab = cfg, teacher, vocab
+        self.attn_implementation = "eager" if cfg.attention else None
+        self.chunk = cfg.chunk_tokens if cfg.chunk_tokens >= 0 else max(1, (16 << 20) // (4 * vocab))
+        self.pairs: list[tuple[int, int]] = []
+        self.proj: Projections | None = None
+        if cfg.hidden or cfg.attention:
+            t_cfg = teacher.config
+            self.pairs = layer_map(student_config.num_hidden_layers, t_cfg.num_hidden_layers, cfg.layer_map,
+                                   cfg.map_embeddings, f"{field}.layer_map")
+        if cfg.hidden:
+            self.proj = Projections(self.pairs, student_config.hidden_size, teacher.config.hidden_size)
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        return [self.proj] if self.proj is not None and not self.proj.identity else []
+
+    def __call__(self, model: torch.nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if batch.loss_mask is not None:
+            raise UserError("compression stages train on packed causal-LM data; loss masks are not supported")
+        cfg = self.cfg
+        want = {"output_hidden_states": bool(cfg.hidden), "output_attentions": bool(cfg.attention)}
+        out = model(input_ids=batch.input_ids, **want)
+        t_out = None
+        if self.teacher is not None and cfg.needs_teacher:
+            with torch.no_grad():
+                t_out = self.teacher(input_ids=batch.input_ids, **want)
+        logits, targets = out.logits[:, :-1, : self.vocab], batch.targets()
+        metrics: dict[str, torch.Tensor] = {}
+        logit_loss = torch.zeros((), device=logits.device)
+        if cfg.kd:
+            soft = SoftTargets(logits=t_out.logits[:, :-1, : self.vocab])
+            mixed, parts = mixed_ce_kd(logits, targets, cfg.kd / (cfg.kd + cfg.ce), soft, kind=cfg.kind,
+                                       tau=cfg.tau, chunk=self.chunk)
+            logit_loss = (cfg.kd + cfg.ce) * mixed  # = ce·CE + kd·KD
+            metrics.update(ce=parts["ce"], kd=parts["kd"])
+        elif cfg.ce:
+            ce = F.cross_entropy(logits.reshape(-1, self.vocab).float(), targets.reshape(-1))
+            logit_loss = cfg.ce * ce
+            metrics["ce"] = ce.detach()
+        latent = torch.zeros((), device=logits.device)
+        if cfg.hidden:
+            h = torch.stack([hidden_loss(self.proj(s, out.hidden_states[s]), t_out.hidden_states[t], cfg.hidden_kind)
+                             for s, t in self.pairs])
+            latent = latent + cfg.hidden * h.mean()
+            metrics["hidden"] = h.mean().detach()
+        if cfg.attention:
+            blocks = [(s, t) for s, t in self.pairs if s > 0]  # attentions exist for blocks, not embeddings
+            a = torch.stack([attention_kl(out.attentions[s - 1], t_out.attentions[t - 1], "loss.attention")
+                             for s, t in blocks])
+            latent = latent + cfg.attention * a.mean()
+            metrics["attention"] = a.mean().detach()
+        if cfg.scale_latent and latent.requires_grad:
+            scale = (logit_loss.detach() / latent.detach().clamp_min(1e-12))
+            latent = latent * scale
+            metrics["latent_scale"] = scale
+        return logit_loss + latent, metrics
