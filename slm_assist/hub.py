@@ -64,16 +64,18 @@ def model_card(model_dir: str | Path) -> str:
     if meta is None:
         raise UserError(f"{d}: no {META}; not a model exported by slm_assist.train (cannot write its card)")
     cfg, data = meta["run_config"], meta["data_manifest"]
-    m, recipe = cfg["model"], describe(cfg)
+    recipe = describe(cfg)
     hf = ModelDir(d).config()  # the exported model's real shape (a run that started from a model dir has no other)
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags:", "- slm_assist", "- causal-lm", *[f"- {t}" for t in recipe.tags], "---", ""]
-    stages = [st.get("name", "?") for st in meta.get("stages", [])]
-    made = (f"compressed with slm_assist in {len(stages)} stages ({' → '.join(stages)}); the last ran "
-            if stages else "pretrained with slm_assist for ")
+    records = meta.get("stages", [])
+    stages = [st.get("name", "?") for st in records]
+    verb = "compressed" if any(st.get("trains", "student") == "student" for st in records) else "fine-tuned"
+    made = (f"{verb} with slm_assist in {len(stages)} stage{'s' * (len(stages) != 1)} ({' → '.join(stages)}); "
+            "the last ran " if stages else "pretrained with slm_assist for ")
     name = Path(cfg["run_dir"]).parent.name if stages else Path(cfg["run_dir"]).name  # a stage's run: run_dir/<stage>
     lines += [f"# {name}", "",
-              f"A {meta['params'] / 1e6:.2f}M-parameter {m['model_type']} causal LM {made}"
+              f"A {meta['params'] / 1e6:.2f}M-parameter {hf.model_type} causal LM {made}"
               f"{meta['step']:,} steps ({meta['tokens_seen']:,} tokens).", "",
               "## Data", "",
               f"- sources: {', '.join(f'`{s}`' for s in data['sources'])}",

@@ -42,11 +42,13 @@ def test_hidden_loss_is_zero_only_at_matching_states():
     proj = Projections([(1, 1)], 8, 8)
     for kind in ("cosine", "mse"):
         assert hidden_loss(proj(1, x), x, kind).item() == pytest.approx(0.0, abs=1e-6)
-        assert hidden_loss(x, 3.0 * x + 1.0, kind).item() == pytest.approx(0.0, abs=1e-5)  # normalised states
         assert hidden_loss(x, torch.randn(2, 5, 8), kind).item() > 0.1
+    assert hidden_loss(x, 3.0 * x, "cosine").item() == pytest.approx(0.0, abs=1e-6)  # direction only
+    assert hidden_loss(x, 3.0 * x, "mse").item() == pytest.approx(4 / 9, rel=1e-5)  # (x - 3x)^2 / (3x)^2
+    assert hidden_loss(10 * x, 30.0 * x, "mse").item() == pytest.approx(4 / 9, rel=1e-5)  # free of the scale
     y = torch.randn(2, 5, 8)
-    norm = lambda v: (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-5)  # noqa: E731
-    assert hidden_loss(x, y, "mse").item() == pytest.approx(((norm(x) - norm(y)) ** 2).mean().item(), rel=1e-5)
+    cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
+    assert hidden_loss(x, y, "cosine").item() == pytest.approx((1 - cos).mean().item(), rel=1e-6)
     wide = Projections([(1, 2), (2, 4)], 8, 12)
     assert not wide.identity and wide(2, x).shape == (2, 5, 12)
 
@@ -95,6 +97,15 @@ def test_objective_with_the_teacher_as_student_has_zero_distillation_terms():
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())  # the teacher is never trained
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_a_copied_or_pruned_student_learns_each_block_from_its_source_block():
+    teacher, student = _llama(4, 16, 2), _llama(2, 16, 2, seed=3)
+    cfg = load_config(LossConfig, None, ["hidden=1"])
+    assert CompressObjective(cfg, teacher, student.config, 50, default_map=[1, 3]).pairs == [(1, 1), (2, 3)]
+    assert CompressObjective(cfg, teacher, student.config, 50).pairs == [(1, 2), (2, 4)]  # uniform otherwise
+    explicit = load_config(LossConfig, None, ["hidden=1", "layer_map=[2, 3]"])
+    assert CompressObjective(explicit, teacher, student.config, 50, default_map=[1, 3]).pairs == [(1, 2), (2, 3)]
 
 
 def test_objective_projections_are_heads_and_latent_scaling_matches_the_logit_term():
@@ -167,12 +178,22 @@ def test_stages_chain_skip_when_finished_and_export_only_the_student(tiny_data, 
     saved = torch.load(next(ckpt.glob("step_*/mp_rank_00_model_states.pt")), weights_only=False)["module"]
     assert any(k.startswith("heads.") for k in saved)  # ...but trained and checkpointed with the student
 
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("final/*")}
+    tsd_meta = run / "tsd" / "final" / "slm_assist.json"  # as if killed between the export and the stage record
+    tsd_meta.write_text(json.dumps({**meta["tsd"], "stages": meta["tsd"]["stages"][:-1]}))
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("final/*") if p != tsd_meta}
     capsys.readouterr()
     main(args)
     out = capsys.readouterr().out
     assert all(f"[{s}] finished" in out for s in ("finetune", "gd", "tsd"))
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("final/*")} == before
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("final/*") if p != tsd_meta} == before
+    assert [s["name"] for s in json.loads(tsd_meta.read_text())["stages"]] == ["gd", "tsd"]  # the record is back
+
+    with pytest.raises(UserError, match=r"init/ was made with other settings \(shape\.ffn_size: 32 there, 48 here\)"):
+        main([*args, "model.ffn_size=48"])
+    (tmp_path / "c.yaml").write_text(STAGES_YAML.replace("max_steps: 2,\n", "max_steps: 3,\n"))
+    with pytest.raises(UserError, match=r"stage 'tsd' finished in .* with other settings \(config\.max_steps: 2 "
+                                        r"there, 3 here\); delete"):
+        main(args)
 
 
 def test_compress_config_errors_name_the_stage():
@@ -196,17 +217,20 @@ def test_prune_keeping_everything_is_the_identity_and_pruning_keeps_the_importan
     imp = importance(teacher, batches)
     assert imp.channels.shape == (32,) and imp.blocks.shape == (4,) and imp.heads[0].shape == (2,)
     assert imp.neurons[0].shape == (64,) and bool((imp.blocks > 0).all())
-    same = prune(teacher, imp, hidden=32, layers=4, heads=4, kv_heads=2, ffn=64).eval()
+    same, kept = prune(teacher, imp, hidden=32, layers=4, heads=4, kv_heads=2, ffn=64)
+    assert kept == [1, 2, 3, 4]
+    same.eval()
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         assert torch.equal(same(input_ids=ids).logits, teacher(input_ids=ids).logits)
 
-    small = prune(teacher, imp, hidden=16, layers=2, heads=2, kv_heads=1, ffn=32)
+    small, kept = prune(teacher, imp, hidden=16, layers=2, heads=2, kv_heads=1, ffn=32)
     c = small.config
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
             c.head_dim) == (16, 2, 2, 1, 32, 8)
     keep_d = imp.channels.topk(16).indices.sort().values
     block = int(imp.blocks.topk(2).indices.sort().values[0])
+    assert kept == [b + 1 for b in imp.blocks.topk(2).indices.sort().values.tolist()]
     group = int(imp.heads[block].argmax())
     neurons = imp.neurons[block].topk(32).indices.sort().values
     t, s = teacher.model.layers[block], small.model.layers[0]

@@ -13,7 +13,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from slm_assist.core.model_dir import ModelDir
 from slm_assist.training.models import ModelConfig, build_model
 
 # a block's parameters: model.layers.<i>. (llama, qwen2, mistral...), transformer.h.<i>. (gpt2)
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 _BLOCK = re.compile(r"^(.*?\.(?:layers|h))\.(\d+)\.(.*)$")
 
 
@@ -49,6 +52,8 @@ class InitConfig:
             check_no_effect(self, ["layers", "every"], f"with init.kind={self.kind}")
         elif self.layers:
             check_no_effect(self, ["every"], "with an explicit init.layers")
+            check(all(a < b for a, b in zip(self.layers, self.layers[1:])), "layers", self.layers,
+                  "teacher blocks in increasing order, each once")
         if self.kind != "model":
             check_no_effect(self, ["path"], f"with init.kind={self.kind}")
         else:
@@ -96,7 +101,7 @@ def copy_layers(teacher: torch.nn.Module, blocks: list[int]) -> torch.nn.Module:
     return student
 
 
-def prune_targets(model: ModelConfig, teacher_config) -> dict[str, int]:
+def prune_targets(model: ModelConfig, teacher_config: PretrainedConfig) -> dict[str, int]:
     """The pruned shape from the `model` section; num_kv_heads -1 keeps the teacher's query heads per KV head."""
     per_group = teacher_config.num_attention_heads // teacher_config.num_key_value_heads
     kv = model.num_kv_heads if model.num_kv_heads > 0 else max(1, model.num_heads // per_group)
@@ -105,15 +110,17 @@ def prune_targets(model: ModelConfig, teacher_config) -> dict[str, int]:
 
 
 def make_student(cfg: InitConfig, model: ModelConfig, teacher_dir: ModelDir | None, data: PackedDataset,
-                 out: Path) -> None:
-    """Write the initial student into `out` (a directory the caller renames into place when complete)."""
+                 out: Path) -> list[int] | None:
+    """Write the initial student into `out` (a directory the caller renames into place when complete). Returns
+    the teacher blocks the student's blocks came from (1-based; layers and prune), else None."""
     tok = data.tokenizer
     if cfg.kind == "model":
         src = ModelDir.open(cfg.path, "init.path")
         src.check_vocabulary(data, "the student must use the data's tokenizer")
         src.check_context(data.seq_len, "the student reads the data's sequences")
         shutil.copytree(src.path, out, dirs_exist_ok=True)
-        return
+        return None
+    blocks = None
     if cfg.kind == "random":
         student = build_model(model, tok, torch.device("cpu"))
     else:
@@ -121,12 +128,15 @@ def make_student(cfg: InitConfig, model: ModelConfig, teacher_dir: ModelDir | No
             raise UserError(f"init.kind={cfg.kind} needs the teacher (teacher=...)")
         teacher = teacher_dir.load(torch.device("cpu"), len(tok), dtype=torch.float32, attn_implementation=None)
         if cfg.kind == "layers":
-            student = copy_layers(teacher, chosen_layers(cfg, teacher.config.num_hidden_layers))
+            blocks = chosen_layers(cfg, teacher.config.num_hidden_layers)
+            student = copy_layers(teacher, blocks)
         else:
             rows = data.split("train")
             n = min(cfg.calibration, len(rows))
             batches = (torch.from_numpy(np.asarray(rows[i : min(i + 8, n)]["input_ids"], dtype=np.int64))
                        for i in range(0, n, 8))
-            student = prune(teacher.eval(), importance(teacher.eval(), batches), **prune_targets(model, teacher.config))
+            student, blocks = prune(teacher.eval(), importance(teacher.eval(), batches),
+                                    **prune_targets(model, teacher.config))
     student.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
+    return blocks

@@ -33,14 +33,13 @@ def layer_map(n_student: int, n_teacher: int, explicit: list[int] | None = None,
 
 
 def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, kind: Literal["cosine", "mse"]) -> torch.Tensor:
-    """Mean over tokens of the distance between normalised states [..., d] of equal width (project first).
-    Normalised (layer norm without affine) so that the term does not depend on the states' scale, which differs
-    between layers and models; cosine is 1 - cos, MSE is per channel."""
-    s = F.layer_norm(student.float(), student.shape[-1:])
-    t = F.layer_norm(teacher.float(), teacher.shape[-1:])
+    """Distance between states [..., d] of equal width (project first), free of the states' scale, which differs
+    between layers and models. cosine: mean over tokens of 1 - cos (direction only). mse: mean squared error
+    relative to the teacher states' mean square (direction and magnitude)."""
+    s, t = student.float(), teacher.float()
     if kind == "cosine":
         return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
-    return F.mse_loss(s, t)
+    return F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
 
 
 def attention_kl(student: torch.Tensor, teacher: torch.Tensor, field: str = "attention") -> torch.Tensor:

@@ -4,7 +4,7 @@ teacher, and the latent terms (hidden states through learned projections, attent
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,9 @@ from slm_assist.core.errors import UserError
 from slm_assist.kd.losses import SoftTargets, mixed_ce_kd
 from slm_assist.training.batches import Batch
 from slm_assist.training.objective import Objective
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass
@@ -30,7 +33,7 @@ class LossConfig:
     hidden: float = 0.0
     """Weight of the hidden-state loss over the mapped layers (through a learned projection when widths differ)."""
     hidden_kind: Literal["cosine", "mse"] = "cosine"
-    """Distance between layer-normalised states: 1 - cosine, or mean squared error."""
+    """1 - cosine (direction), or the squared error relative to the teacher states' mean square (magnitude too)."""
     attention: float = 0.0
     """Weight of KL(teacher ‖ student) between mapped layers' attention distributions (needs eager attention)."""
     layer_map: list[int] = field(default_factory=list)
@@ -67,19 +70,19 @@ class CompressObjective(Objective):
     """Loss for one micro-batch; metrics: loss parts (`ce`, `kd`, `hidden`, `attention`) and `latent_scale`.
     `teacher` is frozen; the projections are trainable heads (trained and checkpointed, never exported)."""
 
-    def __init__(self, cfg: LossConfig, teacher: torch.nn.Module | None, student_config, vocab: int,
-                 field: str = "loss") -> None:
+    def __init__(self, cfg: LossConfig, teacher: torch.nn.Module | None, student_config: PretrainedConfig,
+                 vocab: int, field: str = "loss", default_map: list[int] | None = None) -> None:
         if cfg.needs_teacher and teacher is None:
             raise UserError(f"{field}: kd/hidden/attention need a teacher for this stage")
-        self.cfg, self.teacher, self.vocab = cfg, teacher, vocab
+        self.cfg, self.teacher, self.vocab, self.field = cfg, teacher, vocab, field
         self.attn_implementation = "eager" if cfg.attention else None
         self.chunk = cfg.chunk_tokens if cfg.chunk_tokens >= 0 else max(1, (16 << 20) // (4 * vocab))
         self.pairs: list[tuple[int, int]] = []
         self.proj: Projections | None = None
         if cfg.hidden or cfg.attention:
             t_cfg = teacher.config
-            self.pairs = layer_map(student_config.num_hidden_layers, t_cfg.num_hidden_layers, cfg.layer_map,
-                                   cfg.map_embeddings, f"{field}.layer_map")
+            self.pairs = layer_map(student_config.num_hidden_layers, t_cfg.num_hidden_layers,
+                                   cfg.layer_map or default_map, cfg.map_embeddings, f"{field}.layer_map")
         if cfg.hidden:
             self.proj = Projections(self.pairs, student_config.hidden_size, teacher.config.hidden_size)
 
@@ -91,14 +94,15 @@ class CompressObjective(Objective):
             raise UserError("compression stages train on packed causal-LM data; loss masks are not supported")
         cfg = self.cfg
         want = {"output_hidden_states": bool(cfg.hidden), "output_attentions": bool(cfg.attention)}
-        out = model(input_ids=batch.input_ids, **want)
+        # logits nobody reads are not computed: [B, T, V] is the biggest activation of a small model
+        out = model(input_ids=batch.input_ids, **want, **({} if cfg.ce or cfg.kd else {"logits_to_keep": 1}))
         t_out = None
         if self.teacher is not None and cfg.needs_teacher:
             with torch.no_grad():
-                t_out = self.teacher(input_ids=batch.input_ids, **want)
+                t_out = self.teacher(input_ids=batch.input_ids, **want, **({} if cfg.kd else {"logits_to_keep": 1}))
         logits, targets = out.logits[:, :-1, : self.vocab], batch.targets()
         metrics: dict[str, torch.Tensor] = {}
-        logit_loss = torch.zeros((), device=logits.device)
+        logit_loss = torch.zeros((), device=batch.input_ids.device)
         if cfg.kd:
             soft = SoftTargets(logits=t_out.logits[:, :-1, : self.vocab])
             mixed, parts = mixed_ce_kd(logits, targets, cfg.kd / (cfg.kd + cfg.ce), soft, kind=cfg.kind,
@@ -109,7 +113,7 @@ class CompressObjective(Objective):
             ce = F.cross_entropy(logits.reshape(-1, self.vocab).float(), targets.reshape(-1))
             logit_loss = cfg.ce * ce
             metrics["ce"] = ce.detach()
-        latent = torch.zeros((), device=logits.device)
+        latent = torch.zeros((), device=batch.input_ids.device)
         if cfg.hidden:
             h = torch.stack([hidden_loss(self.proj(s, out.hidden_states[s]), t_out.hidden_states[t], cfg.hidden_kind)
                              for s, t in self.pairs])
@@ -117,7 +121,7 @@ class CompressObjective(Objective):
             metrics["hidden"] = h.mean().detach()
         if cfg.attention:
             blocks = [(s, t) for s, t in self.pairs if s > 0]  # attentions exist for blocks, not embeddings
-            a = torch.stack([attention_kl(out.attentions[s - 1], t_out.attentions[t - 1], "loss.attention")
+            a = torch.stack([attention_kl(out.attentions[s - 1], t_out.attentions[t - 1], f"{self.field}.attention")
                              for s, t in blocks])
             latent = latent + cfg.attention * a.mean()
             metrics["attention"] = a.mean().detach()

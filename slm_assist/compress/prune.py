@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from slm_assist.core.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _SUPPORTED = ("llama", "qwen2", "mistral")
 
@@ -35,7 +39,7 @@ def _check_supported(model: torch.nn.Module) -> None:
                         f"{model.config.model_type} (use init.kind=layers or random)")
 
 
-def _head_dim(config) -> int:
+def _head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -94,7 +98,7 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k).indices.sort().values
 
 
-def check_prune_targets(cfg, *, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int) -> None:
+def check_prune_targets(cfg: PretrainedConfig, *, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int) -> None:
     """The target shape fits inside the teacher's config `cfg`, in whole GQA groups."""
     per_group = cfg.num_attention_heads // cfg.num_key_value_heads
     want = {"model.hidden_size": (hidden, cfg.hidden_size), "model.num_layers": (layers, cfg.num_hidden_layers),
@@ -110,8 +114,9 @@ def check_prune_targets(cfg, *, hidden: int, layers: int, heads: int, kv_heads: 
 
 
 def prune(model: torch.nn.Module, imp: Importance, *, hidden: int, layers: int, heads: int, kv_heads: int,
-          ffn: int) -> torch.nn.Module:
-    """A new model of the teacher's architecture and the target shape, with the teacher's kept weights."""
+          ffn: int) -> tuple[torch.nn.Module, list[int]]:
+    """A new model of the teacher's architecture and the target shape, with the teacher's kept weights; and the
+    teacher blocks it kept (1-based), which the latent losses map the student's blocks to."""
     from transformers import AutoModelForCausalLM
 
     _check_supported(model)
@@ -146,6 +151,9 @@ def prune(model: torch.nn.Module, imp: Importance, *, hidden: int, layers: int, 
                 dst[q + name + ".bias"] = src[p + name + ".bias"][r]
         dst[q + "self_attn.o_proj.weight"] = src[p + "self_attn.o_proj.weight"][keep_d][:, q_rows]
         dst[q + "mlp.down_proj.weight"] = src[p + "mlp.down_proj.weight"][keep_d][:, neurons]
+        for name in ("self_attn.o_proj", "mlp.down_proj"):  # llama with attention_bias / mlp_bias
+            if p + name + ".bias" in src:
+                dst[q + name + ".bias"] = src[p + name + ".bias"][keep_d]
         for norm in ("input_layernorm", "post_attention_layernorm"):
             dst[q + norm + ".weight"] = src[p + norm + ".weight"][keep_d]
     missing, unexpected = student.load_state_dict({k: v.clone() for k, v in dst.items()}, strict=False)
@@ -153,4 +161,4 @@ def prune(model: torch.nn.Module, imp: Importance, *, hidden: int, layers: int, 
     if missing or unexpected:
         raise UserError(f"init.kind=prune: cannot slice this {cfg.model_type} (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]})")
-    return student
+    return student, [b + 1 for b in keep_blocks.tolist()]

@@ -7,9 +7,10 @@ later stages. A relaunch skips finished stages (their final/ exists) and resumes
 from __future__ import annotations
 
 import gc
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -18,11 +19,12 @@ from slm_assist.compress.latent import layer_map
 from slm_assist.compress.objective import CompressObjective, LossConfig
 from slm_assist.compress.prune import check_prune_targets
 from slm_assist.core import dist
-from slm_assist.core.config import check, check_no_effect
+from slm_assist.core.config import check, check_no_effect, to_dict
 from slm_assist.core.dataset import PackedDataset
-from slm_assist.core.errors import ConfigError
+from slm_assist.core.errors import ConfigError, UserError
 from slm_assist.core.files import atomic_output_dir, check_writable
 from slm_assist.core.model_dir import META, ModelDir, append_stage
+from slm_assist.kd.teacher import load_teacher
 from slm_assist.training.batches import DataConfig
 from slm_assist.training.checkpoint import CheckpointConfig
 from slm_assist.training.models import ModelConfig
@@ -50,8 +52,8 @@ class StageConfig:
     moves to the next stage (0 = off, the whole max_steps)."""
 
     def __post_init__(self) -> None:
-        check(bool(self.name) and "/" not in self.name and not self.name.startswith("."), "name", self.name,
-              "a directory name")
+        check(bool(self.name) and "/" not in self.name and not self.name.startswith(".") and self.name != "init",
+              "name", self.name, "a directory name other than init (run_dir/init holds the initial student)")
         check(self.max_steps > 0, "max_steps", self.max_steps, "> 0")
         check(self.lr >= 0, "lr", self.lr, ">= 0 (0 = optim.lr)")
         check(self.patience >= 0, "patience", self.patience, ">= 0 (0 = off)")
@@ -144,42 +146,30 @@ def stage_config(cfg: CompressConfig, stage: StageConfig, start: Path, data: Pac
         train=replace(cfg.train, max_steps=stage.max_steps, patience=stage.patience), checkpoint=cfg.checkpoint)
 
 
-def _load_teacher(path: Path, data: PackedDataset, cfg: CompressConfig, stage: StageConfig, device: torch.device):
-    """The stage's frozen teacher in the training dtype (bf16 halves its memory), eager attention when the
-    attention loss reads its probabilities."""
-    d = ModelDir.open(path, f"{stage.name}.teacher")
-    d.check_vocabulary(data, "distillation needs one vocabulary")
-    d.check_context(data.seq_len, "the teacher reads the student's sequences")
-    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
-    teacher = d.load(device, len(data.tokenizer), dtype=dtype, attn_implementation="eager" if stage.loss.attention
-                     else None).eval().requires_grad_(False)
-    if dist.is_main():
-        gib = sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**30
-        print(f"[{stage.name}] teacher {path}: {gib:.2f} GiB of weights per rank ({dtype})", flush=True)
-    return teacher
+INIT_RECORD = "slm_assist_init.json"
+"""In run_dir/init: the settings the initial student was made with, and the teacher blocks it came from."""
 
 
 def run(cfg: CompressConfig) -> Path:
-    """Run every unfinished stage in order; returns the final student's model directory."""
+    """Run every unfinished stage in order; returns the final student's model directory. Everything is checked
+    before the first stage starts; a finished stage is skipped only if it ran with the same settings."""
     root = Path(cfg.run_dir)
     check_writable(root, "run_dir")
+    dist.init()  # before anything rank-dependent: the init is made once, on rank 0
     data = _open_data(cfg)
     pretrained = ModelDir.open(cfg.teacher, "teacher")
     _check_plan(cfg, data, pretrained)
+    blocks = _prepare_init(cfg, pretrained, data["general"], root / "init")
     student, finetuned = root / "init", None
-    if dist.is_main() and not (student / META).is_file() and not (student / "config.json").is_file():
-        torch.manual_seed(cfg.seed)  # a random init (and pruning's calibration) must not depend on the process
-        with atomic_output_dir(student, overwrite=True, field="run_dir/init") as tmp:
-            make_student(cfg.init, cfg.model, pretrained, data["general"], tmp)
-    dist.barrier()
     for stage in cfg.stages:
         final = root / stage.name / "final"
         start = pretrained.path if stage.trains == "teacher" else student
+        teachers = {"pretrained": pretrained.path, "finetuned": finetuned}
+        record = _stage_record(cfg, stage, start, teachers)
         if (final / META).is_file():
-            if dist.is_main():
-                print(f"[{stage.name}] finished: {final}", flush=True)
+            _check_finished(final, record)
         else:
-            _run_stage(cfg, stage, start, {"pretrained": pretrained.path, "finetuned": finetuned}, data[stage.data])
+            _run_stage(cfg, stage, start, teachers, data[stage.data], record, blocks)
         if stage.trains == "teacher":
             finetuned = final
         else:
@@ -187,46 +177,122 @@ def run(cfg: CompressConfig) -> Path:
     return student
 
 
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key: old there, new here` for every leaf that differs between two JSON-like records."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} there, {new!r} here"]
+
+
+def _prepare_init(cfg: CompressConfig, pretrained: ModelDir, data: PackedDataset, out: Path) -> list[int] | None:
+    """Make run_dir/init on rank 0, or reuse it when the same settings made it (an error otherwise: the stages
+    after it would resume on another student). Returns the teacher blocks it came from, if any."""
+    identity = {"init": to_dict(cfg.init), "teacher": pretrained.fingerprint(),
+                "shape": {k: getattr(cfg.model, k) for k in _SHAPE} if cfg.init.kind in ("random", "prune") else None}
+    record = out / INIT_RECORD
+    if out.exists() and not record.is_file():  # every rank checks: none may wait at the barrier for a failed one
+        raise UserError(f"run_dir={cfg.run_dir}: {out} has no {INIT_RECORD}; it was not made by this tool's "
+                        "init. Use another run_dir")
+    if not record.is_file() and dist.is_main():
+        torch.manual_seed(cfg.seed)  # a random init (and pruning's calibration) must not depend on the process
+        with atomic_output_dir(out, field="run_dir/init") as tmp:
+            blocks = make_student(cfg.init, cfg.model, pretrained, data, tmp)
+            (tmp / INIT_RECORD).write_text(json.dumps({"identity": identity, "teacher_blocks": blocks}, indent=2))
+    dist.barrier()
+    made = json.loads(record.read_text(encoding="utf-8"))
+    diff = _diff(made["identity"], identity)
+    if diff:
+        raise UserError(f"run_dir={cfg.run_dir}: its init/ was made with other settings ({'; '.join(diff[:3])}); "
+                        "use another run_dir, or delete it to start over")
+    return made["teacher_blocks"]
+
+
+def _stage_record(cfg: CompressConfig, stage: StageConfig, start: Path, teachers: dict[str, Path | None]) -> dict:
+    """What a stage's model card entry says, and what a relaunch compares before skipping the stage."""
+    return {"name": stage.name, "trains": stage.trains, "summary": _summary(stage, start, teachers, cfg.init.kind),
+            "config": to_dict(stage), "start": str(start), "teacher": str(teachers.get(stage.teacher) or "")}
+
+
+def _check_finished(final: Path, record: dict) -> None:
+    """A finished stage is skipped only if it ran with this stage's settings from the same start; one killed
+    between its export and its record gets the record now."""
+    meta = ModelDir(final).meta() or {}
+    done = next((r for r in reversed(meta.get("stages", [])) if r.get("name") == record["name"]), None)
+    if done is None:
+        if dist.is_main():
+            append_stage(final, {**record, "metrics": {"steps": meta.get("step")}})
+        dist.barrier()
+    else:
+        diff = _diff({k: done.get(k) for k in ("config", "start", "teacher")},
+                     {k: record[k] for k in ("config", "start", "teacher")})
+        if diff:
+            raise UserError(f"stage {record['name']!r} finished in {final.parent} with other settings "
+                            f"({'; '.join(diff[:3])}); delete {final.parent} (and the later stages) to run it again, "
+                            "or use another run_dir")
+    if dist.is_main():
+        print(f"[{record['name']}] finished: {final}", flush=True)
+
+
 def _check_plan(cfg: CompressConfig, data: dict[str, PackedDataset], pretrained: ModelDir) -> None:
     """Everything the stages will need, checked before the first one starts: one vocabulary, contexts that fit,
-    the init's source, and every layer map against both models' depths."""
+    the init's source, every layer map against both models' depths, attention heads that can be grouped, and a
+    validation split wherever patience needs one."""
     for d in data.values():
         pretrained.check_vocabulary(d, "the teacher must use the data's tokenizer")
         pretrained.check_context(d.seq_len, "the teacher reads the data's sequences")
-    n_teacher = pretrained.config().num_hidden_layers
+    t_cfg = pretrained.config()
     if cfg.init.kind == "random":
-        n_student = cfg.model.num_layers
+        n_student, heads = cfg.model.num_layers, cfg.model.num_heads
     elif cfg.init.kind == "layers":
-        n_student = len(chosen_layers(cfg.init, n_teacher))
+        n_student, heads = len(chosen_layers(cfg.init, t_cfg.num_hidden_layers)), t_cfg.num_attention_heads
     elif cfg.init.kind == "prune":
-        n_student = cfg.model.num_layers
-        targets = prune_targets(cfg.model, pretrained.config())
-        check_prune_targets(pretrained.config(), **targets)
+        check_prune_targets(t_cfg, **prune_targets(cfg.model, t_cfg))
+        n_student, heads = cfg.model.num_layers, cfg.model.num_heads
     else:
         src = ModelDir.open(cfg.init.path, "init.path")
         src.check_vocabulary(data["general"], "the student must use the data's tokenizer")
-        n_student = src.config().num_hidden_layers
+        s_cfg = src.config()
+        n_student, heads = s_cfg.num_hidden_layers, s_cfg.num_attention_heads
     for stage in cfg.stages:
+        field = f"stages.{stage.name}"
         if stage.trains == "student" and (stage.loss.hidden or stage.loss.attention):
-            layer_map(n_student, n_teacher, stage.loss.layer_map, stage.loss.map_embeddings,
-                      f"stages.{stage.name}.loss.layer_map")
+            layer_map(n_student, t_cfg.num_hidden_layers, stage.loss.layer_map, stage.loss.map_embeddings,
+                      f"{field}.loss.layer_map")
+        if stage.loss.attention and t_cfg.num_attention_heads % heads:
+            raise UserError(f"{field}.loss.attention={stage.loss.attention}: the teacher's "
+                            f"{t_cfg.num_attention_heads} attention heads cannot be grouped onto the student's {heads}")
+        if stage.patience and not (stage.loss.ce or stage.loss.kd):
+            raise UserError(f"{field}.patience={stage.patience}: early stopping watches the validation CE, which "
+                            "a stage without ce or kd does not train; set it to 0 or add a ce/kd term")
+        if stage.patience and not data[stage.data].has_split("validation"):
+            raise UserError(f"{field}.patience={stage.patience}: the {stage.data} data ({data[stage.data].path}) "
+                            "has no validation split")
 
 
 def _run_stage(cfg: CompressConfig, stage: StageConfig, start: Path, teachers: dict[str, Path | None],
-               data: PackedDataset) -> None:
+               data: PackedDataset, record: dict, blocks: list[int] | None) -> None:
     tcfg = stage_config(cfg, stage, start, data)
     run_data = RunData(tcfg)
     teacher = None
     if stage.teacher != "none":
-        teacher = _load_teacher(teachers[stage.teacher], data, cfg, stage, run_data.device)
+        dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32  # bf16 halves its memory
+        teacher = load_teacher(teachers[stage.teacher], data, run_data.device, f"{stage.teacher} teacher",
+                               dtype=dtype, attn_implementation="eager" if stage.loss.attention else None)
+        if dist.is_main():
+            gib = sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**30
+            print(f"[{stage.name}] teacher {teachers[stage.teacher]}: {gib:.2f} GiB of weights per rank ({dtype})",
+                  flush=True)
     student_config = ModelDir.open(start).config()
-    objective = CompressObjective(stage.loss, teacher, student_config, len(data.tokenizer), f"stages.{stage.name}.loss")
+    # a student copied or pruned from the teacher learns each block from the block it came from
+    default_map = blocks if stage.trains == "student" and blocks and len(blocks) == student_config.num_hidden_layers \
+        else None
+    objective = CompressObjective(stage.loss, teacher, student_config, len(data.tokenizer), f"stages.{stage.name}.loss",
+                                  default_map=default_map)
     trainer = Trainer(tcfg, objective, data=run_data)
     result = trainer.fit()
     if dist.is_main():
-        append_stage(Path(tcfg.run_dir) / "final", {
-            "name": stage.name, "summary": _summary(stage, start, teachers, cfg.init.kind),
-            "metrics": {"val_loss": result["val_loss"], "steps": result["step"]}})
+        append_stage(Path(tcfg.run_dir) / "final",
+                     {**record, "metrics": {"val_loss": result["val_loss"], "steps": result["step"]}})
     dist.barrier()
     del trainer, objective, teacher
     gc.collect()

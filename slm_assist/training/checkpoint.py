@@ -53,6 +53,8 @@ class TrainState:
     """train.patience: the best validation loss so far, and evaluations since it."""
     evals_since_best: int = 0
     stopped_early: bool = False
+    last_val: float | None = None
+    """The latest validation loss (a run resumed at its end still reports it)."""
 
 
 def _rng_state() -> dict[str, Any]:

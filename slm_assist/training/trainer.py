@@ -70,6 +70,8 @@ class TrainConfig:
         check(self.eval_batches == -1 or self.eval_batches > 0, "eval_batches", self.eval_batches, "-1 or > 0")
         check(self.log_every > 0, "log_every", self.log_every, "> 0")
         check(self.patience >= 0, "patience", self.patience, ">= 0 (0 = off)")
+        if self.patience:
+            check(self.eval_every > 0, "eval_every", self.eval_every, "> 0 with train.patience (it counts evaluations)")
         check(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, ">= 0 (0 = do not log MFU)")
 
 
@@ -245,7 +247,7 @@ class Trainer:
                 is_last = step == cfg.train.max_steps
                 record: dict[str, float | None] = {}
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
-                    last_val = record["val_loss"] = self.evaluate()
+                    last_val = self.state.last_val = record["val_loss"] = self.evaluate()
                     if self._stop_early(last_val):
                         record["early_stop"] = 1.0
                         is_last = True
@@ -267,7 +269,7 @@ class Trainer:
             bar.close()
             logger.close()
         self.export()
-        return {"step": self.state.step, "val_loss": last_val}
+        return {"step": self.state.step, "val_loss": self.state.last_val}
 
     def _stop_early(self, val: float | None) -> bool:
         """train.patience: stop once the validation loss has not improved for that many evaluations in a row
