@@ -7,6 +7,7 @@
   of input + choice, optionally normalised by the choice's length in characters (lm-eval-harness's acc_norm).
 
     python -m slm_assist.eval MODEL_DIR DATA [DATA ...] [--split validation] [--max-rows N] [--out results.json]
+    python -m slm_assist.eval MODEL_DIR [DATA ...] --speed   # + batched tokens/s and generation latency
 
 Only the tokenizer's real vocabulary is scored: padded embedding rows are cut off.
 """
@@ -239,12 +240,39 @@ def _no_data_message(model_dir: str | Path) -> str:
     return msg
 
 
+@torch.inference_mode()
+def inference_speed(model, tok, batch: int = 8, seq_len: int = 256, new_tokens: int = 32,
+                    repeats: int = 3) -> dict[str, Any]:
+    """Batched forward tokens/s (best of `repeats`: machines are noisy, the best run is the least disturbed) and
+    batch-1 greedy generation latency per new token (KV cache on), on fixed random tokens."""
+    import time
+
+    seq_len = min(seq_len, _max_len(model))
+    ids = torch.randint(0, len(tok), (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(_device(model))
+    model(input_ids=ids[:, :16])  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(input_ids=ids)
+        best = min(best, time.perf_counter() - t0)
+    prompt = ids[:1, : min(16, seq_len)]
+    gen = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=tok.eos_token_id)
+        gen = min(gen, time.perf_counter() - t0)
+    return {"task": "speed", "data": "random tokens", "batch": batch, "seq_len": seq_len,
+            "batched_tokens_per_s": batch * seq_len / best, "generate_ms_per_token": 1000 * gen / new_tokens}
+
+
 def evaluate(model_dir: str | Path, data: Sequence[str], split: str = "validation",
-             max_rows: int = -1) -> dict[str, Any]:
+             max_rows: int = -1, speed: bool = False) -> dict[str, Any]:
     """Every DATA path is checked (packed datasets: manifest, split, vocabulary; jsonl: every row) before the
     model is loaded."""
     d = ModelDir.open(model_dir)
-    if not data:
+    if not data and not speed:
         raise UserError(_no_data_message(model_dir))
     inputs = [(path, *_check_input(path, split)) for path in data]
     tok = d.tokenizer
@@ -261,6 +289,8 @@ def evaluate(model_dir: str | Path, data: Sequence[str], split: str = "validatio
             results.append(cloze_accuracy(model, tok, path, max_rows))
         else:
             results.append(multiple_choice_accuracy(model, tok, path, max_rows))
+    if speed:
+        results.append(inference_speed(model, tok))
     return {"model": str(model_dir), "results": results}
 
 
@@ -271,9 +301,11 @@ def main(argv: Sequence[str]) -> None:
     ap.add_argument("--split", default="validation", help="split of packed datasets (default: validation)")
     ap.add_argument("--max-rows", type=int, default=-1, help="cap sequences / examples per input (-1 = all)")
     ap.add_argument("--out", default="", help="also write the results as JSON here")
+    ap.add_argument("--speed", action="store_true",
+                    help="also measure inference speed: batched forward tokens/s and batch-1 generation ms/token")
     args = ap.parse_args(list(argv))
     out = check_output_file(args.out, "--out") if args.out else None
-    res = evaluate(args.model_dir, args.data, args.split, args.max_rows)
+    res = evaluate(args.model_dir, args.data, args.split, args.max_rows, args.speed)
     for r in res["results"]:
         figures = {k: v for k, v in r.items() if k not in ("task", "data")}
         print(f"{r['task']:>16}  {r['data']}: " + "  ".join(

@@ -90,6 +90,22 @@ def test_cloze_accuracy_matches_greedy_generation(tiny_slm, tmp_path):
     assert r["accuracy"] == expected / len(items)
 
 
+def test_speed_measures_batched_throughput_and_generation_latency(tiny_slm, monkeypatch):
+    import time
+
+    from slm_assist.eval import evaluate
+
+    res = evaluate(tiny_slm, [], speed=True)["results"]
+    (speed,) = res
+    assert speed["task"] == "speed" and speed["seq_len"] == 64  # capped at the model's context
+    assert speed["batched_tokens_per_s"] > 0 and speed["generate_ms_per_token"] > 0
+    clock = iter(range(0, 10**6, 2))  # every timed call "takes" 2 s: the figures are computed from the clock
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    speed = evaluate(tiny_slm, [], speed=True)["results"][0]
+    assert speed["batched_tokens_per_s"] == pytest.approx(8 * 64 / 2)
+    assert speed["generate_ms_per_token"] == pytest.approx(1000 * 2 / 32)
+
+
 def test_bad_eval_inputs_are_clear_errors(tiny_slm, tmp_path, slm_other_tokenizer, tiny_data):
     model, tok = load_model(tiny_slm)
     bad = tmp_path / "bad.jsonl"
