@@ -4,6 +4,7 @@ attribute docstring (core/config.py `config_help` / `parse_cli`)."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Literal, get_type_hints
 
@@ -12,6 +13,7 @@ import pytest
 from data_tools.pack import PrepareConfig
 from data_tools.score import ScoreConfig
 from data_tools.select import SelectConfig
+from slm_assist.compress.stages import CompressConfig
 from slm_assist.core.config import config_help, parse_cli
 from slm_assist.core.errors import ConfigError
 from slm_assist.salt.recipe import RunConfig
@@ -25,6 +27,8 @@ ENTRY_POINTS = [
     ("data_tools.tokenizer", PrepareConfig, "Seeds the document-level split", "pack.seq_len: int = 256"),
     ("data_tools.score", ScoreConfig, "A packed dataset directory", 'data: str = "runs/demo/data"'),
     ("data_tools.select", SelectConfig, "Kept fraction of the scorable sequences", "band: list[float] = []"),
+    ("slm_assist.compress", CompressConfig, "Whom the stage distils from",
+     "stages: list[StageConfig] = 5 items (finetune, gd, ged, tad, tsd)"),
 ]
 
 
@@ -34,7 +38,13 @@ def leaf_keys(cls: type, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
         tp = hints[f.name]
-        keys += leaf_keys(tp, f"{name}.") if dataclasses.is_dataclass(tp) else [name]
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
+        if dataclasses.is_dataclass(tp):
+            keys += leaf_keys(tp, f"{name}.")
+        elif dataclasses.is_dataclass(item):  # a list of sections: its items' keys as name[*].key
+            keys += [name, *leaf_keys(item, f"{name}[*].")]
+        else:
+            keys.append(name)
     return keys
 
 

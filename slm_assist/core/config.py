@@ -251,7 +251,13 @@ def _help_section(cls: type, prefix: str, doc: str) -> list[str]:
     for f in fields:
         if _is_section(hints[f.name]):
             lines += _help_section(hints[f.name], _join(prefix, f.name), docs.get(f.name, ""))
+        elif _is_section(item := _list_item(hints[f.name])):  # a list of sections: the keys of one item
+            lines += _help_section(item, _join(prefix, f.name) + "[*]", f"each item of {_join(prefix, f.name)}")
     return lines
+
+
+def _list_item(tp: Any) -> Any:
+    return get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else None
 
 
 def _is_section(tp: Any) -> bool:
@@ -307,6 +313,9 @@ def _default_label(f: dataclasses.Field) -> str:
         value = f.default_factory()
     else:
         return "(required)"
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):  # e.g. the default stage list
+        names = [getattr(v, "name", None) for v in value]
+        return f"{len(value)} items" + (f" ({', '.join(map(str, names))})" if all(names) else "")
     try:
         return json.dumps(value)
     except (TypeError, ValueError):
