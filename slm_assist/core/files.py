@@ -154,7 +154,7 @@ def atomic_output_dir(path: Path, overwrite: bool = False, flag: str = "overwrit
                       own: Sequence[str] | None = None) -> Iterator[Path]:
     """Yield a temp directory next to `path`; on success it replaces `path`, on failure it is removed.
     One writer per `path`: leftovers of an earlier killed writer are cleaned up first."""
-    path = Path(path)
+    path = Path(path).absolute()  # "." has no name to build a sibling's from
     if path.is_symlink():  # replace what it points to, not the link
         path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
