@@ -13,12 +13,13 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from slm_assist.compress.prune import importance, prune
+from slm_assist.core import dist
 from slm_assist.core.config import check, check_no_effect
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import UserError
@@ -110,33 +111,39 @@ def prune_targets(model: ModelConfig, teacher_config: PretrainedConfig) -> dict[
 
 
 def make_student(cfg: InitConfig, model: ModelConfig, teacher_dir: ModelDir | None, data: PackedDataset,
-                 out: Path) -> list[int] | None:
+                 out: Path) -> dict[str, Any]:
     """Write the initial student into `out` (a directory the caller renames into place when complete). Returns
-    the teacher blocks the student's blocks came from (1-based; layers and prune), else None."""
+    where its parts came from: `teacher_blocks` (1-based, for layers and prune) and `teacher_heads` (per block,
+    the teacher's query heads in the student's order, for prune); None where it does not apply."""
     tok = data.tokenizer
     if cfg.kind == "model":
         src = ModelDir.open(cfg.path, "init.path")
         src.check_vocabulary(data, "the student must use the data's tokenizer")
         src.check_context(data.seq_len, "the student reads the data's sequences")
         shutil.copytree(src.path, out, dirs_exist_ok=True)
-        return None
-    blocks = None
+        return {"teacher_blocks": None, "teacher_heads": None}
+    blocks = heads = None
     if cfg.kind == "random":
         student = build_model(model, tok, torch.device("cpu"))
     else:
         if teacher_dir is None:
             raise UserError(f"init.kind={cfg.kind} needs the teacher (teacher=...)")
-        teacher = teacher_dir.load(torch.device("cpu"), len(tok), dtype=torch.float32, attn_implementation=None)
+        # weights are copied or sliced on the CPU as saved (exact); calibration runs on the accelerator in bf16
+        teacher = teacher_dir.load(torch.device("cpu"), len(tok), dtype="auto", attn_implementation=None).eval()
         if cfg.kind == "layers":
             blocks = chosen_layers(cfg, teacher.config.num_hidden_layers)
             student = copy_layers(teacher, blocks)
         else:
+            device = dist.device()
+            calib = teacher if device.type == "cpu" else teacher_dir.load(
+                device, len(tok), dtype=torch.bfloat16, attn_implementation=None).eval()
             rows = data.split("train")
             n = min(cfg.calibration, len(rows))
             batches = (torch.from_numpy(np.asarray(rows[i : min(i + 8, n)]["input_ids"], dtype=np.int64))
                        for i in range(0, n, 8))
-            student, blocks = prune(teacher.eval(), importance(teacher.eval(), batches),
-                                    **prune_targets(model, teacher.config))
+            imp = importance(calib, batches)
+            del calib
+            student, blocks, heads = prune(teacher, imp, **prune_targets(model, teacher.config))
     student.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
-    return blocks
+    return {"teacher_blocks": blocks, "teacher_heads": heads}

@@ -71,7 +71,8 @@ class CompressObjective(Objective):
     `teacher` is frozen; the projections are trainable heads (trained and checkpointed, never exported)."""
 
     def __init__(self, cfg: LossConfig, teacher: torch.nn.Module | None, student_config: PretrainedConfig,
-                 vocab: int, field: str = "loss", default_map: list[int] | None = None) -> None:
+                 vocab: int, field: str = "loss", default_map: list[int] | None = None,
+                 head_map: list[list[int]] | None = None) -> None:
         if cfg.needs_teacher and teacher is None:
             raise UserError(f"{field}: kd/hidden/attention need a teacher for this stage")
         self.cfg, self.teacher, self.vocab, self.field = cfg, teacher, vocab, field
@@ -85,6 +86,11 @@ class CompressObjective(Objective):
                                    cfg.layer_map or default_map, cfg.map_embeddings, f"{field}.layer_map")
         if cfg.hidden:
             self.proj = Projections(self.pairs, student_config.hidden_size, teacher.config.hidden_size)
+        # per student block, the teacher heads its heads came from (a pruned student); used with the default map
+        self.head_map = head_map if head_map and not cfg.layer_map else None
+
+    def _teacher_heads(self, attn: torch.Tensor, student_block: int) -> torch.Tensor:
+        return attn if self.head_map is None else attn[:, self.head_map[student_block - 1]]
 
     def trainable_modules(self) -> list[torch.nn.Module]:
         return [self.proj] if self.proj is not None and not self.proj.identity else []
@@ -121,8 +127,8 @@ class CompressObjective(Objective):
             metrics["hidden"] = h.mean().detach()
         if cfg.attention:
             blocks = [(s, t) for s, t in self.pairs if s > 0]  # attentions exist for blocks, not embeddings
-            a = torch.stack([attention_kl(out.attentions[s - 1], t_out.attentions[t - 1], f"{self.field}.attention")
-                             for s, t in blocks])
+            a = torch.stack([attention_kl(out.attentions[s - 1], self._teacher_heads(t_out.attentions[t - 1], s),
+                                          f"{self.field}.attention") for s, t in blocks])
             latent = latent + cfg.attention * a.mean()
             metrics["attention"] = a.mean().detach()
         if cfg.scale_latent and latent.requires_grad:

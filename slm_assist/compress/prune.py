@@ -114,9 +114,10 @@ def check_prune_targets(cfg: PretrainedConfig, *, hidden: int, layers: int, head
 
 
 def prune(model: torch.nn.Module, imp: Importance, *, hidden: int, layers: int, heads: int, kv_heads: int,
-          ffn: int) -> tuple[torch.nn.Module, list[int]]:
-    """A new model of the teacher's architecture and the target shape, with the teacher's kept weights; and the
-    teacher blocks it kept (1-based), which the latent losses map the student's blocks to."""
+          ffn: int) -> tuple[torch.nn.Module, list[int], list[list[int]]]:
+    """A new model of the teacher's architecture and the target shape, with the teacher's kept weights; the
+    teacher blocks it kept (1-based), and per kept block the teacher's query heads in the student's head order:
+    what the latent losses map the student's blocks and heads to."""
     from transformers import AutoModelForCausalLM
 
     _check_supported(model)
@@ -132,7 +133,7 @@ def prune(model: torch.nn.Module, imp: Importance, *, hidden: int, layers: int, 
         new_cfg.layer_types = [cfg.layer_types[i] for i in keep_blocks.tolist()]
     student = AutoModelForCausalLM.from_config(new_cfg, dtype=model.dtype,
                                                attn_implementation=cfg._attn_implementation)
-    src, dst = model.state_dict(), {}
+    src, dst, kept_heads = model.state_dict(), {}, []
     dst["model.embed_tokens.weight"] = src["model.embed_tokens.weight"][:, keep_d]
     dst["model.norm.weight"] = src["model.norm.weight"][keep_d]
     if "lm_head.weight" in src and not cfg.tie_word_embeddings:
@@ -140,6 +141,7 @@ def prune(model: torch.nn.Module, imp: Importance, *, hidden: int, layers: int, 
     for new, old in enumerate(keep_blocks.tolist()):
         p, q = f"model.layers.{old}.", f"model.layers.{new}."
         groups = _top(imp.heads[old], kv_heads)
+        kept_heads.append((groups[:, None] * per_group + torch.arange(per_group)).reshape(-1).tolist())
         kv_rows = (groups[:, None] * hd + torch.arange(hd)).reshape(-1)
         q_rows = (groups[:, None] * per_group * hd + torch.arange(per_group * hd)).reshape(-1)
         neurons = _top(imp.neurons[old], ffn)
@@ -161,4 +163,4 @@ def prune(model: torch.nn.Module, imp: Importance, *, hidden: int, layers: int, 
     if missing or unexpected:
         raise UserError(f"init.kind=prune: cannot slice this {cfg.model_type} (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]})")
-    return student, [b + 1 for b in keep_blocks.tolist()]
+    return student, [b + 1 for b in keep_blocks.tolist()], kept_heads

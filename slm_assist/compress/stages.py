@@ -159,7 +159,7 @@ def run(cfg: CompressConfig) -> Path:
     data = _open_data(cfg)
     pretrained = ModelDir.open(cfg.teacher, "teacher")
     _check_plan(cfg, data, pretrained)
-    blocks = _prepare_init(cfg, pretrained, data["general"], root / "init")
+    origin = _prepare_init(cfg, pretrained, data["general"], root / "init")
     student, finetuned = root / "init", None
     for stage in cfg.stages:
         final = root / stage.name / "final"
@@ -169,7 +169,7 @@ def run(cfg: CompressConfig) -> Path:
         if (final / META).is_file():
             _check_finished(final, record)
         else:
-            _run_stage(cfg, stage, start, teachers, data[stage.data], record, blocks)
+            _run_stage(cfg, stage, start, teachers, data[stage.data], record, origin)
         if stage.trains == "teacher":
             finetuned = final
         else:
@@ -184,9 +184,9 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} there, {new!r} here"]
 
 
-def _prepare_init(cfg: CompressConfig, pretrained: ModelDir, data: PackedDataset, out: Path) -> list[int] | None:
+def _prepare_init(cfg: CompressConfig, pretrained: ModelDir, data: PackedDataset, out: Path) -> dict[str, Any]:
     """Make run_dir/init on rank 0, or reuse it when the same settings made it (an error otherwise: the stages
-    after it would resume on another student). Returns the teacher blocks it came from, if any."""
+    after it would resume on another student). Returns where its blocks and heads came from (make_student)."""
     identity = {"init": to_dict(cfg.init), "teacher": pretrained.fingerprint(),
                 "shape": {k: getattr(cfg.model, k) for k in _SHAPE} if cfg.init.kind in ("random", "prune") else None}
     record = out / INIT_RECORD
@@ -196,15 +196,15 @@ def _prepare_init(cfg: CompressConfig, pretrained: ModelDir, data: PackedDataset
     if not record.is_file() and dist.is_main():
         torch.manual_seed(cfg.seed)  # a random init (and pruning's calibration) must not depend on the process
         with atomic_output_dir(out, field="run_dir/init") as tmp:
-            blocks = make_student(cfg.init, cfg.model, pretrained, data, tmp)
-            (tmp / INIT_RECORD).write_text(json.dumps({"identity": identity, "teacher_blocks": blocks}, indent=2))
+            origin = make_student(cfg.init, cfg.model, pretrained, data, tmp)
+            (tmp / INIT_RECORD).write_text(json.dumps({"identity": identity, **origin}, indent=2))
     dist.barrier()
     made = json.loads(record.read_text(encoding="utf-8"))
     diff = _diff(made["identity"], identity)
     if diff:
         raise UserError(f"run_dir={cfg.run_dir}: its init/ was made with other settings ({'; '.join(diff[:3])}); "
                         "use another run_dir, or delete it to start over")
-    return made["teacher_blocks"]
+    return {"teacher_blocks": made.get("teacher_blocks"), "teacher_heads": made.get("teacher_heads")}
 
 
 def _stage_record(cfg: CompressConfig, stage: StageConfig, start: Path, teachers: dict[str, Path | None]) -> dict:
@@ -270,7 +270,7 @@ def _check_plan(cfg: CompressConfig, data: dict[str, PackedDataset], pretrained:
 
 
 def _run_stage(cfg: CompressConfig, stage: StageConfig, start: Path, teachers: dict[str, Path | None],
-               data: PackedDataset, record: dict, blocks: list[int] | None) -> None:
+               data: PackedDataset, record: dict, origin: dict[str, Any]) -> None:
     tcfg = stage_config(cfg, stage, start, data)
     run_data = RunData(tcfg)
     teacher = None
@@ -283,11 +283,12 @@ def _run_stage(cfg: CompressConfig, stage: StageConfig, start: Path, teachers: d
             print(f"[{stage.name}] teacher {teachers[stage.teacher]}: {gib:.2f} GiB of weights per rank ({dtype})",
                   flush=True)
     student_config = ModelDir.open(start).config()
-    # a student copied or pruned from the teacher learns each block from the block it came from
-    default_map = blocks if stage.trains == "student" and blocks and len(blocks) == student_config.num_hidden_layers \
-        else None
+    # a student copied or pruned from the teacher learns each block (and head) from the one it came from
+    blocks = origin["teacher_blocks"]
+    mapped = stage.trains == "student" and blocks and len(blocks) == student_config.num_hidden_layers
     objective = CompressObjective(stage.loss, teacher, student_config, len(data.tokenizer), f"stages.{stage.name}.loss",
-                                  default_map=default_map)
+                                  default_map=blocks if mapped else None,
+                                  head_map=origin["teacher_heads"] if mapped else None)
     trainer = Trainer(tcfg, objective, data=run_data)
     result = trainer.fit()
     if dist.is_main():
