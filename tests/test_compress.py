@@ -107,6 +107,17 @@ def test_a_copied_or_pruned_student_learns_each_block_from_its_source_block():
     explicit = load_config(LossConfig, None, ["hidden=1", "layer_map=[2, 3]"])
     assert CompressObjective(explicit, teacher, student.config, 50, default_map=[1, 3]).pairs == [(1, 2), (2, 3)]
 
+    wide = _llama(2, 16, 4)  # 4 teacher heads; a pruned 2-head student kept heads 3, 0 of block 1 and 1, 2 of 2
+    att = load_config(LossConfig, None, ["attention=1"])
+    obj = CompressObjective(att, wide, student.config, 50, default_map=[1, 2], head_map=[[3, 0], [1, 2]])
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        _, m = obj(student, Batch(ids), step=0)
+        s_att = student(input_ids=ids, output_attentions=True).attentions
+        t_att = wide(input_ids=ids, output_attentions=True).attentions
+    want = (attention_kl(s_att[0], t_att[0][:, [3, 0]]) + attention_kl(s_att[1], t_att[1][:, [1, 2]])) / 2
+    assert m["attention"].item() == pytest.approx(want.item(), rel=1e-5)
+
 
 def test_objective_projections_are_heads_and_latent_scaling_matches_the_logit_term():
     teacher, student = _llama(4, 32, 4), _llama(2, 16, 2, seed=3).train()
