@@ -45,7 +45,7 @@ from slm_assist.core.files import (
     check_writable,
 )
 from slm_assist.core.model_dir import ModelDir
-from slm_assist.core.scores import CACHE, CACHE_INFO, MANIFEST, SCORES, write_cache
+from slm_assist.core.scores import CACHE, CACHE_INFO, MANIFEST, SCORES, is_scores_manifest, write_cache
 from slm_assist.core.selection import read_index
 
 USAGE = "python -m data_tools.score CONFIG [key=value ...]"
@@ -219,7 +219,7 @@ class Scorer:
         output needs overwrite=true (old merged results stay until the new merge replaces them). Score writes
         only its own names there (scores/, cache/, manifest.json, shards/): a model folder may live next to them."""
         manifest = self.out / MANIFEST
-        if manifest.is_file() and "model_fingerprint" not in _read_json(manifest):
+        if manifest.is_file() and not is_scores_manifest(_read_json(manifest)):
             raise UserError(f"out_dir={self.out}: its {MANIFEST} is not a data_tools.score manifest (a packed "
                             "dataset?); choose another out_dir")
         if manifest.is_file() and not self.cfg.overwrite:

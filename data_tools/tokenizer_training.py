@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_tools.corpus import CorpusConfig
-from slm_assist.core.config import check
+from slm_assist.core.config import check, record_diff
 from slm_assist.core.errors import UserError
 from slm_assist.core.tokenizer import load_tokenizer
 
@@ -168,9 +168,7 @@ def check_reusable(tok_dir: Path, cfg: TokenizerConfig, corpus: CorpusConfig) ->
         raise UserError(f"{tok_dir}: exists but has no readable record of how it was made ({path.name}: {e}); "
                         "set overwrite=true to make it again, or tokenizer.path= to use a tokenizer as is") from None
     want = _made_with(cfg, corpus)
-    diff = [f"{section}.{k}: {v!r} there, {want[section][k]!r} here"
-            for section in ("tokenizer", "corpus") if record.get(section) is not None and want[section] is not None
-            for k, v in record[section].items() if k in want[section] and want[section][k] != v]
-    if diff or (record.get("corpus") is None) != (want["corpus"] is None):
-        raise UserError(f"{tok_dir} was made with other settings ({'; '.join(diff) or 'tokenizer.path'}); "
+    diff = record_diff({k: record.get(k) for k in want}, want)
+    if diff:
+        raise UserError(f"{tok_dir} was made with other settings ({'; '.join(diff[:3])}); "
                         "set overwrite=true to make it again with this config")

@@ -19,7 +19,7 @@ from slm_assist.compress.latent import layer_map
 from slm_assist.compress.objective import CompressObjective, LossConfig
 from slm_assist.compress.prune import check_prune_targets
 from slm_assist.core import dist
-from slm_assist.core.config import check, check_no_effect, to_dict
+from slm_assist.core.config import check, check_no_effect, record_diff, to_dict
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import ConfigError, UserError
 from slm_assist.core.files import atomic_output_dir, check_writable
@@ -177,13 +177,6 @@ def run(cfg: CompressConfig) -> Path:
     return student
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """`key: old there, new here` for every leaf that differs between two JSON-like records."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} there, {new!r} here"]
-
-
 def _prepare_init(cfg: CompressConfig, pretrained: ModelDir, data: PackedDataset, out: Path) -> dict[str, Any]:
     """Make run_dir/init on rank 0, or reuse it when the same settings made it (an error otherwise: the stages
     after it would resume on another student). Returns where its blocks and heads came from (make_student)."""
@@ -200,7 +193,7 @@ def _prepare_init(cfg: CompressConfig, pretrained: ModelDir, data: PackedDataset
             (tmp / INIT_RECORD).write_text(json.dumps({"identity": identity, **origin}, indent=2))
     dist.barrier()
     made = json.loads(record.read_text(encoding="utf-8"))
-    diff = _diff(made["identity"], identity)
+    diff = record_diff(made["identity"], identity)
     if diff:
         raise UserError(f"run_dir={cfg.run_dir}: its init/ was made with other settings ({'; '.join(diff[:3])}); "
                         "use another run_dir, or delete it to start over")
@@ -223,7 +216,7 @@ def _check_finished(final: Path, record: dict) -> None:
             append_stage(final, {**record, "metrics": {"steps": meta.get("step")}})
         dist.barrier()
     else:
-        diff = _diff({k: done.get(k) for k in ("config", "start", "teacher")},
+        diff = record_diff({k: done.get(k) for k in ("config", "start", "teacher")},
                      {k: record[k] for k in ("config", "start", "teacher")})
         if diff:
             raise UserError(f"stage {record['name']!r} finished in {final.parent} with other settings "

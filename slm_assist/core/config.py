@@ -345,6 +345,14 @@ def check_no_effect(cfg: Any, names: typing.Iterable[str] | None, when: str, pre
             raise ConfigError(f"{prefix}{name}={value!r} has no effect {when}")
 
 
+def record_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key: old there, new here` for every leaf that differs between two JSON-like records (what a saved record
+    of settings says vs what this run asks for)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in record_diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} there, {new!r} here"]
+
+
 def check(cond: bool, field: str, value: Any, expected: str) -> None:
     """Validation helper for __post_init__: raises ConfigError naming the field and the bad value."""
     if not cond:

@@ -106,12 +106,6 @@ def foreign_entries(path: Path, own: Sequence[str]) -> list[str]:
     return sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in (*own, *_OUR_HIDDEN)))
 
 
-def is_ours(path: Path, own: Sequence[str]) -> bool:
-    """Every entry of directory `path` matches one of the glob patterns `own` (our output's names), or is one of
-    our own temp names."""
-    return not foreign_entries(path, own)
-
-
 def check_output_dir(path: str | Path, overwrite: bool, flag: str = "overwrite", field: str = "out_dir",
                      own: Sequence[str] | None = None) -> None:
     """The output directory can be written and replaced, and an existing non-empty one is replaced only when the

@@ -28,6 +28,11 @@ CACHE = "cache"
 CACHE_INFO = "cache_info.json"
 
 
+def is_scores_manifest(manifest: Any) -> bool:
+    """Whether a parsed manifest.json is data_tools.score's (a packed dataset's has the same file name)."""
+    return isinstance(manifest, dict) and "model_fingerprint" in manifest
+
+
 class ScoresDir:
     """An opened, finished scoring run. `field` names the setting that pointed here, for the errors."""
 
@@ -43,7 +48,7 @@ class ScoresDir:
             manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise UserError(f"{field}={d}: corrupt {MANIFEST}: {e}") from None
-        if not isinstance(manifest, dict) or "model_fingerprint" not in manifest or not (d / SCORES).is_dir():
+        if not is_scores_manifest(manifest) or not (d / SCORES).is_dir():
             raise UserError(f"{field}={d}: not a data_tools.score output (its {MANIFEST} is not a scoring "
                             f"manifest, or {SCORES}/ is missing); a packed dataset or model directory?")
         return cls(d, field, manifest)

@@ -234,7 +234,6 @@ class Trainer:
         logger.truncate_after(self.state.step)
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=not dist.is_main(),
                    desc=self.run_dir.name, unit="step", dynamic_ncols=True)
-        last_val: float | None = None
         window_t, window_tokens = time.perf_counter(), 0
         try:
             while self.state.step < cfg.train.max_steps and not self.state.stopped_early:
@@ -247,8 +246,8 @@ class Trainer:
                 is_last = step == cfg.train.max_steps
                 record: dict[str, float | None] = {}
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
-                    last_val = self.state.last_val = record["val_loss"] = self.evaluate()
-                    if self._stop_early(last_val):
+                    self.state.last_val = record["val_loss"] = self.evaluate()
+                    if self._stop_early(self.state.last_val):
                         record["early_stop"] = 1.0
                         is_last = True
                 if step % cfg.train.log_every == 0 or is_last or "val_loss" in record:
@@ -261,7 +260,7 @@ class Trainer:
                         record["mfu"] = self.flops_per_token * tps / (cfg.train.peak_tflops * 1e12 * dist.world_size())
                     logger.log(step, record)
                     window_t, window_tokens = time.perf_counter(), 0
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", **({"val": f"{last_val:.3f}"} if last_val else {}))
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", **({"val": f"{self.state.last_val:.3f}"} if self.state.last_val else {}))
                 bar.update(1)
                 if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or is_last:
                     self.save()
