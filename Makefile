@@ -4,7 +4,7 @@ PY := .venv/bin/python
 DEMO ?= runs/demo
 ARGS ?=
 
-.PHONY: setup test test-fast demo lint pack score select bench bench-score bench-salt clean
+.PHONY: setup test test-fast demo lint pack score select bench bench-score bench-salt bench-compress clean
 
 setup: .venv/.installed
 
@@ -90,17 +90,23 @@ eval: setup
 push: setup
 	$(call need,RUN REPO)$(DO)$(PY) -m slm_assist.hub push $(RUN)/final --repo-id $(REPO) $(ARGS)
 
-# tokenizer -> pack -> SLM -> score -> select -> LLM baseline + SALT -> eval -> report, all under $(DEMO).
-# Re-running resumes finished runs instantly. DEMO_PACK_ARGS / DEMO_ARGS add overrides to the packing / to every
-# training run (the test suite runs a shortened demo this way).
+# tokenizer -> pack -> SLM -> score -> select -> LLM baseline + SALT -> eval -> compress the LLM into a student
+# (and the same student from scratch) -> report, all under $(DEMO). Re-running resumes finished runs instantly.
+# DEMO_PACK_ARGS / DEMO_ARGS add overrides to the packing / to every training run; DEMO_COMPRESS picks the
+# compress config (the test suite runs a shortened demo this way).
 DEMO_PACK_ARGS ?=
 DEMO_ARGS ?=
+DEMO_COMPRESS ?= configs/demo/compress.yaml
 $(DEMO)/data/manifest.json: configs/demo/data.yaml | .venv/.installed
 	$(PY) -m data_tools.pack configs/demo/data.yaml out_dir=$(DEMO)/data overwrite=true $(DEMO_PACK_ARGS)
 
+$(DEMO)/task/manifest.json: configs/demo/task.yaml $(DEMO)/data/manifest.json | .venv/.installed
+	$(PY) -m data_tools.pack configs/demo/task.yaml out_dir=$(DEMO)/task tokenizer.path=$(DEMO)/data/tokenizer \
+	  overwrite=true
+
 pack: setup $(DEMO)/data/manifest.json
 
-demo: setup $(DEMO)/data/manifest.json
+demo: setup $(DEMO)/data/manifest.json $(DEMO)/task/manifest.json
 	$(PY) -m slm_assist.train configs/demo/slm.yaml run_dir=$(DEMO)/slm data.path=$(DEMO)/data $(DEMO_ARGS)
 	$(PY) -m data_tools.score configs/demo/score.yaml model=$(DEMO)/slm/final data=$(DEMO)/data \
 	  out_dir=$(DEMO)/scores overwrite=true
@@ -111,8 +117,14 @@ demo: setup $(DEMO)/data/manifest.json
 	$(PY) -m data_tools.cloze $(DEMO)/data $(DEMO)/cloze.jsonl --examples 300
 	for r in slm llm salt; do $(PY) -m slm_assist.eval $(DEMO)/$$r/final $(DEMO)/data $(DEMO)/cloze.jsonl \
 	  --out $(DEMO)/$$r/eval.json || exit 1; done
+	$(PY) -m slm_assist.compress $(DEMO_COMPRESS) run_dir=$(DEMO)/compress teacher=$(DEMO)/llm/final \
+	  general_data=$(DEMO)/data task_data=$(DEMO)/task
+	$(PY) -m slm_assist.train configs/demo/scratch.yaml run_dir=$(DEMO)/scratch data.path=$(DEMO)/task $(DEMO_ARGS)
+	for r in compress/finetune compress/tsd scratch; do $(PY) -m slm_assist.eval $(DEMO)/$$r/final $(DEMO)/task \
+	  $(DEMO)/data --speed --out $(DEMO)/$$r/eval.json || exit 1; done
 	@echo; $(PY) -m slm_assist.report $(DEMO)/slm $(DEMO)/llm $(DEMO)/salt --data $(DEMO)/data \
-	  --select $(DEMO)/select --out $(DEMO)/report.md --title "slm_assist demo: the full cycle on the embedded corpus"
+	  --select $(DEMO)/select --compress $(DEMO)/compress --scratch $(DEMO)/scratch --out $(DEMO)/report.md \
+	  --title "slm_assist demo: the full cycle on the embedded corpus"
 	@echo "TensorBoard: .venv/bin/tensorboard --logdir $(DEMO)"
 
 bench: setup
@@ -121,6 +133,11 @@ bench: setup
 # SALT vs the CE baseline and the adaptive arms (~80 min on 2 CPU cores); ARGS=--quick for a <= 10 min run.
 bench-salt: setup
 	$(PY) bench/salt.py $(ARGS)
+
+# Progressive compression vs TSD-only, a single-stage control, scratch and the init ablation (~80 min on 2 CPU
+# cores; resumable, --seeds N adds seeds); ARGS=--quick for a <= 10 min test-scale run.
+bench-compress: setup
+	$(PY) bench/compress.py $(ARGS)
 
 bench-score: setup
 	$(PY) bench/score_throughput.py $(ARGS)

@@ -5,7 +5,8 @@
 
 With --out it writes (or updates) a markdown report: with --data the packed dataset; a table of the runs (size,
 steps, tokens, validation loss, and the figures of `RUN_DIR/eval.json` from `python -m slm_assist.eval --out`);
-a PNG of their loss curves; with --select, the data_tools.select summary and score histograms. The report is made of named
+a PNG of their loss curves; with --select, the data_tools.select summary and score histograms; with --compress, a
+slm_assist.compress run: teacher, student from scratch (--scratch RUN_DIR) and compressed student, and its stages. The report is made of named
 sections: a later stage adds its own with `write_section` without touching the others.
 """
 
@@ -17,6 +18,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from slm_assist.compress.report import compress_figures, compress_section, compress_summary
 from slm_assist.core.dataset import read_manifest
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.files import atomic_write_text, check_output_file
@@ -136,20 +138,28 @@ def selection_section(select_dir: Path, out_dir: Path) -> str:
 
 def main(argv: Sequence[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m slm_assist.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("runs", nargs="*", type=Path)
     ap.add_argument("--out", type=Path, help="write/update this markdown report (PNGs next to it)")
     ap.add_argument("--data", type=Path, help="a packed dataset dir to describe")
     ap.add_argument("--select", type=Path, help="a data_tools.select output dir to include")
+    ap.add_argument("--compress", type=Path, help="a slm_assist.compress run dir to include")
+    ap.add_argument("--scratch", type=Path, help="with --compress: the same-shape student trained from scratch")
     ap.add_argument("--title", default="slm_assist report")
     args = ap.parse_args(list(argv))
+    if not args.runs and not args.compress:
+        ap.error("give at least one RUN_DIR, or --compress")
+    if args.scratch and not args.compress:
+        ap.error("--scratch needs --compress")
     rows = [run_summary(r) for r in args.runs]
     if args.data:
         read_manifest(args.data)
     if args.select and read_summary(args.select / INDEX) is None:
         raise UserError(f"--select {args.select}: no {SUMMARY} (not a data_tools.select output)")
+    compress = compress_figures(args.compress, args.scratch) if args.compress else None
     if args.out:
         check_output_file(args.out, "--out")
-    print(f"{'run':<24} {'params':>8} {'steps':>6} {'tokens':>10} {'val_loss':>9}  model")
+    if rows:
+        print(f"{'run':<24} {'params':>8} {'steps':>6} {'tokens':>10} {'val_loss':>9}  model")
     for r in rows:
         print(f"{r['run']:<24} {r['params'] / 1e6:>7.2f}M {r['steps']:>6} {r['tokens']:>10} "
               f"{_fmt(r['val_loss']):>9}  {r['model']}")
@@ -159,8 +169,13 @@ def main(argv: Sequence[str]) -> None:
             write_section(args.out, "data", data_section(args.data), args.title)
         if args.select:
             write_section(args.out, "selection", selection_section(args.select, args.out.parent), args.title)
-        write_section(args.out, "runs", runs_section(args.runs, args.out.parent), args.title)
+        if rows:
+            write_section(args.out, "runs", runs_section(args.runs, args.out.parent), args.title)
+        if compress:
+            write_section(args.out, "compress", compress_section(compress, args.out.parent), args.title)
         print(f"report: {args.out}")
+    if compress:
+        print(compress_summary(compress))
 
 
 if __name__ == "__main__":

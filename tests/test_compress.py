@@ -4,6 +4,7 @@ objective (its teacher frozen, its projections trained as heads)."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -212,6 +213,11 @@ def test_compress_config_errors_name_the_stage():
 
     with pytest.raises(ConfigError, match=r"stage 'ged' distils from the fine-tuned teacher, which no earlier stage"):
         load_config(CompressConfig, None, ["task_data=x", "stages=[{name: ged, teacher: finetuned}]"])
+    with pytest.raises(ConfigError, match=r"stage 'finetune' fine-tunes the teacher, but finetuned_teacher=ft "
+                                          r"already names one"):
+        load_config(CompressConfig, None, ["task_data=x", "finetuned_teacher=ft"])
+    shared = load_config(CompressConfig, None, ["finetuned_teacher=ft", "stages=[{name: ged, teacher: finetuned}]"])
+    assert shared.stages[0].teacher == "finetuned"
     with pytest.raises(ConfigError, match=r"task_data: empty, but stage 'finetune' trains on the task data"):
         load_config(CompressConfig, None, [])
     with pytest.raises(ConfigError, match=r"stages\[0\]\.teacher: expected a teacher for kd/hidden/attention"):
@@ -278,7 +284,9 @@ def test_every_init_feeds_the_first_stage(init, tiny_data, tiny_slm, tmp_path):
     extra = {"layers": ["init.kind=layers", "init.layers=[2]"],
              "prune": ["init.kind=prune", "init.calibration=16", "model.hidden_size=16", "model.num_layers=1",
                        "model.num_heads=1", "model.ffn_size=32"],
-             "model": ["init.kind=model", f"init.path={tiny_slm}"]}[init]  # the SALT SLM's role: any model dir
+             # the SALT SLM's role: any model dir; and a teacher fine-tuned elsewhere
+             "model": ["init.kind=model", f"init.path={tiny_slm}", f"finetuned_teacher={tiny_slm}",
+                       "stages=[{name: gd, teacher: finetuned, loss: {kd: 1.0}, max_steps: 1}]"]}[init]
     main(_one_stage_args(tmp_path, tiny_data, tiny_slm, *extra))
     start = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "init"))
     teacher = AutoModelForCausalLM.from_pretrained(str(tiny_slm))
@@ -287,6 +295,9 @@ def test_every_init_feeds_the_first_stage(init, tiny_data, tiny_slm, tmp_path):
     if init == "layers":
         assert torch.equal(start.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight)
     assert (tmp_path / "run" / "gd" / "final" / "model.safetensors").is_file()
+    record = json.loads((tmp_path / "run" / "gd" / "final" / "slm_assist.json").read_text())["stages"][0]
+    assert record["teacher"] == str(tiny_slm) and record["config"]["teacher"] == ("finetuned" if init == "model"
+                                                                                 else "pretrained")
 
 
 LATENT_STAGE = ("stages:\n  - {name: gd, teacher: pretrained, data: general, max_steps: 4,\n"
@@ -339,3 +350,13 @@ def test_two_process_zero3_compress_stage(tiny_data, tiny_slm, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     student = AutoModelForCausalLM.from_pretrained(str(tmp_path / "z3" / "gd" / "final"))  # gathered on export
     assert student.config.hidden_size == 16 and student.get_input_embeddings().weight.shape == (400, 16)
+
+
+def test_gap_recovered_and_the_report_refuses_other_directories(tmp_path):
+    from slm_assist.compress.report import compress_figures, gap_recovered
+
+    assert gap_recovered(4.0, 3.5, 3.0) == 0.5 and gap_recovered(4.0, 4.5, 3.0) == -0.5
+    assert gap_recovered(3.0, 2.9, 3.2) is None  # a teacher that does not beat the scratch student: no gap
+    assert gap_recovered(None, 3.5, 3.0) is None
+    with pytest.raises(UserError, match=r"--compress .*: no config\.yaml; not a slm_assist\.compress run directory"):
+        compress_figures(tmp_path, None)

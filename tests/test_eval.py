@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
 from slm_assist.core.errors import UserError
 from slm_assist.eval import cloze_accuracy, dataset_loss, load_model, multiple_choice_accuracy
@@ -241,14 +243,29 @@ def test_shortened_demo_writes_the_full_cycle_report(tmp_path):
     demo = tmp_path / "demo"
     train = " ".join([*TINY_MODEL, "train.max_steps=6", "train.eval_every=3", "train.eval_batches=2",
                       "checkpoint.every=0", "train.torch_threads=1"])
+    compress = tmp_path / "compress.yaml"  # the demo's stages, two steps each, into a student of the tiny LLM
+    stages = yaml.safe_load((REPO / "configs/demo/compress.yaml").read_text())["stages"]
+    compress.write_text(yaml.safe_dump({
+        "base": str(REPO / "configs/demo/compress.yaml"), "init": {"calibration": 8},
+        "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 1, "ffn_size": 32},
+        "train": {"eval_every": 2, "eval_batches": 1, "torch_threads": 1}, "checkpoint": {"every": 0},
+        "stages": [{**s, "max_steps": 2} for s in stages]}))
     env = clean_env()
-    res = subprocess.run(["make", "-s", "demo", f"DEMO={demo}", f"DEMO_ARGS={train}",
+    res = subprocess.run(["make", "-s", "demo", f"DEMO={demo}", f"DEMO_ARGS={train}", f"DEMO_COMPRESS={compress}",
                           "DEMO_PACK_ARGS=corpus.max_docs=40 tokenizer.vocab_size=400 pack.seq_len=32"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = (demo / "report.md").read_text()
-    for section in ("## Data", "## Data selection", "## Training runs"):
+    for section in ("## Data", "## Data selection", "## Training runs", "## Compression"):
         assert section in report
+    assert re.search(r"compress \(task loss\): teacher \d+\.\d+, student from scratch \d+\.\d+, compressed "
+                     r"student \d+\.\d+; gap recovered .*; student speed \d+\.\dx the teacher's", res.stdout)
+    for row in ("teacher: fine-tuned on the task (finetune)", "student from scratch", "compressed student (tsd)"):
+        assert re.search(rf"\| {re.escape(row)}[^|]* \| [\d.]+M \| \d+ \| \d+\.\d{{4}} \| \d+\.\d{{4}} \| [\d,]+ \| "
+                         r"\d+\.\d\d \|", report), row
+    assert [ln.split(" | ")[0] for ln in report.splitlines() if ln.startswith("| ") and " / 2 | " in ln] == \
+        [f"| {s['name']}" for s in stages]
+    assert (demo / "compress_stages.png").stat().st_size > 1000 and "(compress_stages.png)" in report
     for run in ("slm", "llm", "salt"):
         assert f"| {run} |" in report
         assert json.loads((demo / run / "eval.json").read_text())["results"][1]["task"] == "cloze"

@@ -19,7 +19,7 @@ from slm_assist.compress.latent import layer_map
 from slm_assist.compress.objective import CompressObjective, LossConfig
 from slm_assist.compress.prune import check_prune_targets
 from slm_assist.core import dist
-from slm_assist.core.config import check, check_no_effect, record_diff, to_dict
+from slm_assist.core.config import check, check_no_effect, record_diff, save_config, to_dict
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import ConfigError, UserError
 from slm_assist.core.files import atomic_output_dir, check_writable
@@ -86,6 +86,9 @@ class CompressConfig:
     seed: int = 0
     teacher: str = "runs/demo/llm/final"
     """The pretrained LLM: a save_pretrained directory with the data's tokenizer."""
+    finetuned_teacher: str = ""
+    """The teacher already fine-tuned on the task (a save_pretrained directory), for `teacher: finetuned` stages
+    when no stage here fine-tunes it: one fine-tune shared by several compress runs."""
     general_data: str = "runs/demo/data"
     """Packed dataset of general text (data_tools.pack)."""
     task_data: str = ""
@@ -117,11 +120,14 @@ class CompressConfig:
             shape = [n for n in _SHAPE if not (self.init.kind == "prune" and n in _PRUNE_TARGETS)]
             check_no_effect(self.model, shape, f"with init.kind={self.init.kind} (the student's shape comes from "
                                                "the teacher or init.path)", prefix="model.")
-        finetuned = False
+        finetuned = bool(self.finetuned_teacher)
         for s in self.stages:
+            if s.trains == "teacher" and self.finetuned_teacher:
+                raise ConfigError(f"stages: stage {s.name!r} fine-tunes the teacher, but finetuned_teacher="
+                                  f"{self.finetuned_teacher} already names one; drop one of them")
             if s.teacher == "finetuned" and not finetuned:
                 raise ConfigError(f"stages: stage {s.name!r} distils from the fine-tuned teacher, which no earlier "
-                                  "stage (trains: teacher) makes")
+                                  "stage (trains: teacher) makes; add one, or set finetuned_teacher")
             finetuned = finetuned or s.trains == "teacher"
             if s.data == "task" and not self.task_data:
                 raise ConfigError(f"task_data: empty, but stage {s.name!r} trains on the task data")
@@ -146,6 +152,8 @@ def stage_config(cfg: CompressConfig, stage: StageConfig, start: Path, data: Pac
         train=replace(cfg.train, max_steps=stage.max_steps, patience=stage.patience), checkpoint=cfg.checkpoint)
 
 
+CONFIG = "config.yaml"
+"""In run_dir: the resolved config of the latest launch (reports read the stages and data from it)."""
 INIT_RECORD = "slm_assist_init.json"
 """In run_dir/init: the settings the initial student was made with, and the teacher blocks it came from."""
 
@@ -159,8 +167,11 @@ def run(cfg: CompressConfig) -> Path:
     data = _open_data(cfg)
     pretrained = ModelDir.open(cfg.teacher, "teacher")
     _check_plan(cfg, data, pretrained)
+    if dist.is_main():
+        save_config(cfg, root / CONFIG)
     origin = _prepare_init(cfg, pretrained, data["general"], root / "init")
-    student, finetuned = root / "init", None
+    student = root / "init"
+    finetuned = ModelDir.open(cfg.finetuned_teacher, "finetuned_teacher").path if cfg.finetuned_teacher else None
     for stage in cfg.stages:
         final = root / stage.name / "final"
         start = pretrained.path if stage.trains == "teacher" else student
@@ -230,9 +241,12 @@ def _check_plan(cfg: CompressConfig, data: dict[str, PackedDataset], pretrained:
     """Everything the stages will need, checked before the first one starts: one vocabulary, contexts that fit,
     the init's source, every layer map against both models' depths, attention heads that can be grouped, and a
     validation split wherever patience needs one."""
+    teachers = [pretrained] + ([ModelDir.open(cfg.finetuned_teacher, "finetuned_teacher")]
+                               if cfg.finetuned_teacher else [])
     for d in data.values():
-        pretrained.check_vocabulary(d, "the teacher must use the data's tokenizer")
-        pretrained.check_context(d.seq_len, "the teacher reads the data's sequences")
+        for t in teachers:
+            t.check_vocabulary(d, "the teacher must use the data's tokenizer")
+            t.check_context(d.seq_len, "the teacher reads the data's sequences")
     t_cfg = pretrained.config()
     if cfg.init.kind == "random":
         n_student, heads = cfg.model.num_layers, cfg.model.num_heads
