@@ -92,9 +92,10 @@ push: setup
 
 # tokenizer -> pack -> SLM -> score -> select -> LLM baseline + SALT -> eval -> compress the LLM into a student
 # (and the same student from scratch) -> report, all under $(DEMO). Re-running resumes finished runs instantly.
-# DEMO_PACK_ARGS / DEMO_ARGS add overrides to the packing / to every training run; DEMO_COMPRESS picks the
-# compress config (the test suite runs a shortened demo this way).
+# DEMO_PACK_ARGS / DEMO_TASK_ARGS / DEMO_ARGS add overrides to the packing of the data / of the task data / to
+# every training run; DEMO_COMPRESS picks the compress config (the test suite runs a shortened demo this way).
 DEMO_PACK_ARGS ?=
+DEMO_TASK_ARGS ?=
 DEMO_ARGS ?=
 DEMO_COMPRESS ?= configs/demo/compress.yaml
 $(DEMO)/data/manifest.json: configs/demo/data.yaml | .venv/.installed
@@ -102,7 +103,7 @@ $(DEMO)/data/manifest.json: configs/demo/data.yaml | .venv/.installed
 
 $(DEMO)/task/manifest.json: configs/demo/task.yaml $(DEMO)/data/manifest.json | .venv/.installed
 	$(PY) -m data_tools.pack configs/demo/task.yaml out_dir=$(DEMO)/task tokenizer.path=$(DEMO)/data/tokenizer \
-	  overwrite=true
+	  overwrite=true $(DEMO_TASK_ARGS)
 
 pack: setup $(DEMO)/data/manifest.json
 

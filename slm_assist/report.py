@@ -2,12 +2,13 @@
 
     python -m slm_assist.report RUN_DIR [RUN_DIR ...]                      # a table on stdout
     python -m slm_assist.report RUN_DIR ... --out REPORT.md [--data DIR] [--select DIR] [--title T]
+    python -m slm_assist.report --compress COMPRESS_RUN_DIR [--scratch RUN_DIR] [--out REPORT.md]
 
 With --out it writes (or updates) a markdown report: with --data the packed dataset; a table of the runs (size,
 steps, tokens, validation loss, and the figures of `RUN_DIR/eval.json` from `python -m slm_assist.eval --out`);
 a PNG of their loss curves; with --select, the data_tools.select summary and score histograms; with --compress, a
-slm_assist.compress run: teacher, student from scratch (--scratch RUN_DIR) and compressed student, and its stages. The report is made of named
-sections: a later stage adds its own with `write_section` without touching the others.
+slm_assist.compress run: teacher, student from scratch (--scratch RUN_DIR) and compressed student, and its stages.
+The report is made of named sections: a later stage adds its own with `write_section` without touching the others.
 """
 
 from __future__ import annotations

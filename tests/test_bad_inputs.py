@@ -167,6 +167,10 @@ def _cases(w) -> dict[str, Case]:
         "compress teacher of another vocabulary": Case("slm_assist.compress",
                                                        _compress(w, f"teacher={w['other_tok']}"),
                                                        ["teacher=", "tokenizer fingerprint"]),
+        "compress fine-tuned teacher of another vocabulary": Case(
+            "slm_assist.compress", _compress(w, f"finetuned_teacher={w['other_tok']}",
+                                             "stages=[{name: gd, teacher: finetuned, loss: {hidden: 1}}]"),
+            ["finetuned_teacher=", "tokenizer fingerprint"]),
         "compress layer map outside the teacher": Case("slm_assist.compress",
                                                        _compress(w, "stages=[{name: gd, loss: {hidden: 1, "
                                                                     "layer_map: [3]}}]"),

@@ -252,8 +252,9 @@ def test_shortened_demo_writes_the_full_cycle_report(tmp_path):
         "stages": [{**s, "max_steps": 2} for s in stages]}))
     env = clean_env()
     res = subprocess.run(["make", "-s", "demo", f"DEMO={demo}", f"DEMO_ARGS={train}", f"DEMO_COMPRESS={compress}",
-                          "DEMO_PACK_ARGS=corpus.max_docs=40 tokenizer.vocab_size=400 pack.seq_len=32"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                          "DEMO_PACK_ARGS=corpus.max_docs=40 tokenizer.vocab_size=400 pack.seq_len=32",
+                          "DEMO_TASK_ARGS=corpus.max_docs=60 pack.seq_len=32"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = (demo / "report.md").read_text()
     for section in ("## Data", "## Data selection", "## Training runs", "## Compression"):
