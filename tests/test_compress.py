@@ -360,3 +360,19 @@ def test_gap_recovered_and_the_report_refuses_other_directories(tmp_path):
     assert gap_recovered(None, 3.5, 3.0) is None
     with pytest.raises(UserError, match=r"--compress .*: no config\.yaml; not a slm_assist\.compress run directory"):
         compress_figures(tmp_path, None)
+
+
+def test_a_stage_sets_its_own_steps_lr_and_batch(tiny_data, tmp_path):
+    from slm_assist.compress.stages import CompressConfig, stage_config
+    from slm_assist.core.dataset import PackedDataset
+
+    cfg = load_config(CompressConfig, None, [
+        "task_data=t", "optim.lr=0.001", "train.micro_batch_size=8", "train.grad_accum=2",
+        "stages=[{name: a, max_steps: 5, lr: 0.01, micro_batch_size: 2, grad_accum: 4}, {name: b, max_steps: 7}]"])
+    data = PackedDataset.open(tiny_data)
+    a, b = (stage_config(cfg, s, tmp_path / "start", data) for s in cfg.stages)
+    assert (a.train.max_steps, a.optim.lr, a.train.micro_batch_size, a.train.grad_accum) == (5, 0.01, 2, 4)
+    assert (b.train.max_steps, b.optim.lr, b.train.micro_batch_size, b.train.grad_accum) == (7, 0.001, 8, 2)
+    assert a.run_dir.endswith("/a") and a.model.pretrained == str(tmp_path / "start")
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.micro_batch_size: expected >= 0"):
+        load_config(CompressConfig, None, ["stages=[{name: a, micro_batch_size: -1}]"])

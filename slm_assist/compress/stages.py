@@ -47,6 +47,10 @@ class StageConfig:
     """Optimizer steps of this stage (its LR schedule spans them)."""
     lr: float = 0.0
     """Peak LR of this stage (0 = optim.lr)."""
+    micro_batch_size: int = 0
+    """Sequences per micro-batch and rank in this stage (0 = train.micro_batch_size)."""
+    grad_accum: int = 0
+    """Micro-batches per optimizer step in this stage (0 = train.grad_accum)."""
     patience: int = 0
     """End the stage early once its validation loss has not improved for this many evaluations, so the budget
     moves to the next stage (0 = off, the whole max_steps)."""
@@ -56,6 +60,8 @@ class StageConfig:
               "name", self.name, "a directory name other than init (run_dir/init holds the initial student)")
         check(self.max_steps > 0, "max_steps", self.max_steps, "> 0")
         check(self.lr >= 0, "lr", self.lr, ">= 0 (0 = optim.lr)")
+        check(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, ">= 0 (0 = train's)")
+        check(self.grad_accum >= 0, "grad_accum", self.grad_accum, ">= 0 (0 = train's)")
         check(self.patience >= 0, "patience", self.patience, ">= 0 (0 = off)")
         if self.teacher == "none":
             check(not self.loss.needs_teacher, "teacher", self.teacher,
@@ -143,13 +149,15 @@ def _open_data(cfg: CompressConfig) -> dict[str, PackedDataset]:
 
 
 def stage_config(cfg: CompressConfig, stage: StageConfig, start: Path, data: PackedDataset) -> TrainerConfig:
-    """The Trainer config of one stage: the shared sections, the stage's data, steps and LR, its start."""
+    """The Trainer config of one stage: the shared sections, the stage's data, steps, LR and batch, its start."""
     return TrainerConfig(
         run_dir=str(Path(cfg.run_dir) / stage.name), seed=cfg.seed,
         data=DataConfig(path=str(data.path), seed=cfg.data_seed),
         model=replace(cfg.model, pretrained=str(start)),
         optim=replace(cfg.optim, lr=stage.lr or cfg.optim.lr), schedule=cfg.schedule,
-        train=replace(cfg.train, max_steps=stage.max_steps, patience=stage.patience), checkpoint=cfg.checkpoint)
+        train=replace(cfg.train, max_steps=stage.max_steps, patience=stage.patience,
+                      micro_batch_size=stage.micro_batch_size or cfg.train.micro_batch_size,
+                      grad_accum=stage.grad_accum or cfg.train.grad_accum), checkpoint=cfg.checkpoint)
 
 
 CONFIG = "config.yaml"
