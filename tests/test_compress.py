@@ -161,8 +161,6 @@ stages:
 
 @pytest.mark.slow
 def test_stages_chain_skip_when_finished_and_export_only_the_student(tiny_data, tiny_slm, tmp_path, capsys):
-    import json
-
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 

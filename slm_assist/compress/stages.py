@@ -174,12 +174,13 @@ def run(cfg: CompressConfig) -> Path:
     dist.init()  # before anything rank-dependent: the init is made once, on rank 0
     data = _open_data(cfg)
     pretrained = ModelDir.open(cfg.teacher, "teacher")
-    _check_plan(cfg, data, pretrained)
+    finetuned_dir = ModelDir.open(cfg.finetuned_teacher, "finetuned_teacher") if cfg.finetuned_teacher else None
+    _check_plan(cfg, data, [pretrained] + ([finetuned_dir] if finetuned_dir else []))
     if dist.is_main():
         save_config(cfg, root / CONFIG)
     origin = _prepare_init(cfg, pretrained, data["general"], root / "init")
     student = root / "init"
-    finetuned = ModelDir.open(cfg.finetuned_teacher, "finetuned_teacher").path if cfg.finetuned_teacher else None
+    finetuned = finetuned_dir.path if finetuned_dir else None
     for stage in cfg.stages:
         final = root / stage.name / "final"
         start = pretrained.path if stage.trains == "teacher" else student
@@ -245,17 +246,15 @@ def _check_finished(final: Path, record: dict) -> None:
         print(f"[{record['name']}] finished: {final}", flush=True)
 
 
-def _check_plan(cfg: CompressConfig, data: dict[str, PackedDataset], pretrained: ModelDir) -> None:
-    """Everything the stages will need, checked before the first one starts: one vocabulary, contexts that fit,
+def _check_plan(cfg: CompressConfig, data: dict[str, PackedDataset], teachers: list[ModelDir]) -> None:
+    """`teachers`: the pretrained LLM, then the fine-tuned one if finetuned_teacher names it. Everything the stages will need, checked before the first one starts: one vocabulary, contexts that fit,
     the init's source, every layer map against both models' depths, attention heads that can be grouped, and a
     validation split wherever patience needs one."""
-    teachers = [pretrained] + ([ModelDir.open(cfg.finetuned_teacher, "finetuned_teacher")]
-                               if cfg.finetuned_teacher else [])
     for d in data.values():
         for t in teachers:
             t.check_vocabulary(d, "the teacher must use the data's tokenizer")
             t.check_context(d.seq_len, "the teacher reads the data's sequences")
-    t_cfg = pretrained.config()
+    t_cfg = teachers[0].config()  # the pretrained LLM: the init and the layer maps come from it
     if cfg.init.kind == "random":
         n_student, heads = cfg.model.num_layers, cfg.model.num_heads
     elif cfg.init.kind == "layers":
