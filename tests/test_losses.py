@@ -231,7 +231,7 @@ def test_fused_ce_plus_kd_matches_separate_terms(kind):
     t = _logits(22)
     y = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(23))
     share = torch.rand(2, 5, generator=torch.Generator().manual_seed(24)) * 0.7
-    loss, ce_tok, kd_tok = ce_plus_kd_fn(s, y, share, teacher_logits=t, kind=kind, tau=2.0, chunk=3)
+    loss, ce_tok, kd_tok, _ = ce_plus_kd_fn(s, y, share, teacher_logits=t, kind=kind, tau=2.0, chunk=3)
     (g,) = torch.autograd.grad(loss, s)
     s2 = s.detach().clone().requires_grad_(True)
     ce = F.cross_entropy(s2.reshape(-1, V), y.reshape(-1), reduction="none")

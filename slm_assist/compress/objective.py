@@ -7,14 +7,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
-import torch.nn.functional as F
 
 from slm_assist.compress.latent import Projections, attention_kl, hidden_loss, layer_map
 from slm_assist.core.config import check, check_no_effect
 from slm_assist.core.errors import UserError
 from slm_assist.kd.losses import SoftTargets, mixed_ce_kd
 from slm_assist.training.batches import Batch
-from slm_assist.training.objective import Objective
+from slm_assist.training.objective import Objective, ce_with_z_loss
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -111,14 +110,15 @@ class CompressObjective(Objective):
         logit_loss = torch.zeros((), device=batch.input_ids.device)
         if cfg.kd:
             soft = SoftTargets(logits=t_out.logits[:, :-1, : self.vocab])
+            # z-loss scaled so that it stays z·log²Z after the (kd + ce) factor below
             mixed, parts = mixed_ce_kd(logits, targets, cfg.kd / (cfg.kd + cfg.ce), soft, kind=cfg.kind,
-                                       tau=cfg.tau, chunk=self.chunk)
-            logit_loss = (cfg.kd + cfg.ce) * mixed  # = ce·CE + kd·KD
-            metrics.update(ce=parts["ce"], kd=parts["kd"])
+                                       tau=cfg.tau, chunk=self.chunk, z_loss=self.z_loss / (cfg.kd + cfg.ce))
+            logit_loss = (cfg.kd + cfg.ce) * mixed  # = ce·CE + kd·KD (+ z·log²Z)
+            metrics.update({k: v for k, v in parts.items() if k in ("ce", "kd", "z")})
         elif cfg.ce:
-            ce = F.cross_entropy(logits.reshape(-1, self.vocab).float(), targets.reshape(-1))
+            ce, parts = ce_with_z_loss(logits, targets, self.z_loss / cfg.ce)
             logit_loss = cfg.ce * ce
-            metrics["ce"] = ce.detach()
+            metrics.update(parts)
         latent = torch.zeros((), device=batch.input_ids.device)
         if cfg.hidden:
             h = torch.stack([hidden_loss(self.proj(s, out.hidden_states[s]), t_out.hidden_states[t], cfg.hidden_kind)

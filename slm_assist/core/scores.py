@@ -60,16 +60,45 @@ class ScoresDir:
         ds = datasets.load_from_disk(str(self.path / SCORES))
         return {c: np.asarray(ds[c]) for c in ds.column_names}
 
+    def dataset(self) -> PackedDataset:
+        """The packed dataset these scores were made from (the manifest's `data`, `split`), checked by fingerprint:
+        what the scored indices decode against."""
+        m = self.manifest
+        where = m.get("data")
+        if not where:
+            raise UserError(f"{self.field}={self.path}: its {MANIFEST} does not name the scored dataset")
+        if not Path(where).is_dir():
+            raise UserError(f"{self.field}={self.path}: the scored dataset {where} is no longer there (moved or deleted)")
+        data = PackedDataset.open(where)
+        if data.fingerprint != m.get("dataset_fingerprint"):
+            raise UserError(f"{self.field}={self.path}: scored for dataset {m.get('dataset_fingerprint')}, but {where} "
+                            f"now holds {data.fingerprint} (re-packed since); re-score it")
+        return data
+
     def soft_labels(self, data: PackedDataset) -> SoftLabelCache:
         """The soft-label cache, which must have been made over exactly `data`'s train split."""
         if not (self.path / CACHE).is_dir():
             raise UserError(f"{self.field}={self.path}: no finished data_tools.score output with a cache/ "
                             "(score with cache.mode=top_k or sampled)")
+        self.check_train_split(data)
+        return SoftLabelCache(self.path / CACHE)
+
+    def check_train_split(self, data: PackedDataset) -> None:
+        """These scores must have been made over exactly `data`'s train split (their indices are its rows)."""
         m = self.manifest
         if m.get("dataset_fingerprint") != data.fingerprint or m.get("split") != "train":
-            raise UserError(f"{self.field}={self.path}: cached for dataset {m.get('dataset_fingerprint')} split "
+            raise UserError(f"{self.field}={self.path}: scored for dataset {m.get('dataset_fingerprint')} split "
                             f"{m.get('split')!r}, but this run trains on {data.fingerprint} 'train'")
-        return SoftLabelCache(self.path / CACHE)
+
+    def train_column(self, name: str, data: PackedDataset) -> np.ndarray:
+        """Score `name` for every row of `data`'s train split (NaN for rows that were not scored)."""
+        self.check_train_split(data)
+        cols = self.columns()
+        if name not in cols:
+            raise UserError(f"{self.field}={self.path}: no score column '{name}' (columns: {sorted(cols)})")
+        out = np.full(len(data.split("train")), np.nan)
+        out[cols["index"]] = cols[name]
+        return out
 
 
 def write_cache(rows: dict[str, list[np.ndarray]], indices: list[int], mode: str, path: Path) -> None:

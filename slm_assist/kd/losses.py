@@ -103,13 +103,15 @@ def nkd(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, tau: float = 1.0
 
 def top_k_kl(s: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
     """Forward KL against a top-k teacher (cache): the k tokens plus one tail bucket holding the leftover mass
-    (student side: 1 - the student's mass on the k tokens). With k = vocabulary it equals `forward_kl`."""
+    (student side: 1 - the student's mass on the k tokens). With k = vocabulary it equals `forward_kl`. Slots
+    with logprob -inf (unused slots of a merged ensemble record) count for neither side."""
     logp_s = F.log_softmax(s, -1)
     lp_s_k = logp_s.gather(-1, ids)
     lp_t_k = logprobs.float()
-    head = (lp_t_k.exp() * (lp_t_k - lp_s_k)).sum(-1)
+    used = lp_t_k > float("-inf")
+    head = torch.where(used, lp_t_k.exp() * (lp_t_k - lp_s_k), 0.0).sum(-1)
     tail = tail.float()
-    s_tail = (1 - lp_s_k.exp().sum(-1)).clamp_min(1e-12)
+    s_tail = (1 - torch.where(used, lp_s_k.exp(), 0.0).sum(-1)).clamp_min(1e-12)
     tail_term = torch.where(tail > 0, tail * (torch.log(tail.clamp_min(1e-12)) - torch.log(s_tail)), torch.zeros_like(tail))
     return head + tail_term
 
@@ -193,10 +195,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = 
 def ce_plus_kd(student_logits: torch.Tensor, targets: torch.Tensor, kd_share: torch.Tensor, *,
                teacher_logits: torch.Tensor | None = None, cache: dict[str, torch.Tensor] | None = None,
                kind: str = "forward_kl", tau: float = 1.0, beta: float = 0.5, gamma: float = 1.5,
-               chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SALT's loss in one chunked pass: mean over tokens of (1 - a_i)·CE_i + a_i·KD_i, with a_i = `kd_share`
-    (w_t, times a token gate). Returns (loss, per-token CE [n], per-token KD [n]); the last two carry no
-    gradient (they are for logging).
+               chunk: int = 1024, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SALT's loss in one chunked pass: mean over tokens of (1 - a_i)·CE_i + a_i·KD_i + z_loss·log²Z_i, with
+    a_i = `kd_share` (w_t, times a token gate) and Z_i the student's softmax normaliser. Returns (loss, per-token
+    CE [n], per-token KD [n], per-token log²Z [n]); the last three carry no gradient (they are for logging).
 
     Fusing CE into the same chunks keeps a single vocabulary-sized gradient buffer and no full log-softmax:
     peak loss memory is ~1.08x CE alone at vocab 32k, seq 2048 (bench/kd_overhead.py), against ~2x when CE
@@ -208,11 +210,14 @@ def ce_plus_kd(student_logits: torch.Tensor, targets: torch.Tensor, kd_share: to
 
     def fn(x: torch.Tensor, share: torch.Tensor, y_: torch.Tensor, *teacher_side: torch.Tensor):
         kd = scale * fn_kd(x, y_, *teacher_side)
-        ce = F.cross_entropy(x, y_, reduction="none")
-        return (1 - share) * ce + share * kd, torch.stack([ce.detach(), kd.detach()], -1)
+        log_z = torch.logsumexp(x, -1)
+        ce = log_z - x.gather(-1, y_.unsqueeze(-1)).squeeze(-1)
+        z2 = log_z.square()
+        loss = (1 - share) * ce + share * kd + (z_loss * z2 if z_loss else 0.0)
+        return loss, torch.stack([ce.detach(), kd.detach(), z2.detach()], -1)
 
     per_tok, aux = chunked_token_loss(fn, s, a, y, *side, chunk=chunk, with_aux=True)
-    return per_tok.mean(), aux[:, 0], aux[:, 1]
+    return per_tok.mean(), aux[:, 0], aux[:, 1], aux[:, 2]
 
 
 @dataclass
@@ -232,20 +237,27 @@ class SoftTargets:
 
 def mixed_ce_kd(student_logits: torch.Tensor, targets: torch.Tensor, weight: float, soft: SoftTargets, *,
                 kind: str = "forward_kl", tau: float = 1.0, beta: float = 0.5, gamma: float = 1.5,
-                chunk: int = 1024) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean over tokens of (1 - w·g)·CE + w·g·KD(soft targets || student) with the gate g (1 without one), and
-    its detached parts to log: `ce`, `kd` (over the gated tokens) and `gate_frac`."""
+                chunk: int = 1024, z_loss: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean over tokens of (1 - w·g)·CE + w·g·KD(soft targets || student) + z_loss·log²Z with the gate g (1
+    without one), and its detached parts to log: `ce`, `kd` (over the gated tokens), `gate_frac`, and `z` (the
+    mean log²Z) when z_loss > 0."""
     if soft.smoothing:
         # (1-w)·CE + w·CE(one-hot smoothed by eps) = CE with smoothing w·eps, up to a constant (the target's
         # entropy): one exact torch call instead of a second term.
         flat, tgt = student_logits.reshape(-1, student_logits.shape[-1]).float(), targets.reshape(-1)
         loss = F.cross_entropy(flat, tgt, label_smoothing=weight * soft.smoothing)
+        parts = {}
+        if z_loss:
+            z2 = flat.logsumexp(-1).square().mean()
+            loss, parts = loss + z_loss * z2, {"z": z2.detach()}
         with torch.no_grad():
             ce = F.cross_entropy(flat, tgt)
             kd = F.cross_entropy(flat, tgt, label_smoothing=soft.smoothing)
-        return loss, {"ce": ce, "kd": kd}
+        return loss, {"ce": ce, "kd": kd, **parts}
     gate = soft.gate if soft.gate is not None else torch.ones(targets.numel(), device=student_logits.device)
-    loss, ce_tok, kd_tok = ce_plus_kd(student_logits, targets, weight * gate, teacher_logits=soft.logits,
-                                      cache=soft.sparse, kind=kind, tau=tau, beta=beta, gamma=gamma, chunk=chunk)
+    loss, ce_tok, kd_tok, z_tok = ce_plus_kd(student_logits, targets, weight * gate, teacher_logits=soft.logits,
+                                             cache=soft.sparse, kind=kind, tau=tau, beta=beta, gamma=gamma,
+                                             chunk=chunk, z_loss=z_loss)
     kept = gate.sum()
-    return loss, {"ce": ce_tok.mean(), "kd": (kd_tok * gate).sum() / kept.clamp_min(1.0), "gate_frac": kept / gate.numel()}
+    parts = {"ce": ce_tok.mean(), "kd": (kd_tok * gate).sum() / kept.clamp_min(1.0), "gate_frac": kept / gate.numel()}
+    return loss, {**parts, **({"z": z_tok.mean()} if z_loss else {})}

@@ -16,7 +16,7 @@ from slm_assist.kd.losses import mixed_ce_kd
 from slm_assist.kd.schedule import KDScheduleConfig, kd_weight
 from slm_assist.kd.sources import SoftTargetSource
 from slm_assist.training.batches import Batch
-from slm_assist.training.objective import Objective
+from slm_assist.training.objective import Objective, ce_with_z_loss
 
 
 @dataclass
@@ -37,6 +37,24 @@ class DistillConfig:
     gate_topk: int = 0
     """Token gating (beyond the paper): KD only on tokens whose target is in the teacher's top-k, CE on the
     rest, since SLM soft labels add bias where the SLM is wrong. 0 = off."""
+    gate_confidence: float = 0.0
+    """Confidence gating (beyond the paper): KD off on tokens where the SLM is confidently wrong (its top-1 is
+    not the target and has probability >= this), CE there instead. 0 = off."""
+    ensemble_teachers: list[str] = field(default_factory=list)
+    """Teacher ensemble (MEAL V2): more SLM model dirs whose distributions are combined with distill.teacher's
+    into one soft target (ensemble_combine). [] = one teacher."""
+    ensemble_caches: list[str] = field(default_factory=list)
+    """The same from the cache: more data_tools.score dirs with top_k caches of other SLMs, combined with
+    distill.cache's (their union of top-k ids; each one's tail mass stays in the tail bucket)."""
+    ensemble_combine: Literal["mean", "vote"] = "mean"
+    """mean: the average of the members' probabilities. vote (committee voting): per token, the average of the
+    members whose top-1 token is the majority's (a tie goes to the more confident group)."""
+    curriculum: Literal["none", "mean_loss", "salt_ds"] = "none"
+    """Easy-to-hard curriculum in the KD phase (Easy2Hard): the sequences the KD phase draws are ordered by this
+    SLM score, ascending (easiest first), instead of shuffled; later steps keep the shuffled order. Needs
+    distill.curriculum_scores."""
+    curriculum_scores: str = ""
+    """The data_tools.score output dir whose scores order the curriculum."""
     cache: str = ""
     """A data_tools.score output dir with a soft-label cache for this data: KD from the cached top-k / sampled
     labels instead of running the teacher (forward KL, tau = 1). "" = online teacher."""
@@ -63,10 +81,23 @@ class DistillConfig:
                   "forward_kl and 1.0 with a soft-label cache (it stores the teacher at temperature 1)")
         if self.handover_every:
             check(bool(self.teacher), "handover_every", self.handover_every, "0 unless distill.teacher is set")
+        check(0 <= self.gate_confidence < 1, "gate_confidence", self.gate_confidence, "in [0, 1) (0 = off)")
+        if self.ensemble_teachers:
+            check(bool(self.teacher) and not self.cache, "ensemble_teachers", self.ensemble_teachers,
+                  "[] unless distill.teacher is set and distill.cache is not (an online ensemble needs a first "
+                  "teacher; with a cache use ensemble_caches)")
+        if self.ensemble_caches:
+            check(bool(self.cache), "ensemble_caches", self.ensemble_caches, "[] unless distill.cache is set")
+        if not (self.ensemble_teachers or self.ensemble_caches):
+            check_no_effect(self, ["ensemble_combine"], "without ensemble_teachers or ensemble_caches")
+        check((self.curriculum == "none") == (not self.curriculum_scores), "curriculum_scores",
+              self.curriculum_scores, f"a scores dir with curriculum={self.curriculum}" if self.curriculum != "none"
+              else '"" with curriculum=none')
         check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "in [0, 1)")
         if self.label_smoothing:
-            check(not (self.teacher or self.cache or self.gate_topk), "label_smoothing", self.label_smoothing,
-                  "0 with distill.teacher / cache / gate_topk (the control replaces the teacher)")
+            check(not (self.teacher or self.cache or self.gate_topk or self.gate_confidence), "label_smoothing",
+                  self.label_smoothing, "0 with distill.teacher / cache / gate_topk / gate_confidence (the control "
+                  "replaces the teacher)")
         if self.cache and self.teacher:  # KD reads the cache: the teacher would be loaded for nothing
             check(self.handover_every > 0, "teacher", self.teacher,
                   '"" with distill.cache unless distill.handover_every is set (the cache gives the soft labels; '
@@ -135,11 +166,11 @@ class SALTObjective(Objective):
         if self.handover_step is not None:
             metrics["handover_step"] = torch.tensor(float(self.handover_step))
         if w == 0.0:
-            ce = F.cross_entropy(logits.reshape(-1, self.vocab).float(), targets.reshape(-1))
-            return ce, {"ce": ce.detach(), **metrics}
+            loss, parts = ce_with_z_loss(logits, targets, self.z_loss)
+            return loss, {**parts, **metrics}
         cfg = self.cfg
         loss, parts = mixed_ce_kd(logits, targets, w, self.source(batch, self.vocab), kind=cfg.kind, tau=cfg.tau,
-                                  beta=cfg.beta, gamma=cfg.gamma, chunk=self.chunk)
+                                  beta=cfg.beta, gamma=cfg.gamma, chunk=self.chunk, z_loss=self.z_loss)
         return loss, {**metrics, **parts}
 
     def stream(self, step: int) -> str:

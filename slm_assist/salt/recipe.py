@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from slm_assist.core import dist
 from slm_assist.core.errors import UserError
 from slm_assist.core.scores import ScoresDir
 from slm_assist.core.selection import read_index, read_summary
@@ -34,9 +35,16 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     """The Trainer for a pretraining run, with every input checked before step 1: the KD-phase subset as the
     "kd" stream, the teacher's vocabulary, the cache's identity."""
     data = RunData(cfg)
-    rows = read_index(cfg.distill.selection, len(data.train), "distill.selection") if cfg.distill.selection else None
+    d = cfg.distill
+    rows = read_index(d.selection, len(data.train), "distill.selection") if d.selection else None
     streams = {"kd": data.stream(rows)} if rows is not None else {}
-    return Trainer(cfg, build_objective(cfg, data, rows), streams, data)
+    objective = build_objective(cfg, data, rows)
+    if d.curriculum != "none":  # the stream the KD phase draws from comes easy to hard
+        stream = streams["kd"] if rows is not None else streams.setdefault("main", data.stream())
+        key = ScoresDir.open(d.curriculum_scores, "distill.curriculum_scores").train_column(d.curriculum, data.dataset)
+        t = cfg.train
+        stream.order_first(key, d.schedule.n_kd(t.max_steps) * t.micro_batch_size * t.grad_accum * dist.world_size())
+    return Trainer(cfg, objective, streams, data)
 
 
 def build_objective(cfg: RunConfig, data: RunData, kd_rows: np.ndarray | None = None) -> Objective:
@@ -49,17 +57,23 @@ def build_objective(cfg: RunConfig, data: RunData, kd_rows: np.ndarray | None = 
     if d.label_smoothing:
         source = SmoothedOneHot(d.label_smoothing)
     elif d.cache:
-        cache = ScoresDir.open(d.cache, "distill.cache").soft_labels(data.dataset)
-        missing = cache.missing(np.arange(len(data.train)) if kd_rows is None else kd_rows)
-        if len(missing):  # found now, not at the step that first draws one
-            raise UserError(f"distill.cache={d.cache}: {len(missing)} of the KD phase's sequences are not cached "
-                            f"(e.g. {missing[:5].tolist()}), "
-                            + (f"distill.selection={d.selection} reaches outside the cached subset"
-                               if kd_rows is not None else "and the KD phase draws from the whole train split")
-                            + "; score with cache.indices= the same selection, or without cache.indices")
-        source = CachedSoftLabels(cache, d.gate_topk, "distill.gate_topk")
+        fields = ["distill.cache", *(f"distill.ensemble_caches[{i}]" for i in range(len(d.ensemble_caches)))]
+        caches = []
+        for path, name in zip([d.cache, *d.ensemble_caches], fields):
+            cache = ScoresDir.open(path, name).soft_labels(data.dataset)
+            missing = cache.missing(np.arange(len(data.train)) if kd_rows is None else kd_rows)
+            if len(missing):  # found now, not at the step that first draws one
+                raise UserError(f"{name}={path}: {len(missing)} of the KD phase's sequences are not cached "
+                                f"(e.g. {missing[:5].tolist()}), "
+                                + (f"distill.selection={d.selection} reaches outside the cached subset"
+                                   if kd_rows is not None else "and the KD phase draws from the whole train split")
+                                + "; score with cache.indices= the same selection, or without cache.indices")
+            caches.append(cache)
+        source = CachedSoftLabels(caches, d.gate_topk, "distill.gate_topk", d.gate_confidence, d.ensemble_combine)
     else:
-        source = OnlineTeacher(teacher, d.gate_topk)
+        members = [teacher] + [load_teacher(p, data.dataset, data.device, f"distill.ensemble_teachers[{i}]")
+                               for i, p in enumerate(d.ensemble_teachers)]
+        source = OnlineTeacher(members, d.gate_topk, d.gate_confidence, d.ensemble_combine)
     probe = data.val_batches[0] if data.val_batches else None
     return SALTObjective(d, source, len(data.tokenizer), cfg.train.max_steps, teacher=teacher, probe_batch=probe)
 
@@ -101,8 +115,15 @@ def describe(run_config: dict[str, Any]) -> RecipeSummary:
         summary = summary or {}
         lines.append(f"- KD-phase data: the `{policy or '?'}` subset ({summary.get('kept', '?')} of "
                      f"{summary.get('total', '?')} sequences, `{d['selection']}`)")
+    members = d.get("ensemble_teachers") or d.get("ensemble_caches") or []
+    if members:
+        lines.append(f"- teacher ensemble: {1 + len(members)} SLMs combined by {d.get('ensemble_combine', 'mean')}")
+    if d.get("curriculum", "none") != "none":
+        lines.append(f"- KD-phase curriculum: easy to hard by the SLM's `{d['curriculum']}`")
     if d.get("gate_topk"):
         lines.append(f"- token gating: KD only where the target is in the teacher's top-{d['gate_topk']}")
+    if d.get("gate_confidence"):
+        lines.append(f"- confidence gating: no KD where the teacher is wrong at p >= {d['gate_confidence']}")
     if d.get("handover_every"):
         lines.append(f"- auto handover checked every {d['handover_every']} steps")
     if d.get("label_smoothing"):

@@ -62,11 +62,28 @@ class ShardedBatches:
                             f"(train.micro_batch_size={micro_batch} x {world} ranks)")
         self.epoch, self.cursor = 0, 0
         self._perm: np.ndarray | None = None
+        self.order_key: np.ndarray | None = None
+        self.ordered_until = 0
+
+    def order_first(self, key: np.ndarray, sequences: int) -> None:
+        """A curriculum: the stream's first `sequences` sequences (counted over all ranks and epochs) come in
+        ascending `key` order (one value per sequence of the stream's split, NaN last) instead of shuffled.
+        They are the same sequences the shuffle would draw, so the data seen is unchanged, only its order; the
+        order is a function of (seed, epoch), so a resumed run continues it exactly."""
+        self.order_key = np.nan_to_num(np.asarray(key, dtype=np.float64), nan=np.inf)
+        self.ordered_until, self._perm = sequences, None
 
     def _permutation(self) -> np.ndarray:
         if self._perm is None:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._perm = torch.randperm(self.n, generator=g).numpy()
+            perm = torch.randperm(self.n, generator=g).numpy()
+            per_epoch = self.n - self.n % (self.mb * self.world)  # the tail that cannot fill a batch is skipped
+            ordered = min(per_epoch, max(0, self.ordered_until - self.epoch * per_epoch))
+            if ordered:
+                head = perm[:ordered]
+                key = self.order_key[head if self.rows is None else self.rows[head]]
+                perm = np.concatenate([head[np.lexsort((head, key))], perm[ordered:]])  # ties: by position
+            self._perm = perm
         return self._perm
 
     def next(self) -> Batch:

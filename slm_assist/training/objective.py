@@ -17,6 +17,9 @@ class Objective:
 
     attn_implementation: str | None = None
     """The attention the objective needs (e.g. "eager" to read attention probabilities); None = any."""
+    z_loss: float = 0.0
+    """Coefficient of the z-loss `z · log² Z` on the student's logits (PaLM); the Trainer sets it from
+    train.z_loss, so every objective honours it."""
 
     def __call__(self, model: torch.nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss for one micro-batch at optimizer step `step` (0-based), and metrics to log (detached)."""
@@ -44,8 +47,25 @@ class CausalLMObjective(Objective):
         labels = batch.input_ids if batch.labels is None else batch.labels
         if batch.loss_mask is not None:
             labels = labels.masked_fill(batch.loss_mask == 0, -100)  # HF's ignore_index
-        loss = model(input_ids=batch.input_ids, labels=labels).loss
-        return loss, {"ce": loss.detach()}
+        if not self.z_loss:
+            loss = model(input_ids=batch.input_ids, labels=labels).loss
+            return loss, {"ce": loss.detach()}
+        return ce_with_z_loss(model(input_ids=batch.input_ids).logits[:, :-1], labels[:, 1:], self.z_loss)
+
+
+def ce_with_z_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean next-token CE plus `z_loss · mean(log² Z)` over the targets that are not -100, in fp32; metrics `ce`,
+    and `z` (the mean log² Z) when z_loss > 0. The penalty keeps the softmax normaliser near 1, which PaLM found
+    to stabilise training, and costs nothing beyond the log-sum-exp the CE computes anyway."""
+    flat, y = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
+    keep = y != -100
+    flat, y = flat[keep], y[keep]
+    log_z = flat.logsumexp(-1)
+    ce = (log_z - flat.gather(-1, y[:, None]).squeeze(-1)).mean()
+    if not z_loss:
+        return ce, {"ce": ce.detach()}
+    z = log_z.square().mean()
+    return ce + z_loss * z, {"ce": ce.detach(), "z": z.detach()}
 
 
 @torch.no_grad()

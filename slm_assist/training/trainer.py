@@ -57,6 +57,9 @@ class TrainConfig:
     patience: int = 0
     """Stop early once the validation loss has not improved for this many evaluations in a row (0 = off); the
     LR schedule still spans max_steps."""
+    z_loss: float = 0.0
+    """Coefficient of the z-loss `z · log² Z` (PaLM; 1e-4 is the usual value) added to the loss of every
+    objective: it keeps the student's softmax normaliser near 1. 0 = off."""
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one device (H100/H200 SXM: 989, A100: 312). > 0 logs `mfu`: model FLOPs per
     token (models.flops_per_token) x tokens/s / (peak x devices)."""
@@ -72,6 +75,7 @@ class TrainConfig:
         check(self.patience >= 0, "patience", self.patience, ">= 0 (0 = off)")
         if self.patience:
             check(self.eval_every > 0, "eval_every", self.eval_every, "> 0 with train.patience (it counts evaluations)")
+        check(self.z_loss >= 0, "z_loss", self.z_loss, ">= 0 (0 = off)")
         check(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, ">= 0 (0 = do not log MFU)")
 
 
@@ -133,6 +137,7 @@ class Trainer:
     def __init__(self, cfg: TrainerConfig, objective: Objective, streams: dict[str, ShardedBatches] | None = None,
                  data: RunData | None = None) -> None:
         self.cfg, self.objective = cfg, objective
+        objective.z_loss = cfg.train.z_loss
         self.run_dir = Path(cfg.run_dir)
         self.data = data or RunData(cfg)
         self.device, self.tokenizer = self.data.device, self.data.tokenizer
