@@ -1,7 +1,8 @@
 """`python -m data_tools.score CONFIG [overrides]`: score every packed sequence with the SLM in one forward pass.
 
 Per sequence: mean and median token loss, SALT_DS (median loss over tokens whose target is in the SLM's top-k),
-the learnable fraction, mean entropy and top-1 accuracy; with `ref_model`, also `ref_mean_loss`. Optionally
+the learnable fraction, mean entropy, top-1 accuracy and `confident_wrong` (the share of positions where the SLM
+is confident and wrong); with `ref_model`, also `ref_mean_loss`. Optionally
 writes sparse soft labels (`cache.mode`) in the same pass.
 
 Sharding: the split is cut into `num_shards` contiguous ranges of whole batches, so every sequence is scored in
@@ -26,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from data_tools.score_math import SCORE_COLUMNS, score_logits
+from data_tools.score_math import DEFAULT_CONFIDENT, SCORE_COLUMNS, score_logits
 from data_tools.softlabels import (
     CacheConfig,
     bytes_per_position,
@@ -64,6 +65,9 @@ class ScoreConfig:
     overwrite: bool = False
     topk: int = 10
     """A token is "learnable" when its target is among the SLM's top-k (SALT_DS)."""
+    confident_threshold: float = DEFAULT_CONFIDENT
+    """Confident Learning (Northcutt et al.): a token is flagged when the SLM's top-1 probability is at least this
+    and the target is not its top-1; `confident_wrong` is the flagged share of a sequence's positions. In (0, 1]."""
     batch_size: int = 16
     dtype: Literal["bf16", "fp32"] = "bf16"
     num_shards: int = -1
@@ -78,6 +82,7 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         check(self.topk > 0, "topk", self.topk, "> 0")
+        check(0 < self.confident_threshold <= 1, "confident_threshold", self.confident_threshold, "in (0, 1]")
         check(self.batch_size > 0, "batch_size", self.batch_size, "> 0")
         check(self.num_shards == -1 or self.num_shards > 0, "num_shards", self.num_shards, "-1 or > 0")
         check(self.shard >= -1, "shard", self.shard, ">= -1")
@@ -113,8 +118,8 @@ class Scorer:
             "model_fingerprint": self.model_dir.fingerprint(),
             "ref_model_fingerprint": self.ref_dir.fingerprint() if self.ref_dir else None,
             "dataset_fingerprint": self.data.fingerprint,
-            "split": cfg.split, "topk": cfg.topk, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
-            "num_shards": self.num_shards, "cache": asdict(cfg.cache),
+            "split": cfg.split, "topk": cfg.topk, "confident_threshold": cfg.confident_threshold, "dtype": cfg.dtype,
+            "batch_size": cfg.batch_size, "num_shards": self.num_shards, "cache": asdict(cfg.cache),
         }
 
     # ---- shards ------------------------------------------------------------------------------------------
@@ -178,7 +183,7 @@ class Scorer:
             idx = np.arange(start, min(start + cfg.batch_size, rows.stop))
             ids = torch.from_numpy(np.asarray(self.ds[idx]["input_ids"], dtype=np.int64)).to(device)
             logits = model(input_ids=ids).logits
-            for c, v in score_logits(logits, ids, cfg.topk).items():
+            for c, v in score_logits(logits, ids, cfg.topk, confident=cfg.confident_threshold).items():
                 cols[c].append(v)  # stays on the device: one copy per shard, no sync per batch
             if ref is not None:
                 cols["ref_mean_loss"].append(score_logits(ref(input_ids=ids).logits, ids, cfg.topk)["mean_loss"])

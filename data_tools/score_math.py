@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import torch
 
-SCORE_COLUMNS = ("mean_loss", "median_loss", "salt_ds", "learnable_frac", "mean_entropy", "top1_acc")
+SCORE_COLUMNS = ("mean_loss", "median_loss", "salt_ds", "learnable_frac", "mean_entropy", "top1_acc",
+                 "confident_wrong")
+DEFAULT_CONFIDENT = 0.5  # the top-1 probability from which a wrong prediction counts as confident
 
 
-def token_stats(logits: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """Token loss, entropy, "learnable" (target among the model's top-k) and top-1 correctness, all [B, P].
+def token_stats(logits: torch.Tensor, targets: torch.Tensor, k: int,
+                confident: float = DEFAULT_CONFIDENT) -> dict[str, torch.Tensor]:
+    """Token loss, entropy, "learnable" (target among the model's top-k), top-1 correctness and "confident_wrong",
+    all [B, P].
 
     Written for speed (scoring must stay near a bare forward pass): five passes over the vocabulary, no full
     log-softmax tensor. The top-k runs on the logits in their own dtype, which orders exactly as fp32 would
     (bf16 -> fp32 is exact); with z' = z - max(z) and S = sum(exp z'):
         loss = log S - z'_y,   entropy = log S - sum(exp(z') * z') / S,
     and the target is learnable iff z_y >= the k-th largest logit (fewer than k logits strictly above it).
+    confident_wrong (Confident Learning, Northcutt et al. 2021): the top-1 probability, exp(0) / S = 1 / S, is at
+    least `confident` (S <= 1 / confident, no extra pass) and the target is not a top-1 token (z_y < max z).
     """
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).values
     z_y = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -30,6 +36,7 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str
         "entropy": log_s - torch.linalg.vecdot(e, shifted) / s,
         "learnable": z_y >= top[..., -1],
         "top1": z_y >= top[..., 0],
+        "confident_wrong": (s <= 1.0 / confident) & (z_y < top[..., 0]),
     }
 
 
@@ -38,6 +45,7 @@ def sequence_scores(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     salt_ds: the median loss over learnable tokens (SALT's "challenging yet learnable" score); NaN for a
     sequence with no learnable token, which selection never picks. Medians are the midpoint median.
+    confident_wrong: the share of positions where the SLM is confident and wrong (likely label noise).
     """
     loss, learnable = stats["loss"], stats["learnable"]
     return {
@@ -47,10 +55,12 @@ def sequence_scores(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "learnable_frac": learnable.float().mean(-1),
         "mean_entropy": stats["entropy"].mean(-1),
         "top1_acc": stats["top1"].float().mean(-1),
+        "confident_wrong": stats["confident_wrong"].float().mean(-1),
     }
 
 
-def score_logits(logits: torch.Tensor, input_ids: torch.Tensor, k: int, chunk_bytes: int | None = None) -> dict[str, torch.Tensor]:
+def score_logits(logits: torch.Tensor, input_ids: torch.Tensor, k: int, chunk_bytes: int | None = None,
+                 confident: float = DEFAULT_CONFIDENT) -> dict[str, torch.Tensor]:
     """Scores for a batch from full logits [B, T, V], a chunk of sequences at a time.
 
     Chunks hold at most `chunk_bytes` of fp32 vocabulary-sized intermediates (at least one sequence). Default:
@@ -63,7 +73,7 @@ def score_logits(logits: torch.Tensor, input_ids: torch.Tensor, k: int, chunk_by
     chunk = max(1, chunk_bytes // max(per_seq, 1))
     out: dict[str, list[torch.Tensor]] = {c: [] for c in SCORE_COLUMNS}
     for s in range(0, logits.shape[0], chunk):
-        stats = token_stats(logits[s : s + chunk, :-1], input_ids[s : s + chunk, 1:], k)
+        stats = token_stats(logits[s : s + chunk, :-1], input_ids[s : s + chunk, 1:], k, confident)
         for c, v in sequence_scores(stats).items():
             out[c].append(v)
     return {c: torch.cat(v) for c, v in out.items()}

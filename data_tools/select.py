@@ -5,14 +5,16 @@ Policies (each keeps `fraction` of the scorable sequences unless a band is given
 - ppl_band:   a low, middle or high band of SLM mean loss (= log perplexity; Ankner et al. 2024);
 - difference: the highest ref_mean_loss - mean_loss (`ref_minus_slm`) or the reverse (MiniPLM / RHO-style);
 - random:     the control, seeded.
-Sequences whose policy score is NaN (e.g. SALT_DS with no learnable token) are never kept.
+Sequences whose policy score is NaN (e.g. SALT_DS with no learnable token) are never kept, nor, with
+`max_confident_wrong` < 1, those the SLM is too often confidently wrong on (likely noise); `fraction` then counts
+the scorable sequences that remain.
 
-Output `out_dir/`: index.npy (sorted int64 sequence indices), selection.json, report.md, hist_*.png.
+Output `out_dir/`: index.npy (sorted int64 sequence indices), selection.json, report.md, hist_*.png, and README.md,
+the subset's Hugging Face dataset card (data_tools/select_report.py renders both documents).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,11 +22,20 @@ from typing import Literal
 
 import numpy as np
 
+from data_tools.select_report import (
+    REPORT,
+    Selection,
+    Texts,
+    above,
+    render_card,
+    render_report,
+    write_figures,
+)
 from slm_assist.core.config import check, check_no_effect, parse_cli
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.files import atomic_output_dir, check_output_dir
 from slm_assist.core.scores import ScoresDir
-from slm_assist.core.selection import INDEX, SUMMARY, write_selection
+from slm_assist.core.selection import CARD, FIGURES, INDEX, SUMMARY, write_selection
 
 USAGE = "python -m data_tools.select CONFIG [key=value ...]"
 
@@ -44,9 +55,13 @@ class SelectConfig:
     difference: Literal["ref_minus_slm", "slm_minus_ref"] = "ref_minus_slm"
     seed: int = 0
     """random only."""
+    max_confident_wrong: float = 1.0
+    """Exclude sequences whose `confident_wrong` share (positions where the SLM is confident and wrong; Confident
+    Learning, Northcutt et al.: likely label noise) is above this, before any policy ranks; 1.0 = off."""
 
     def __post_init__(self) -> None:
         check(0 < self.fraction <= 1, "fraction", self.fraction, "in (0, 1]")
+        check(0 <= self.max_confident_wrong <= 1, "max_confident_wrong", self.max_confident_wrong, "in [0, 1]")
         if self.band:
             check(len(self.band) == 2, "band", self.band, "[lo, hi]")
             lo, hi = self.band
@@ -73,10 +88,22 @@ def policy_score(cols: dict[str, np.ndarray], cfg: SelectConfig, source: str) ->
     return "mean_loss", need("mean_loss")  # random: plotted against mean loss
 
 
+def flagged(cols: dict[str, np.ndarray], cfg: SelectConfig, source: str) -> np.ndarray | None:
+    """The rows `max_confident_wrong` excludes (confident_wrong share above it); None when the filter is off."""
+    if cfg.max_confident_wrong >= 1:
+        return None
+    if "confident_wrong" not in cols:
+        raise UserError(f"{source}: max_confident_wrong={cfg.max_confident_wrong} needs score column "
+                        "'confident_wrong', which these scores lack (written before data_tools.score made it); "
+                        "re-score them (overwrite=true), or set max_confident_wrong=1.0")
+    return above(cols["confident_wrong"], cfg.max_confident_wrong)
+
+
 def select(cols: dict[str, np.ndarray], cfg: SelectConfig, source: str = "scores") -> np.ndarray:
     """Boolean keep-mask over the rows of `cols` (row order = `cols['index']`)."""
     _, score = policy_score(cols, cfg, source)
-    valid = np.isfinite(score)
+    excluded = flagged(cols, cfg, source)
+    valid = np.isfinite(score) if excluded is None else np.isfinite(score) & ~excluded
     n_valid = int(valid.sum())
     keep = np.zeros(len(score), dtype=bool)
     n_keep = round(cfg.fraction * n_valid)
@@ -99,81 +126,35 @@ def select(cols: dict[str, np.ndarray], cfg: SelectConfig, source: str = "scores
             chosen = order[len(order) - n_keep :]
         keep[chosen] = True
     if not keep.any():
-        raise UserError(f"{source}: policy={cfg.policy} selected no sequence ({n_valid} scorable of {len(score)}, "
-                        f"fraction={cfg.fraction}, band={cfg.band}); widen the selection")
+        flags = "" if excluded is None else f" after {int(excluded.sum())} flagged by max_confident_wrong"
+        raise UserError(f"{source}: policy={cfg.policy} selected no sequence ({n_valid} scorable of {len(score)}"
+                        f"{flags}, fraction={cfg.fraction}, band={cfg.band}); widen the selection")
     return keep
 
 
-def _plot(values: np.ndarray, keep: np.ndarray, name: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    finite = np.isfinite(values)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = np.histogram_bin_edges(values[finite], bins=60)
-    ax.hist(values[finite], bins=bins, color="#bbbbbb", label="all")
-    ax.hist(values[finite & keep], bins=bins, color="#1f77b4", alpha=0.85, label="kept")
-    ax.set_xlabel(name)
-    ax.set_ylabel("sequences")
-    ax.legend()
-    ax.set_title(f"{name}: kept {int(keep.sum())} of {len(values)}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _summary(values: np.ndarray, mask: np.ndarray) -> tuple[str, str]:
-    """(mean, "p10 / p50 / p90") of the finite values under `mask`."""
-    x = values[mask & np.isfinite(values)]
-    if not len(x):
-        return "-", "-"
-    return f"{x.mean():.4f}", " / ".join(f"{q:.4f}" for q in np.percentile(x, [10, 50, 90]))
-
-
-def _report(cols: dict[str, np.ndarray], keep: np.ndarray, cfg: SelectConfig, score_name: str) -> str:
-    n, k = len(keep), int(keep.sum())
-    lines = [f"# Selection: {cfg.policy}", "", f"- scores: `{cfg.scores}`",
-             f"- kept **{k}** of {n} sequences (fraction {k / n:.4f})",
-             f"- policy score: `{score_name}`; settings: `{json.dumps({x: y for x, y in asdict(cfg).items() if x not in ('scores', 'out_dir', 'overwrite')})}`",
-             "", "| score | all: mean | all: p10 / p50 / p90 | kept: mean | kept: p10 / p50 / p90 | NaN |",
-             "|---|---|---|---|---|---|"]
-    for name, v in cols.items():
-        if name == "index":
-            continue
-        a, b = _summary(v, np.ones_like(keep)), _summary(v, keep)
-        lines.append(f"| {name} | {a[0]} | {a[1]} | {b[0]} | {b[1]} | {int((~np.isfinite(v)).sum())} |")
-    lines += ["", "Histograms (kept region in blue):", ""]
-    lines += [f"![{name}](hist_{name}.png)" for name in _plotted(cols, score_name)]
-    return "\n".join(lines) + "\n"
-
-
-def _plotted(cols: dict[str, np.ndarray], score_name: str) -> list[str]:
-    """The policy's score first, then the SALT_DS and loss histograms for context."""
-    return [score_name] + [c for c in ("salt_ds", "mean_loss") if c in cols and c != score_name]
-
-
-OUTPUT = (INDEX, SUMMARY, "report.md", "hist_*.png")
+OUTPUT = (INDEX, SUMMARY, REPORT, CARD, FIGURES)
 """Everything select writes into out_dir: with overwrite=true it replaces a directory holding only these."""
 
 
 def run(cfg: SelectConfig) -> dict:
     check_output_dir(Path(cfg.out_dir), cfg.overwrite, own=OUTPUT)  # before the scores are read
-    cols = ScoresDir.open(cfg.scores, "scores").columns()
-    keep = select(cols, cfg, f"scores={cfg.scores}")
-    score_name, score = policy_score(cols, cfg, cfg.scores)
-    index = cols["index"][keep]
+    scores = ScoresDir.open(cfg.scores, "scores")
+    cols, source = scores.columns(), f"scores={cfg.scores}"
+    keep = select(cols, cfg, source)
+    score_name, score = policy_score(cols, cfg, source)
+    excluded = flagged(cols, cfg, source)
     summary = {"policy": cfg.policy, "kept": int(keep.sum()), "total": len(keep),
                "kept_fraction": float(keep.mean()), "config": asdict(cfg)}
+    if excluded is not None:
+        summary["flagged"] = int(excluded.sum())
+    sel = Selection(cols, keep, score_name, score, asdict(cfg), scores.manifest, Texts(scores))
     with atomic_output_dir(Path(cfg.out_dir), overwrite=cfg.overwrite, own=OUTPUT) as tmp:
-        write_selection(tmp, index, summary)
-        plot_cols = {**cols, score_name: score}
-        for name in _plotted(cols, score_name):
-            _plot(plot_cols[name], keep, name, tmp / f"hist_{name}.png")
-        (tmp / "report.md").write_text(_report(cols, keep, cfg, score_name))
+        write_selection(tmp, cols["index"][keep], summary)
+        write_figures(sel, tmp)
+        (tmp / REPORT).write_text(render_report(sel), encoding="utf-8")
+        (tmp / CARD).write_text(render_card(sel), encoding="utf-8")
     print(f"selected {summary['kept']} of {summary['total']} sequences ({summary['kept_fraction']:.1%}) "
-          f"-> {cfg.out_dir}/{INDEX}; report: {cfg.out_dir}/report.md")
+          f"-> {cfg.out_dir}/{INDEX}; report: {cfg.out_dir}/{REPORT}; dataset card: {cfg.out_dir}/{CARD}")
     return summary
 
 

@@ -6,9 +6,11 @@
 
 The token comes from HF_TOKEN (or `hf auth login`), the endpoint from --endpoint or HF_ENDPOINT. The folder is
 uploaded with `huggingface_hub.upload_folder` from a staging copy (hard links), so the local folder is never
-modified; its own README.md, when it has one, is uploaded instead of the generated card. The staging copy lives in
-the temp dir as `slm_assist_push_<pid>_*` and is removed on every exit (errors, SIGTERM, SIGINT, SIGHUP); one left by
-a killed push (kill -9) is removed by the next push once its process is gone. Every request of huggingface_hub's
+modified; its own README.md, when it has one, is uploaded instead of the generated card. A model whose run
+distilled on a selection (`distill.selection`) also gets that selection's dataset card (README.md + hist_*.png,
+written by data_tools.select) under `data_card/`, linked from the generated card; a selection that is gone is only
+noted. The staging copy lives in the temp dir as `slm_assist_push_<pid>_*` and is removed on every exit (errors,
+SIGTERM, SIGINT, SIGHUP); one left by a killed push (kill -9) is removed by the next push once its process is gone. Every request of huggingface_hub's
 HTTP client (connect, each read, each write) waits at most --timeout seconds, so a hub that accepts the connection
 and never answers is an error, not a hang. (Large files to Xet-backed repos go through hf_xet's own transfer
 client, which has its own retry limits.)
@@ -21,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +33,7 @@ from typing import Any
 
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.model_dir import META, ModelDir
+from slm_assist.core.selection import CARD, card_files, read_summary
 from slm_assist.salt.recipe import describe
 from slm_assist.training.metrics import METRICS, read_eval, read_metrics
 
@@ -55,6 +59,22 @@ def _metrics_rows(model_dir: Path, meta: dict[str, Any]) -> list[tuple[str, str]
         for k, v in stage.get("metrics", {}).items():
             rows.append((f"{stage.get('name', 'stage')}: {k}", f"{v:.4f}" if isinstance(v, float) else str(v)))
     return rows
+
+
+DATA_CARD_DIR = "data_card"  # where the selection's dataset card goes in the model repo
+
+
+def data_card(meta: dict[str, Any] | None) -> tuple[list[Path] | None, str]:
+    """(the dataset card files of the run's KD subset, `distill.selection`, card first; a note when the run names a
+    selection whose card is not there). (None, "") for a run without a selection or a model from elsewhere."""
+    selection = (((meta or {}).get("run_config") or {}).get("distill") or {}).get("selection")
+    if not selection:
+        return None, ""
+    files = card_files(selection)
+    if files is None:
+        return None, (f"note: distill.selection={selection}: no {CARD} dataset card there (the selection was moved "
+                      f"or deleted, or made before data_tools.select wrote cards); pushing without {DATA_CARD_DIR}/")
+    return files, ""
 
 
 def model_card(model_dir: str | Path) -> str:
@@ -83,8 +103,13 @@ def model_card(model_dir: str | Path) -> str:
               f"- packed into sequences of {data['seq_len']} tokens; "
               + ", ".join(f"{k}: {v['sequences']:,} sequences / {v['tokens']:,} tokens from {v['documents']:,} "
                           "documents" for k, v in data["splits"].items()),
-              f"- validation held out by document (fraction {data['val_fraction']}, seed {data['seed']})", "",
-              "## Training", "",
+              f"- validation held out by document (fraction {data['val_fraction']}, seed {data['seed']})"]
+    if data_card(meta)[0]:
+        summary = read_summary(cfg["distill"]["selection"]) or {}
+        lines.append(f"- Selected pretraining subset: [{DATA_CARD_DIR}/{CARD}]({DATA_CARD_DIR}/{CARD}) (the KD phase's "
+                     f"`{summary.get('policy', '?')}` subset, {summary.get('kept', '?')} of {summary.get('total', '?')} "
+                     "sequences)")
+    lines += ["", "## Training", "",
               f"- model: hidden {hf.hidden_size}, {hf.num_hidden_layers} layers, {hf.num_attention_heads} heads, "
               f"FFN {getattr(hf, 'intermediate_size', None) or getattr(hf, 'n_inner', None) or '—'}, context "
               f"{getattr(hf, 'max_position_embeddings', '—')}",
@@ -129,6 +154,9 @@ def push(model_dir: str | Path, repo_id: str, private: bool = False, revision: s
     if not (token or get_token()):
         raise UserError("no Hugging Face token: set HF_TOKEN (or run `hf auth login`) before pushing")
     card = None if (d / "README.md").is_file() else model_card(d).replace("REPO_ID", repo_id)
+    card_data, note = data_card(ModelDir(d).meta())
+    if note:
+        print(note, file=sys.stderr)
     remove_stale_staging()
     try:
         with _http_timeout(timeout), _staging_dir() as tmp:
@@ -136,6 +164,10 @@ def push(model_dir: str | Path, repo_id: str, private: bool = False, revision: s
             shutil.copytree(d, stage, copy_function=_link_or_copy)
             if card is not None:
                 (stage / "README.md").write_text(card, encoding="utf-8")
+            if card_data:
+                (stage / DATA_CARD_DIR).mkdir(exist_ok=True)
+                for f in card_data:
+                    _link_or_copy(str(f), str(stage / DATA_CARD_DIR / f.name))
             api.create_repo(repo_id, private=private, exist_ok=True)
             info = api.upload_folder(repo_id=repo_id, folder_path=stage, revision=revision, create_pr=create_pr,
                                      commit_message=f"Upload {d.parent.name} (slm_assist)")

@@ -73,6 +73,46 @@ def test_card_describes_the_salt_recipe(tiny_data, tiny_slm, tmp_path):
     assert "| validation loss (last training eval) |" in card
 
 
+def test_card_and_push_carry_the_selections_dataset_card(tiny_data, tiny_slm, tmp_path, monkeypatch, capsys):
+    """A run that distilled on a data_tools.select subset: the model card links the subset's dataset card, and the
+    push uploads that card and its figures under data_card/; once the selection is gone, the push notes it."""
+    import shutil
+
+    from data_tools.select import SelectConfig
+    from data_tools.select import run as select
+    from slm_assist.core.config import load_config
+    from slm_assist.train import main
+
+    from .conftest import run_overrides
+    from .test_select import write_scores
+
+    sel = tmp_path / "select"
+    select(load_config(SelectConfig, None, [f"scores={write_scores(tmp_path / 'scores', data=tiny_data)}",
+                                            f"out_dir={sel}", "fraction=1"]))
+    run = tmp_path / "salt"
+    main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=0", f"distill.teacher={tiny_slm}",
+                       "distill.schedule.kind=step", "distill.schedule.n_kd_steps=1",
+                       f"distill.selection={sel / 'index.npy'}"))
+    final = run / "final"
+    card = model_card(final)
+    assert ("- Selected pretraining subset: [data_card/README.md](data_card/README.md) (the KD phase's `salt_ds` "
+            "subset, 9 of 10 sequences)") in card
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    with FakeHub() as hub:
+        push(final, "my-org/salt", endpoint=hub.url)
+        shutil.rmtree(sel)
+        push(final, "my-org/salt", endpoint=hub.url)
+    with_card, without = (c["files"] for c in hub.commits)
+    assert {f for f in with_card if f.startswith("data_card/")} == {
+        "data_card/README.md", "data_card/hist_salt_ds.png", "data_card/hist_mean_loss.png"}
+    assert with_card["data_card/README.md"].decode().startswith("---\npretty_name: slm_assist salt_ds selection")
+    assert with_card["README.md"].decode() == card.replace("REPO_ID", "my-org/salt")
+    assert not any(f.startswith("data_card/") for f in without)
+    assert "Selected pretraining subset" not in without["README.md"].decode()
+    assert (f"note: distill.selection={sel / 'index.npy'}: no README.md dataset card there"
+            in capsys.readouterr().err)
+
+
 def test_missing_token_is_a_clear_error(exported, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no token saved by `hf auth login` either

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.score import main, shard_rows
-from data_tools.score_math import score_logits
+from data_tools.score import ScoreConfig, main, shard_rows
+from data_tools.score_math import SCORE_COLUMNS, score_logits, token_stats
 from data_tools.softlabels import sampled_labels, sequence_generator
-from slm_assist.core.errors import UserError
+from slm_assist.core.config import load_config
+from slm_assist.core.errors import ConfigError, UserError
 from slm_assist.core.faults import FAULT_ENV
 from slm_assist.core.scores import SoftLabelCache
 
@@ -22,7 +23,7 @@ from .conftest import REPO, run_module
 def _hand_scores(logits: torch.Tensor, ids: torch.Tensor, k: int) -> list[dict[str, float]]:
     out = []
     for b in range(logits.shape[0]):
-        losses, ents, learn, top1 = [], [], [], []
+        losses, ents, learn, top1, conf_wrong = [], [], [], [], []
         for t in range(logits.shape[1] - 1):
             z = logits[b, t].double().tolist()
             m = max(z)
@@ -34,12 +35,13 @@ def _hand_scores(logits: torch.Tensor, ids: torch.Tensor, k: int) -> list[dict[s
             rank = sum(1 for v in z if v > z[y])
             learn.append(rank < k)
             top1.append(rank == 0)
+            conf_wrong.append(max(p) >= 0.5 and rank > 0)
         learn_losses = [x for x, keep in zip(losses, learn) if keep]
         out.append({
             "mean_loss": sum(losses) / len(losses), "median_loss": statistics.median(losses),
             "salt_ds": statistics.median(learn_losses) if learn_losses else float("nan"),
             "learnable_frac": sum(learn) / len(learn), "mean_entropy": sum(ents) / len(ents),
-            "top1_acc": sum(top1) / len(top1),
+            "top1_acc": sum(top1) / len(top1), "confident_wrong": sum(conf_wrong) / len(conf_wrong),
         })
     return out
 
@@ -54,6 +56,7 @@ def test_scores_match_hand_computation():
         logits[2, t, ids[2, t + 1]] = logits[2, t].min() - 1.0
     got = score_logits(logits, ids, k, chunk_bytes=2 * (T - 1) * V * 4)  # chunks of 2 sequences
     whole = score_logits(logits, ids, k, chunk_bytes=1 << 30)
+    assert set(got) == set(SCORE_COLUMNS) == set(_hand_scores(logits[:1], ids[:1], k)[0])
     for name in got:
         torch.testing.assert_close(got[name], whole[name], equal_nan=True)
     for b, want in enumerate(_hand_scores(logits, ids, k)):
@@ -63,6 +66,49 @@ def test_scores_match_hand_computation():
             else:
                 assert got[name][b].item() == pytest.approx(value, rel=1e-5, abs=1e-6), (b, name)
     assert got["learnable_frac"][2] == 0 and math.isnan(got["salt_ds"][2])
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.3, 0.5, 0.9, 1.0])
+def test_confident_wrong_matches_softmax_and_argmax(threshold):
+    """confident_wrong = top-1 probability >= threshold and target != argmax, against a float64 softmax."""
+    g = torch.Generator().manual_seed(1)
+    B, T, V = 4, 65, 50
+    logits = torch.randn(B, T, V, generator=g) * torch.linspace(0.5, 6, B).view(B, 1, 1)  # flat to peaked
+    ids = torch.randint(0, V, (B, T), generator=g)
+    ids[:, 1::3] = logits[:, :-1:3].argmax(-1)  # a third of the targets are the top-1: never flagged
+    p = torch.softmax(logits[:, :-1].double(), -1)
+    p1, top = p.max(-1)
+    want = (p1 >= threshold) & (top != ids[:, 1:])
+    assert not ((p1 - threshold).abs() < 1e-6).any()  # no position within float32 noise of the threshold
+    got = token_stats(logits[:, :-1], ids[:, 1:], k=5, confident=threshold)["confident_wrong"]
+    assert torch.equal(got, want)
+    if threshold == 0.5:
+        assert 0 < want.sum() < want.numel()  # both kinds of position occur
+    scores, plain = score_logits(logits, ids, 5, confident=threshold), score_logits(logits, ids, 5)
+    torch.testing.assert_close(scores["confident_wrong"], want.double().mean(-1).float())
+    for c in (c for c in SCORE_COLUMNS if c != "confident_wrong"):  # the threshold changes no other column
+        torch.testing.assert_close(scores[c], plain[c], rtol=0, atol=0, equal_nan=True)
+
+
+def test_confident_wrong_threshold_edges():
+    """Exactly at the threshold counts as confident; a tie with the top-1 is not wrong."""
+    neg = -1e4  # exp underflows to exactly 0 in fp32: the top-1 probabilities below are exact
+    logits = torch.tensor([[[0.0, 0.0, neg], [0.0, 0.0, neg], [0.0, neg, neg], [0.0, neg, neg]]])
+    targets = torch.tensor([[2, 1, 1, 0]])  # p1 = .5 wrong, p1 = .5 tied with the target, p1 = 1 wrong, right
+
+    def flags(t):
+        return token_stats(logits, targets, k=1, confident=t)["confident_wrong"][0].tolist()
+
+    assert flags(0.5) == [True, False, True, False]
+    assert flags(0.5000001) == [False, False, True, False]
+    assert flags(1.0) == [False, False, True, False]
+    assert flags(0.4999999) == [True, False, True, False]
+
+
+@pytest.mark.parametrize("value", ["0", "-0.1", "1.5"])
+def test_confident_threshold_is_validated(value):
+    with pytest.raises(ConfigError, match=rf"confident_threshold: expected in \(0, 1\], got {value}"):
+        load_config(ScoreConfig, None, [f"confident_threshold={value}"])
 
 
 def test_shards_cover_rows_in_whole_batches():
@@ -230,6 +276,7 @@ def test_reference_model_adds_ref_mean_loss(tiny_data, tiny_slm, single, tmp_pat
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["ref_model_fingerprint"] == manifest["model_fingerprint"] and manifest["topk"] == 10
+    assert manifest["confident_threshold"] == 0.5 and "confident_wrong" in manifest["columns"]
 
 
 def test_bad_model_dir_and_cache_index(tiny_data, tiny_slm, tmp_path):

@@ -1,6 +1,7 @@
 """The selection (written by `data_tools.select`): `index.npy`, sorted unique int64 sequence indices into the
-train split, and `selection.json`, its summary (policy, kept, total, config). The one place that reads and
-writes them."""
+train split; `selection.json`, its summary (policy, kept, total, config; `flagged` with max_confident_wrong); and
+`README.md`, its Hugging Face dataset card, with the `hist_*.png` figures it links. The one place that reads and
+writes the index and summary, and that names the card's files."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from slm_assist.core.errors import UserError
 
 INDEX = "index.npy"
 SUMMARY = "selection.json"
+CARD = "README.md"
+FIGURES = "hist_*.png"  # the score histograms that the card and report.md link
 
 
 def write_selection(out_dir: Path, index: np.ndarray, summary: dict[str, Any]) -> None:
@@ -41,10 +44,25 @@ def read_index(path: str | Path, n_rows: int, field: str) -> np.ndarray:
     return np.unique(idx)
 
 
+def selection_dir(index_path: str | Path) -> Path:
+    """The data_tools.select output directory of an index (`distill.selection` may name either; for a path that is
+    gone, a `.npy` name is taken as the index file)."""
+    p = Path(index_path)
+    return p.parent if p.is_file() or (not p.is_dir() and p.suffix == ".npy") else p
+
+
+def card_files(index_path: str | Path) -> list[Path] | None:
+    """The dataset card written next to an index, then the figures it links; None when there is no card (the
+    selection was moved or deleted, or written before select wrote cards)."""
+    d = selection_dir(index_path)
+    if not (d / CARD).is_file():
+        return None
+    return [d / CARD, *sorted(d.glob(FIGURES))]
+
+
 def read_summary(index_path: str | Path) -> dict[str, Any] | None:
     """The summary written next to an index, or None when the index came from elsewhere."""
-    p = Path(index_path)
-    path = (p if p.is_dir() else p.parent) / SUMMARY
+    path = selection_dir(index_path) / SUMMARY
     if not path.is_file():
         return None
     try:
