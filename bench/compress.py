@@ -37,11 +37,11 @@ import numpy as np
 import torch
 import yaml
 
-from data_tools.corpus import CorpusConfig, read_documents
+from data_tools.corpus import CorpusConfig, joined_documents, read_documents, write_jsonl
 from data_tools.pack import is_validation_doc
 from slm_assist.core.dataset import read_manifest
 from slm_assist.eval import cloze_accuracy, dataset_loss, inference_speed, load_model
-from slm_assist.training.metrics import read_metrics
+from slm_assist.training.metrics import mean_se, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "corpora"
@@ -69,33 +69,6 @@ def run(*cmd: str) -> None:
     subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True)
 
 
-def _write_docs(path: Path, docs: list[str]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    tmp.replace(path)
-
-
-def _take(paths: list[Path], chars: int, doc_chars: int = 2000) -> list[str]:
-    """The first `chars` characters of the corpora, taken from each in turn (one domain mix). The corpus files
-    split at every blank line; runs of consecutive paragraphs are joined back into documents of about `doc_chars`,
-    so that cloze items have context and the validation split holds whole passages."""
-    readers = [read_documents(CorpusConfig(paths=[str(p)])) for p in paths]
-    out, total = [], 0
-    while total < chars and readers:
-        for r in list(readers):
-            parts: list[str] = []
-            for para in r:
-                parts.append(para)
-                if sum(map(len, parts)) >= doc_chars:
-                    break
-            else:
-                readers.remove(r)
-            if parts:
-                out.append("\n\n".join(parts))
-                total += len(out[-1])
-    return out
-
-
 def _train_docs(jsonl: Path, data: Path) -> list[str]:
     """The documents pack put in the train split (the same order-independent hash split it used)."""
     m = read_manifest(data)
@@ -109,13 +82,13 @@ def prepare_data(p: dict, work: Path) -> dict[str, Path]:
     d = {k: work / k for k in ("general", "task", "mixed")}
     pack = [str(REPO / "configs/demo/data.yaml"), "overwrite=true", f"pack.seq_len={p['seq']}"]
     if not (d["general"] / "manifest.json").is_file():
-        _write_docs(work / "general.jsonl", _take([CORPORA / "train_pydoc.txt.gz", CORPORA / "train_linuxdoc.txt.gz"],
+        write_jsonl(work / "general.jsonl", joined_documents([CORPORA / "train_pydoc.txt.gz", CORPORA / "train_linuxdoc.txt.gz"],
                                                  p["general_chars"]))
         run("data_tools.pack", *pack, f"out_dir={d['general']}", f"corpus.paths=[{work / 'general.jsonl'}]",
             f"tokenizer.vocab_size={p['vocab']}", "pack.val_fraction=0.02")
     tok = f"tokenizer.path={d['general'] / 'tokenizer'}"
     if not (d["task"] / "manifest.json").is_file():
-        _write_docs(work / "task.jsonl", _take([CORPORA / "train_perldoc.txt.gz"], p["task_chars"]))
+        write_jsonl(work / "task.jsonl", joined_documents([CORPORA / "train_perldoc.txt.gz"], p["task_chars"]))
         run("data_tools.pack", *pack, f"out_dir={d['task']}", f"corpus.paths=[{work / 'task.jsonl'}]", tok,
             f"pack.val_fraction={p['task_val']}")
     if not (d["mixed"] / "manifest.json").is_file():
@@ -130,7 +103,7 @@ def prepare_data(p: dict, work: Path) -> dict[str, Path]:
                 break
             picked.append(general[i])
             total += len(general[i])
-        _write_docs(work / "mixed.jsonl", [x for pair in zip(picked, task) for x in pair] + picked[len(task):]
+        write_jsonl(work / "mixed.jsonl", [x for pair in zip(picked, task) for x in pair] + picked[len(task):]
                     + task[len(picked):])
         run("data_tools.pack", *pack, f"out_dir={d['mixed']}", f"corpus.paths=[{work / 'mixed.jsonl'}]", tok,
             "pack.val_fraction=0.02")
@@ -231,11 +204,6 @@ def evaluate(model_dir: Path, p: dict, d: dict, cache: dict) -> dict:
     return cache[key]
 
 
-def _mean_se(xs: list[float]) -> tuple[float, float | None]:
-    a = np.asarray(xs, dtype=float)
-    return float(a.mean()), (float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else None)
-
-
 def _z(better: dict, worse: dict) -> float | None:
     """(worse - better) task loss / the difference's standard error; positive = `better` really is lower."""
     if better["task_val_loss_se"] is None or worse["task_val_loss_se"] is None:
@@ -252,18 +220,18 @@ def teacher_flops(recipe: str, p: dict, teacher_params: int) -> float:
 
 def summarise(runs: dict[str, dict[int, dict]], teacher: dict, p: dict, recipes: dict[str, str]) -> dict:
     arms = {}
-    scratch_mean = _mean_se([r["task_val_loss"] for r in runs["scratch"].values()])[0]
+    scratch_mean = mean_se([r["task_val_loss"] for r in runs["scratch"].values()])[0]
     gap = scratch_mean - teacher["task_val_loss"]
     for arm, by_seed in runs.items():
         losses = [r["task_val_loss"] for r in by_seed.values()]
-        mean, se = _mean_se(losses)
+        mean, se = mean_se(losses)
         gaps = [(scratch_mean - x) / gap for x in losses] if gap > 0 else []
         arms[arm] = {"n_seeds": len(losses), "task_val_loss_mean": mean, "task_val_loss_se": se,
-                     "gap_recovered_mean": _mean_se(gaps)[0] if gaps else None,
-                     "gap_recovered_se": _mean_se(gaps)[1] if gaps else None,
-                     "cloze_acc_mean": _mean_se([r["cloze_acc"] for r in by_seed.values()])[0],
-                     "cloze_acc_se": _mean_se([r["cloze_acc"] for r in by_seed.values()])[1],
-                     "general_val_loss_mean": _mean_se([r["general_val_loss"] for r in by_seed.values()])[0],
+                     "gap_recovered_mean": mean_se(gaps)[0] if gaps else None,
+                     "gap_recovered_se": mean_se(gaps)[1] if gaps else None,
+                     "cloze_acc_mean": mean_se([r["cloze_acc"] for r in by_seed.values()])[0],
+                     "cloze_acc_se": mean_se([r["cloze_acc"] for r in by_seed.values()])[1],
+                     "general_val_loss_mean": mean_se([r["general_val_loss"] for r in by_seed.values()])[0],
                      "params": next(iter(by_seed.values()))["params"],
                      "teacher_flops": teacher_flops(recipes[arm], p, teacher["params"]),
                      "pilot": len(losses) < 3, "per_seed": by_seed}

@@ -12,6 +12,7 @@ from typing import Literal
 
 from slm_assist.core.config import check
 from slm_assist.core.errors import UserError
+from slm_assist.core.files import atomic_write_text
 
 
 @dataclass
@@ -154,3 +155,31 @@ def read_documents(cfg: CorpusConfig) -> Iterator[str]:
                 return
     if count == 0:
         raise UserError(f"empty corpus: no document with >= {cfg.min_chars} characters in {', '.join(map(str, paths))}")
+
+
+def joined_documents(paths: list[Path], chars: float = float("inf"), doc_chars: int = 2000) -> list[str]:
+    """About the first `chars` characters of blank-line separated corpora, taken from each in turn (one domain
+    mix), as documents of about `doc_chars`: files that split at every blank line (paragraphs) are joined back
+    into runs of consecutive paragraphs, so that cloze items have context and a validation split by document
+    holds whole passages."""
+    readers = [read_documents(CorpusConfig(paths=[str(p)])) for p in paths]
+    out: list[str] = []
+    total = 0
+    while total < chars and readers:
+        for r in list(readers):
+            parts: list[str] = []
+            for para in r:
+                parts.append(para)
+                if sum(map(len, parts)) >= doc_chars:
+                    break
+            else:
+                readers.remove(r)
+            if parts:
+                out.append("\n\n".join(parts))
+                total += len(out[-1])
+    return out
+
+
+def write_jsonl(path: Path, docs: list[str]) -> None:
+    """Documents as a jsonl corpus (`{"text": ...}` per line), written atomically."""
+    atomic_write_text(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from slm_assist.core.errors import UserError
 from slm_assist.core.files import atomic_write_text
 
@@ -124,3 +126,9 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
             return s0 + (l0 - target) / (l0 - loss) * (step - s0)
         prev = (step, loss)
     return None
+
+
+def mean_se(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error (sample std / sqrt(n)) of per-seed figures; the SE is None for one seed."""
+    a = np.asarray(xs, dtype=float)
+    return float(a.mean()), (float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else None)
