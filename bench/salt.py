@@ -1,25 +1,29 @@
-"""SALT benchmark (issue 4): does a small LM's help make the larger LM reach its baseline quality in fewer steps?
+"""SALT benchmark (issue 13): does a small LM's help make the larger LM reach its baseline's quality in fewer steps,
+which of the seed papers' levers add to it, and does it hold over seeds and corpora?
 
-Every arm trains the same LLM, from the same seed, on the same data order and token budget:
+Every run trains the same LLM on the same token budget; the seed sets model init and data order. Two phases:
 
-  baseline        CE only
-  salt            (1 - w)·CE + w·KD(SLM) for the first n_KD = 20% of steps (SALT's step schedule), then CE
-  salt_ds         salt, with KD-phase batches from the SALT_DS-selected subset (data_tools.score + select)
-  salt_gating     salt, KD only on tokens whose target is in the SLM's top-k (beyond the paper)
-  salt_handover   salt, the KD phase ends once the LLM beats the SLM on a fixed validation batch (beyond the paper)
-  ls_control      the same schedule with a label-smoothed one-hot instead of the SLM's distribution: the part of
-                  SALT's effect that is regularisation, not the SLM's knowledge
+  screen   every arm below, seed 0, on train_pydoc (one seed: a pilot, labelled so)
+  confirm  baseline, salt, ls_control and the screen's best levers (the top two alone and the best compatible
+           combination), seeds 0..2 on train_pydoc and train_linuxdoc
 
-Reported per arm: the validation-loss curve, final validation loss, the fraction of the baseline's steps it
-needs to reach the baseline's final validation loss, loss on an out-of-domain corpus and last-word cloze accuracy
-on held-out documents. Also the step where the baseline overtakes the SLM (the paper's regime needs it well
-inside the run), the KD step-time ratio (online and cached) next to the FLOP limit 1 + N_slm / (3·N_llm), and the
-KD loss's peak memory ÷ CE-only (bench/kd_overhead.py).
+Arms: baseline (CE); salt (the paper: forward KL, tau 1, w 0.667 for the first 20% of steps); ls_control (the
+same schedule with a label-smoothed one-hot instead of the SLM: the part that is regularisation); salt_ds (KD
+phase on the SALT_DS subset); gate_topk / gate_confidence (token gating); handover; ensemble_mean /
+ensemble_vote (three SLMs of different seeds); curriculum (KD phase easy to hard by SLM loss); cl_filter (KD
+phase without the 10% most confidently-wrong sequences); z_loss; tau / w / n_KD sweeps; KD kinds at the best w.
 
-    python bench/salt.py            # full profile (~80 min on 2 CPU cores) -> bench/results/salt.json
-    python bench/salt.py --quick    # <= 10 min test-scale profile; it breaks the paper's regime and says so
+Reported per corpus and arm: the fraction of the baseline's steps needed to reach the baseline's final validation
+loss (per seed, then mean ± standard error), final and OOD validation loss (train_perldoc), last-word cloze
+accuracy (>= 1000 held-out items), and z against SALT (paired by seed). The paper's regime is checked: the
+baseline must overtake the SLM within the first 60% of the run, or the benchmark exits non-zero.
 
-Finished runs are reused on a rerun (the trainer resumes them); --fresh starts the profile from scratch.
+    python bench/salt.py            # full profile (~6 CPU-hours on 2 cores) -> bench/results/salt.json
+    python bench/salt.py --quick    # <= 10 min, test scale
+    python bench/salt.py --phase screen   # only the screen; a later run adds the confirm phase
+
+Finished runs and their evaluations are reused (a killed run resumes from its checkpoint), so the sweep may span
+sessions; --seeds N adds seeds to the confirm phase; --fresh starts the profile over.
 """
 
 from __future__ import annotations
@@ -36,38 +40,70 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_tools.corpus import joined_documents, write_jsonl
 from slm_assist.core.dataset import load_split, read_manifest
+from slm_assist.core.scores import ScoresDir
 from slm_assist.eval import cloze_accuracy, dataset_loss, load_model
-from slm_assist.training.metrics import read_metrics, steps_to_reach, val_curve
+from slm_assist.training.metrics import mean_se, steps_to_reach, val_curve
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "corpora"
+MAIN_CORPORA = {"pydoc": CORPORA / "train_pydoc.txt.gz", "linuxdoc": CORPORA / "train_linuxdoc.txt.gz"}
+OOD_CORPUS = CORPORA / "train_perldoc.txt.gz"
+GOAL = 0.65  # steps fraction the best recipe must reach, mean over seeds, on both corpora
+REGIME = 0.6  # the baseline must overtake the SLM within this fraction of the run
 
-ARM_NAMES = ("baseline", "salt", "salt_ds", "salt_gating", "salt_handover", "ls_control")
-
+_SLM = dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3)
 PROFILES = {
-    # The paper's regime: the SLM (0.37M) is much weaker per step than the LLM (5.8M), so the baseline LLM
-    # overtakes it early; DESIGN.md's reference run had the same 4k vocab, seq 256, batch 8 on train_pydoc.
-    "full": dict(corpus=CORPORA / "train_pydoc.txt.gz", ood=CORPORA / "train_perldoc.txt.gz", vocab=4096, seq=256,
-                 batch=8, steps=1200, warmup=50, eval_every=50, eval_batches=16, cloze=500, ood_rows=256,
-                 slm=dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3),
-                 llm=dict(hidden_size=256, num_layers=6, num_heads=4, ffn_size=688, lr=2e-3),
-                 kd_rounds=4, kd_steps=4),
-    # Test scale: every arm and figure in a few minutes. Too short for the LLM to overtake the SLM.
-    "quick": dict(corpus=None, ood=CORPORA / "train_perldoc.txt.gz", vocab=2048, seq=128, batch=8, steps=150,
-                  warmup=15, eval_every=25, eval_batches=8, cloze=100, ood_rows=64,
-                  slm=dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3),
-                  llm=dict(hidden_size=128, num_layers=4, num_heads=4, ffn_size=344, lr=3e-3),
-                  kd_rounds=2, kd_steps=2),
+    # 3.4M-param LLM, 800 steps of 8 x 256 tokens (1.6M tokens): ~6 min a run, 51 runs in ~6 h. The SLM (0.37M)
+    # trains half the LLM's steps, so the baseline overtakes it early: the paper's regime by construction.
+    "full": dict(vocab=4096, seq=256, batch=8, steps=800, warmup=40, eval_every=40, eval_batches=16,
+                 corpus_chars=12_000_000, val_fraction=0.08, ood_chars=2_000_000, cloze=1000, ood_rows=256, seeds=3, ensemble=3,
+                 slm=_SLM, slm_steps=400, llm=dict(hidden_size=192, num_layers=6, num_heads=3, ffn_size=512, lr=2e-3),
+                 singles=2, combo=3, kd_rounds=4, kd_steps=4),
+    # Test scale: every arm, phase and figure in a few minutes; the figures say nothing about SALT.
+    "quick": dict(vocab=1024, seq=64, batch=8, steps=40, warmup=4, eval_every=10, eval_batches=4,
+                  corpus_chars=250_000, val_fraction=0.2, ood_chars=100_000, cloze=50, ood_rows=32, seeds=2, ensemble=2,
+                  slm=dict(_SLM, hidden_size=32, ffn_size=86), slm_steps=20,
+                  llm=dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3),
+                  singles=1, combo=2, kd_rounds=1, kd_steps=2),
 }
-KD = dict(weight=0.667, n_kd_fraction=0.2, gate_topk=8, seed=0)
+FIXED = ("baseline", "salt", "ls_control")  # in every table; the rest are levers
 
 
-def check_profiles() -> None:
-    """Every profile's last step is an evaluation, so the final validation loss is the run's end point."""
-    for name, p in PROFILES.items():
-        if p["steps"] % p["eval_every"]:
-            sys.exit(f"error: profile {name}: steps={p['steps']} is not a multiple of eval_every={p['eval_every']}")
+def salt(c: dict, **extra) -> dict:
+    """The paper's recipe (SALT's step schedule, forward KL at tau 1) plus `extra` settings."""
+    return {"distill.teacher": c["slm"], "distill.schedule.kind": "step", "distill.schedule.weight": 0.667,
+            "distill.schedule.n_kd_fraction": 0.2, **extra}
+
+
+ARMS = {
+    "baseline": lambda c: {},
+    "salt": lambda c: salt(c),
+    "ls_control": lambda c: {**{k: v for k, v in salt(c).items() if k != "distill.teacher"},
+                             "distill.label_smoothing": c["eps"]},
+    "salt_ds": lambda c: salt(c, **{"distill.selection": c["select"]["salt_ds"]}),
+    "gate_topk": lambda c: salt(c, **{"distill.gate_topk": 8}),
+    "gate_confidence": lambda c: salt(c, **{"distill.gate_confidence": 0.5}),
+    "handover": lambda c: salt(c, **{"distill.handover_every": c["p"]["eval_every"] // 2}),
+    "ensemble_mean": lambda c: salt(c, **{"distill.ensemble_teachers": c["ensemble"]}),
+    "ensemble_vote": lambda c: salt(c, **{"distill.ensemble_teachers": c["ensemble"],
+                                          "distill.ensemble_combine": "vote"}),
+    "curriculum": lambda c: salt(c, **{"distill.curriculum": "mean_loss", "distill.curriculum_scores": c["scores"]}),
+    "cl_filter": lambda c: salt(c, **{"distill.selection": c["select"]["cl"]}),
+    "z_loss": lambda c: salt(c, **{"train.z_loss": 1e-4}),
+    "tau_0.5": lambda c: salt(c, **{"distill.tau": 0.5}),
+    "tau_2": lambda c: salt(c, **{"distill.tau": 2.0}),
+    "w_0.5": lambda c: salt(c, **{"distill.schedule.weight": 0.5}),
+    "w_0.8": lambda c: salt(c, **{"distill.schedule.weight": 0.8}),
+    "n_kd_0.1": lambda c: salt(c, **{"distill.schedule.n_kd_fraction": 0.1}),
+    "n_kd_0.3": lambda c: salt(c, **{"distill.schedule.n_kd_fraction": 0.3}),
+    # the KD kinds at the w that screened best (the w arms run first)
+    "kind_reverse_kl": lambda c: salt(c, **{"distill.kind": "reverse_kl", "distill.schedule.weight": c["best_w"]}),
+    "kind_jsd": lambda c: salt(c, **{"distill.kind": "jsd", "distill.schedule.weight": c["best_w"]}),
+    "kind_nkd": lambda c: salt(c, **{"distill.kind": "nkd", "distill.schedule.weight": c["best_w"]}),
+}
+W_ARMS = {"salt": 0.667, "w_0.5": 0.5, "w_0.8": 0.8}
 
 
 def run(*cmd: str) -> None:
@@ -75,42 +111,39 @@ def run(*cmd: str) -> None:
     subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True)
 
 
-def prepare_data(p: dict, work: Path) -> tuple[Path, Path | None, Path]:
-    """Main corpus packed with a fresh tokenizer; the OOD corpus packed with that tokenizer; a cloze set."""
-    data, ood, cloze = work / "data", work / "ood", work / "cloze.jsonl"
-    corpus = [str(p["corpus"])] if p["corpus"] and p["corpus"].is_file() else []
-    if not (data / "manifest.json").is_file():
-        run("data_tools.pack", str(REPO / "configs/demo/data.yaml"), f"out_dir={data}", "overwrite=true",
-            f"corpus.paths={json.dumps(corpus)}", f"tokenizer.vocab_size={p['vocab']}", f"pack.seq_len={p['seq']}")
-    if p["ood"].is_file() and not (ood / "manifest.json").is_file():
-        run("data_tools.pack", str(REPO / "configs/demo/data.yaml"), f"out_dir={ood}", "overwrite=true",
-            f"corpus.paths={json.dumps([str(p['ood'])])}", f"tokenizer.path={data / 'tokenizer'}",
-            f"pack.seq_len={p['seq']}", "pack.val_fraction=0.1")
-    if not cloze.is_file():
-        run("data_tools.cloze", str(data), str(cloze), "--examples", str(p["cloze"]))
-    return data, (ood if p["ood"].is_file() else None), cloze
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+# ---- per-corpus setup: data, SLMs, scores, selections ---------------------------------------------------------
 
 def model_overrides(size: dict, p: dict) -> list[str]:
     return [f"model.{k}={v}" for k, v in size.items() if k != "lr"] + [
         f"optim.lr={size['lr']}", f"model.max_position_embeddings={p['seq']}"]
 
 
-def train(name: str, p: dict, work: Path, data: Path, size: dict, extra: list[str]) -> tuple[Path, float]:
-    """Train one arm (or reuse its finished run); returns the run dir and the wall time its training took."""
-    run_dir, walls_file = work / name, work / "wall_s.json"
-    walls = json.loads(walls_file.read_text()) if walls_file.is_file() else {}
-    if (run_dir / "final" / "config.json").is_file() and name in walls:
-        return run_dir, walls[name]
+def train(run_dir: Path, p: dict, data: Path, size: dict, steps: int, seed: int, extra: dict) -> float:
+    """Train one run (or reuse it when finished); returns the wall time its training took."""
+    walls_file = run_dir.parent.parent / "wall_s.json"
+    walls, key = _json(walls_file), f"{run_dir.parent.name}/{run_dir.name}"
+    if (run_dir / "final" / "config.json").is_file() and key in walls:
+        return walls[key]
     t0 = time.time()
+    sets = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in extra.items()]
     run("slm_assist.train", str(REPO / "configs/demo/llm.yaml"), f"run_dir={run_dir}", f"data.path={data}",
-        f"seed={KD['seed']}", f"train.max_steps={p['steps']}", f"train.micro_batch_size={p['batch']}",
+        f"seed={seed}", f"data.seed={seed}", f"train.max_steps={steps}", f"train.micro_batch_size={p['batch']}",
         f"train.eval_every={p['eval_every']}", f"train.eval_batches={p['eval_batches']}",
-        f"schedule.warmup_steps={p['warmup']}", f"checkpoint.every={p['steps'] // 4}",
-        *model_overrides(size, p), *extra)
-    walls[name] = round(time.time() - t0, 1)
-    walls_file.write_text(json.dumps(walls, indent=1) + "\n")
-    return run_dir, walls[name]
+        f"schedule.warmup_steps={p['warmup']}", f"checkpoint.every={steps // 4}", *model_overrides(size, p), *sets)
+    walls = _json(walls_file)  # re-read: another corpus's runs do not share this file, but stay safe
+    walls[key] = round(time.time() - t0, 1)
+    _save(walls_file, walls)
+    return walls[key]
 
 
 @torch.inference_mode()
@@ -123,167 +156,356 @@ def mean_target_prob(model_dir: Path, data: Path, rows: int = 64) -> float:
     return logp.gather(-1, ids[:, 1:, None]).exp().mean().item()
 
 
-def evaluate(model_dir: Path, data: Path, ood: Path | None, cloze: Path, p: dict) -> dict:
-    model, tok = load_model(model_dir, torch.device("cpu"))
-    out = {"full_val_loss": dataset_loss(model, tok, data)["loss"]}
-    c = cloze_accuracy(model, tok, cloze)
-    out.update(cloze_acc=c["accuracy"], cloze_target_logprob=c["mean_target_logprob"])
-    if ood is not None:
-        out["ood_val_loss"] = dataset_loss(model, tok, ood, max_rows=p["ood_rows"])["loss"]
+def prepare(corpus: str, p: dict, work: Path) -> dict:
+    """The corpus packed (its own tokenizer, ~2000-char documents), the OOD corpus with that tokenizer, a cloze set
+    from held-out documents, the SLM and its ensemble partners, the SLM's scores and the two KD-phase subsets."""
+    w = work / corpus
+    w.mkdir(parents=True, exist_ok=True)
+    data, ood, cloze = w / "data", w / "ood", w / "cloze.jsonl"
+    pack = [str(REPO / "configs/demo/data.yaml"), "overwrite=true", f"pack.seq_len={p['seq']}"]
+    if not (data / "manifest.json").is_file():
+        write_jsonl(w / "corpus.jsonl", joined_documents([MAIN_CORPORA[corpus]], p["corpus_chars"]))
+        run("data_tools.pack", *pack, f"out_dir={data}", f"corpus.paths=[{w / 'corpus.jsonl'}]",
+            f"tokenizer.vocab_size={p['vocab']}", f"pack.val_fraction={p['val_fraction']}")
+    if not (ood / "manifest.json").is_file():
+        write_jsonl(w / "ood.jsonl", joined_documents([OOD_CORPUS], p["ood_chars"]))
+        run("data_tools.pack", *pack, f"out_dir={ood}", f"corpus.paths=[{w / 'ood.jsonl'}]",
+            f"tokenizer.path={data / 'tokenizer'}", "pack.val_fraction=0.1")
+    if not cloze.is_file():
+        run("data_tools.cloze", str(data), str(cloze), "--examples", str(p["cloze"]))
+    n = sum(1 for _ in cloze.open())
+    if n < p["cloze"]:
+        sys.exit(f"error: {cloze}: only {n} cloze items from the held-out documents, fewer than {p['cloze']}")
+    slms = [w / "slm" / f"seed{s}" for s in range(p["ensemble"])]
+    for s, d in enumerate(slms):
+        train(d, p, data, p["slm"], p["slm_steps"], s, {})
+    scores, select = w / "scores", {"salt_ds": w / "select_salt_ds", "cl": w / "select_cl"}
+    if not (scores / "manifest.json").is_file():
+        run("data_tools.score", str(REPO / "configs/demo/score.yaml"), f"model={slms[0] / 'final'}", f"data={data}",
+            f"out_dir={scores}", "overwrite=true")
+    if not (select["salt_ds"] / "index.npy").is_file():
+        run("data_tools.select", str(REPO / "configs/demo/select.yaml"), f"scores={scores}",
+            f"out_dir={select['salt_ds']}", "overwrite=true")
+    flags = ScoresDir.open(scores, "scores").columns()["confident_wrong"]
+    cl_cut = float(np.percentile(flags, 90))  # the 10% most confidently-wrong sequences are left out
+    if not (select["cl"] / "index.npy").is_file():
+        run("data_tools.select", str(REPO / "configs/demo/select.yaml"), f"scores={scores}", f"out_dir={select['cl']}",
+            "overwrite=true", "policy=random", "fraction=1.0", f"max_confident_wrong={cl_cut:.6f}")
+    eps_file = w / "ls_eps.json"
+    if not eps_file.is_file():
+        _save(eps_file, {"eps": round(1 - mean_target_prob(slms[0] / "final", data), 3)})
+    return {"corpus": corpus, "p": p, "work": w, "data": data, "ood": ood, "cloze": cloze,
+            "slm": str(slms[0] / "final"), "slm_dir": slms[0], "ensemble": [str(d / "final") for d in slms[1:]],
+            "scores": str(scores), "select": {k: str(v / "index.npy") for k, v in select.items()},
+            "cl_cut": cl_cut, "cl_flagged": _json(select["cl"] / "selection.json").get("flagged"),
+            "eps": _json(eps_file)["eps"], "best_w": 0.667}
+
+
+# ---- runs and their figures ------------------------------------------------------------------------------------
+
+def evaluate(ctx: dict, arm: str, seed: int) -> dict:
+    """Final figures of one run, cached next to the corpus's runs."""
+    cache_file, key = ctx["work"] / "evals.json", f"{arm}/seed{seed}"
+    evals = _json(cache_file)
+    if key not in evals:
+        p, run_dir = ctx["p"], ctx["work"] / arm / f"seed{seed}"
+        model, tok = load_model(run_dir / "final", torch.device("cpu"))
+        evals[key] = {"full_val_loss": dataset_loss(model, tok, ctx["data"])["loss"],
+                      "ood_val_loss": dataset_loss(model, tok, ctx["ood"], max_rows=p["ood_rows"])["loss"],
+                      "cloze_acc": cloze_accuracy(model, tok, ctx["cloze"])["accuracy"]}
+        _save(cache_file, evals)
+    return evals[key]
+
+
+def run_arm(ctx: dict, arm: str, seed: int, overrides: dict) -> None:
+    p = ctx["p"]
+    train(ctx["work"] / arm / f"seed{seed}", p, ctx["data"], p["llm"], p["steps"], seed, overrides)
+    evaluate(ctx, arm, seed)
+
+
+def crossover(ctx: dict, seed: int) -> float | None:
+    """The fraction of the run at which the baseline of `seed` overtakes the SLM's final validation loss."""
+    cross = steps_to_reach(val_curve(ctx["work"] / "baseline" / f"seed{seed}"), val_curve(ctx["slm_dir"])[-1][1])
+    return None if cross is None else cross / ctx["p"]["steps"]
+
+
+def check_regime(ctx: dict, seed: int, profile: str) -> None:
+    """Exit, before more hours are spent, when a baseline run is outside the paper's regime."""
+    frac, slm_final = crossover(ctx, seed), val_curve(ctx["slm_dir"])[-1][1]
+    if profile == "full" and (frac is None or frac > REGIME):
+        sys.exit(f"error: {ctx['corpus']} seed {seed}: the baseline overtakes the SLM (final val loss {slm_final:.3f}) "
+                 + ("never" if frac is None else f"at {frac:.0%} of the run")
+                 + f", outside the paper's regime (<= {REGIME:.0%}); weaken the SLM (slm_steps) or lengthen the run")
+
+
+def runs_of(ctx: dict, arm: str) -> dict[int, dict]:
+    """Per finished seed of `arm`: its curve and evaluation, and the steps fraction against the same seed's
+    baseline final validation loss."""
+    out = {}
+    for d in sorted((ctx["work"] / arm).glob("seed*")):
+        seed = int(d.name[4:])
+        base = ctx["work"] / "baseline" / d.name
+        if not (d / "final" / "config.json").is_file() or not (base / "final" / "config.json").is_file():
+            continue
+        ev = _json(ctx["work"] / "evals.json").get(f"{arm}/{d.name}")
+        if ev is None:
+            continue
+        curve, target = val_curve(d), val_curve(base)[-1][1]
+        reach = steps_to_reach(curve, target)
+        out[seed] = {"final_val_loss": curve[-1][1], "steps_fraction": None if reach is None else reach / ctx["p"]["steps"],
+                     **ev, "wall_s": _json(ctx["work"] / "wall_s.json").get(f"{arm}/{d.name}"), "val_curve": curve}
     return out
 
 
-def plot(curves: dict[str, list], slm_final: float, n_kd: int, crossover: float | None, path: Path,
-         title: str) -> None:
+def paired_z(a: dict[int, dict], b: dict[int, dict], key: str) -> float | None:
+    """z of mean(b - a) over the seeds both have (a positive z: `a` is lower); None below 2 seeds or a missing value."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [b[s][key] - a[s][key] for s in seeds if a[s][key] is not None and b[s][key] is not None]
+    if len(diffs) < 2 or len(diffs) < len(seeds):
+        return None
+    mean, se = mean_se(diffs)
+    return None if not se else mean / se
+
+
+def summarise_arm(by_seed: dict[int, dict], salt_runs: dict[int, dict], base_runs: dict[int, dict]) -> dict:
+    fr = [r["steps_fraction"] for r in by_seed.values()]
+    reached = [f for f in fr if f is not None]
+    sf = mean_se(reached) if len(reached) == len(fr) else (None, None)
+
+    def stat(key: str) -> tuple[float, float | None]:
+        return mean_se([r[key] for r in by_seed.values()])
+
+    return {"n_seeds": len(by_seed), "pilot": len(by_seed) < 3,
+            "steps_fraction_mean": sf[0], "steps_fraction_se": sf[1], "n_reached": len(reached),
+            "final_val_loss_mean": stat("final_val_loss")[0], "final_val_loss_se": stat("final_val_loss")[1],
+            "ood_val_loss_mean": stat("ood_val_loss")[0], "ood_val_loss_se": stat("ood_val_loss")[1],
+            "cloze_acc_mean": stat("cloze_acc")[0], "cloze_acc_se": stat("cloze_acc")[1],
+            "full_val_loss_mean": stat("full_val_loss")[0],
+            "steps_fraction_z_vs_salt": paired_z(by_seed, salt_runs, "steps_fraction"),
+            "final_val_loss_z_vs_salt": paired_z(by_seed, salt_runs, "final_val_loss"),
+            "ood_val_loss_z_vs_baseline": paired_z(by_seed, base_runs, "ood_val_loss"),
+            "per_seed": {str(s): {k: v for k, v in r.items() if k != "val_curve"} for s, r in by_seed.items()}}
+
+
+def _rank_key(a: dict) -> tuple[float, float]:
+    f = a.get("steps_fraction_mean")
+    return (math.inf if f is None else f, a["final_val_loss_mean"])
+
+
+# ---- the confirm plan ------------------------------------------------------------------------------------------
+
+def combine(arms: list[str], ctx: dict) -> dict | None:
+    """SALT with several levers at once (each lever's settings that differ from SALT's), or None when two of them
+    set the same key differently."""
+    base, own = salt(ctx), {}
+    for arm in arms:
+        for k, v in ARMS[arm](ctx).items():
+            if base.get(k) == v:
+                continue
+            if k in own and own[k] != v:
+                return None
+            own[k] = v
+    return {**base, **own}
+
+
+def confirm_plan(screen: dict[str, dict], ctx: dict, p: dict) -> dict:
+    """The levers to confirm: the best `singles` by screened steps fraction, and the largest compatible
+    combination (up to `combo` levers) of the best-ranked ones that beat SALT in the screen."""
+    levers = sorted((a for a in screen if a not in FIXED), key=lambda a: _rank_key(screen[a]))
+    singles = levers[: p["singles"]]
+    salt_key = _rank_key(screen["salt"]) if "salt" in screen else (math.inf, math.inf)
+    chosen: list[str] = []
+    for a in levers:
+        if len(chosen) == p["combo"] or _rank_key(screen[a]) >= salt_key:
+            break
+        if combine(chosen + [a], ctx) is not None:
+            chosen.append(a)
+    return {"singles": singles, "combo": chosen if len(chosen) >= 2 else [], "ranking": levers}
+
+
+def arm_settings(arm: str, ctx: dict) -> dict:
+    if arm.startswith("combo-"):
+        return combine(arm[len("combo-"):].split("+"), ctx)
+    return ARMS[arm](ctx)
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+
+def plot(corpora: dict, ctxs: dict, confirm: list[str], steps: int, n_kd: int, out: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for a in (ax, zoom):
-        for name, curve in curves.items():
-            a.plot(*zip(*curve), label=name, lw=2.2 if name in ("baseline", "salt") else 1.3)
-        a.axhline(slm_final, color="grey", ls=":", label=f"SLM final ({slm_final:.3f})")
-        a.axvline(n_kd, color="k", ls="--", lw=0.8, label=f"end of KD phase (step {n_kd})")
-        if crossover is not None:
-            a.axvline(crossover, color="tab:red", ls=":", lw=0.8, label=f"baseline overtakes SLM ({crossover:.0f})")
-        a.set_xlabel("step")
-        a.set_ylabel("validation loss")
-    start = curves["baseline"][len(curves["baseline"]) // 3]
-    zoom.set_xlim(start[0], curves["baseline"][-1][0] + 5)
-    finals = [c[-1][1] for c in curves.values()]
-    zoom.set_ylim(min(finals) - 0.05, start[1] + 0.05)
-    zoom.set_title("last two thirds")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    names = list(corpora)
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.6), squeeze=False)
+    for ax, corpus in zip(axes[0], names):
+        ctx = ctxs[corpus]
+        for arm in confirm:
+            runs = runs_of(ctx, arm)
+            if not runs:
+                continue
+            steps_axis = [s for s, _ in next(iter(runs.values()))["val_curve"]]
+            ys = np.array([[v for _, v in r["val_curve"]] for r in runs.values()])
+            mean = ys.mean(0)
+            line, = ax.plot(steps_axis, mean, label=f"{arm} ({len(runs)} seeds)", lw=2 if arm in FIXED else 1.3)
+            ax.fill_between(steps_axis, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+        ax.axhline(val_curve(ctx["slm_dir"])[-1][1], color="grey", ls=":", label="SLM final")
+        ax.axvline(n_kd, color="k", ls="--", lw=0.8, label=f"end of KD phase ({n_kd})")
+        c = corpora[corpus]
+        if c.get("crossover_fraction") is not None:
+            ax.axvline(c["crossover_fraction"] * steps, color="tab:red", ls=":", lw=0.8, label="baseline overtakes SLM")
+        base = runs_of(ctx, "baseline")
+        if base:
+            finals = [r["final_val_loss"] for r in base.values()]
+            ax.set_ylim(min(finals) - 0.15, max(finals) + 1.0)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss (mean; band: min-max over seeds)")
+        ax.set_title(f"{title}: {corpus}")
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 0.32 * len(ARMS) + 1.8), squeeze=False)
+    for ax, corpus in zip(axes[0], names):
+        arms = corpora[corpus]["arms"]
+        order = sorted(arms, key=lambda a: _rank_key(arms[a]), reverse=True)
+        vals = [arms[a]["steps_fraction_mean"] or 1.05 for a in order]
+        errs = [arms[a]["steps_fraction_se"] or 0.0 for a in order]
+        colors = ["#9ecae1" if arms[a]["n_seeds"] == 1 else "tab:blue" for a in order]
+        ax.barh(range(len(order)), vals, xerr=errs, color=colors, capsize=3)
+        ax.set_yticks(range(len(order)), [f"{a} (n={arms[a]['n_seeds']})" for a in order], fontsize=7)
+        ax.axvline(GOAL, color="tab:green", ls="--", lw=1, label=f"goal {GOAL}")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("steps to the baseline's final val loss ÷ the baseline's steps")
+        ax.set_title(f"{corpus}: mean ± SE over seeds (pale: 1 seed; 1.05: never reached)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "fractions.png", dpi=110)
     plt.close(fig)
 
 
-def kd_costs(p: dict, work: Path, data: Path, slm: Path, args) -> dict:
+def kd_costs(p: dict, ctx: dict, skip_memory: bool) -> dict:
     """Step-time ratios on this benchmark's LLM + SLM, and the loss-memory ratios at vocab 32k, seq 2048, measured
     by bench/kd_overhead.py in its own process."""
-    out = work / "kd_overhead.json"
-    llm = [f"data.path={data}", f"train.micro_batch_size={p['batch']}", *model_overrides(p["llm"], p)]
-    subprocess.run([sys.executable, str(REPO / "bench" / "kd_overhead.py"), "--rounds", str(p["kd_rounds"]),
-                    "--steps", str(p["kd_steps"]), "--teacher", str(slm), "--work", str(work / "kd_overhead"),
-                    "--out", str(out), *(["--skip-memory"] if args.skip_memory else []),
-                    *[f"--llm={o}" for o in llm], f"--score=data={data}"], cwd=REPO, check=True)
+    out = ctx["work"] / "kd_overhead.json"
+    if not out.is_file():
+        llm = [f"data.path={ctx['data']}", f"train.micro_batch_size={p['batch']}", *model_overrides(p["llm"], p)]
+        subprocess.run([sys.executable, str(REPO / "bench" / "kd_overhead.py"), "--rounds", str(p["kd_rounds"]),
+                        "--steps", str(p["kd_steps"]), "--teacher", ctx["slm"], "--work",
+                        str(ctx["work"] / "kd_overhead"), "--out", str(out), *(["--skip-memory"] if skip_memory else []),
+                        *[f"--llm={o}" for o in llm], f"--score=data={ctx['data']}"], cwd=REPO, check=True)
     res = json.loads(out.read_text())
     st, mem = res["step_time"], res.get("memory", {})
     return {"kd_step_ratio_online": st["kd_step_ratio_online"], "kd_step_ratio_cached": st["kd_step_ratio_cached"],
-            "flop_limit": st["flop_limit"], "kd_step_detail": st,
-            "kd_loss_mem_ratio_chunked": mem.get("salt_fused_131_vs_ce"),
-            "kd_loss_mem_ratio_unchunked": mem.get("kd_unchunked_vs_ce"), "kd_loss_mem_detail": mem}
+            "flop_limit": st["flop_limit"], "kd_loss_mem_ratio_chunked": mem.get("salt_fused_131_vs_ce")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="<= 10 min test-scale profile (breaks the paper's regime)")
-    ap.add_argument("--corpus", default="", help="main corpus (default: ../shared/corpora/train_pydoc.txt.gz when "
-                    "present, else the embedded demo corpus)")
-    ap.add_argument("--ood-corpus", default="", help="out-of-domain corpus (default: train_perldoc.txt.gz)")
-    ap.add_argument("--arms", default=",".join(ARM_NAMES), help="comma-separated subset of " + ",".join(ARM_NAMES))
+    ap.add_argument("--quick", action="store_true", help="<= 10 min test-scale profile")
+    ap.add_argument("--phase", choices=("screen", "confirm", "all"), default="all")
+    ap.add_argument("--seeds", type=int, default=0, help="confirm-phase seeds (default: the profile's, >= 3 full)")
     ap.add_argument("--fresh", action="store_true", help="delete this profile's earlier runs first")
     ap.add_argument("--skip-memory", action="store_true", help="skip the KD-loss memory probes")
-    ap.add_argument("--check", action="store_true", help="only check the profiles (every one ends on an eval)")
+    ap.add_argument("--check", action="store_true", help="only check the profiles")
     args = ap.parse_args()
-    check_profiles()
+    for name, prof in PROFILES.items():
+        if prof["steps"] % prof["eval_every"] or prof["slm_steps"] % prof["eval_every"]:
+            sys.exit(f"error: profile {name}: steps and slm_steps must be multiples of eval_every")
     if args.check:
-        print(f"profiles ok: {', '.join(PROFILES)}")
+        print(f"profiles ok: {', '.join(PROFILES)}; arms: {len(ARMS)}")
         return
     profile = "quick" if args.quick else "full"
-    p = dict(PROFILES[profile])
-    if args.corpus:
-        p["corpus"] = Path(args.corpus)
-    if args.ood_corpus:
-        p["ood"] = Path(args.ood_corpus)
-    arms = [a for a in args.arms.split(",") if a]
-    bad = [a for a in arms if a not in ARM_NAMES]
-    if bad or "baseline" not in arms:
-        sys.exit(f"error: --arms={args.arms}: unknown {bad}" if bad else "error: --arms must include baseline")
-    work = REPO / "runs" / "bench" / f"salt_{profile}"
+    p = PROFILES[profile]
+    seeds = args.seeds or p["seeds"]
+    work = REPO / "runs" / "bench" / f"salt13_{profile}"
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
     t_start = time.time()
 
-    data, ood, cloze = prepare_data(p, work)
-    slm_dir, slm_wall = train("slm", p, work, data, p["slm"], [])
-    slm = slm_dir / "final"
-    scores, select = work / "scores", work / "select"
-    if "salt_ds" in arms and not (select / "index.npy").is_file():
-        run("data_tools.score", str(REPO / "configs/demo/score.yaml"), f"model={slm}", f"data={data}",
-            f"out_dir={scores}", "overwrite=true")
-        run("data_tools.select", str(REPO / "configs/demo/select.yaml"), f"scores={scores}", f"out_dir={select}",
-            "overwrite=true")
-    eps = round(1 - mean_target_prob(slm, data), 3)
-    salt = [f"distill.teacher={slm}", "distill.schedule.kind=step", f"distill.schedule.weight={KD['weight']}",
-            f"distill.schedule.n_kd_fraction={KD['n_kd_fraction']}"]
-    extra = {"baseline": [], "salt": salt, "salt_ds": [*salt, f"distill.selection={select / 'index.npy'}"],
-             "salt_gating": [*salt, f"distill.gate_topk={KD['gate_topk']}"],
-             "salt_handover": [*salt, f"distill.handover_every={p['eval_every'] // 2}"],
-             "ls_control": [f"distill.label_smoothing={eps}", "distill.schedule.kind=step",
-                            f"distill.schedule.weight={KD['weight']}",
-                            f"distill.schedule.n_kd_fraction={KD['n_kd_fraction']}"]}
-    walls = {"slm": slm_wall}
-    for arm in arms:
-        walls[arm] = train(arm, p, work, data, p["llm"], extra[arm])[1]
+    ctxs = {"pydoc": prepare("pydoc", p, work)}
+    screen_ctx = ctxs["pydoc"]
+    for arm in ARMS:  # the screen: seed 0, every arm, in order (the w arms before the kind arms)
+        if arm.startswith("kind_"):
+            w_runs = {a: runs_of(screen_ctx, a).get(0) for a in W_ARMS}
+            done = {a: r for a, r in w_runs.items() if r is not None}
+            if done:
+                best = min(done, key=lambda a: ((done[a]["steps_fraction"] or math.inf), done[a]["final_val_loss"]))
+                screen_ctx["best_w"] = W_ARMS[best]
+        run_arm(screen_ctx, arm, 0, arm_settings(arm, screen_ctx))
+        if arm == "baseline":
+            check_regime(screen_ctx, 0, profile)
+    screen = {a: summarise_arm({0: r[0]}, {}, {}) for a in ARMS if 0 in (r := runs_of(screen_ctx, a))}
+    plan_file = work / "plan.json"
+    if not plan_file.is_file():  # fixed once the screen is complete, so later sessions confirm the same arms
+        _save(plan_file, {**confirm_plan(screen, screen_ctx, p), "best_w": screen_ctx["best_w"]})
+    plan = _json(plan_file)
+    screen_ctx["best_w"] = plan["best_w"]
+    confirm = [*FIXED, *plan["singles"], *([f"combo-{'+'.join(plan['combo'])}"] if plan["combo"] else [])]
 
-    curves = {arm: val_curve(work / arm) for arm in arms}
-    slm_curve = val_curve(slm_dir)
-    base_final = curves["baseline"][-1][1]
-    slm_final = slm_curve[-1][1]
-    crossover = steps_to_reach(curves["baseline"], slm_final)
-    # the quick profile is too short to be the paper's regime whatever its curves do
-    regime_ok = (profile == "full" and crossover is not None and crossover <= 0.6 * p["steps"]
-                 and base_final < slm_final)
-    n_kd = round(KD["n_kd_fraction"] * p["steps"])
-    evals = {name: evaluate(work / name / "final", data, ood, cloze, p) for name in ("slm", *arms)}
+    if args.phase != "screen":
+        ctxs["linuxdoc"] = prepare("linuxdoc", p, work)
+        ctxs["linuxdoc"]["best_w"] = plan["best_w"]
+        for seed in range(seeds):  # seed-major: a sweep cut short still has whole seeds on both corpora
+            for ctx in ctxs.values():
+                for arm in confirm:
+                    run_arm(ctx, arm, seed, arm_settings(arm, ctx))
+                    if arm == "baseline":
+                        check_regime(ctx, seed, profile)
 
-    result_arms = {"slm": {"final_val_loss": slm_final, **evals["slm"], "wall_s": round(walls["slm"], 1)}}
-    for arm in arms:
-        reach = steps_to_reach(curves[arm], base_final)
-        handover = [r["handover_step"] for r in read_metrics(work / arm) if "handover_step" in r]
-        result_arms[arm] = {"final_val_loss": curves[arm][-1][1],
-                            "steps_fraction_to_baseline": None if reach is None else round(reach / p["steps"], 4),
-                            **evals[arm], "wall_s": round(walls[arm], 1),
-                            **({"handover_step": handover[-1]} if handover else {}),
-                            "val_curve": curves[arm]}
-    result = {"profile": profile, "baseline_final_val_loss": base_final, "slm_final_val_loss": slm_final,
-              "crossover_step": crossover, "regime_ok": regime_ok, "arms": result_arms,
-              **kd_costs(p, work, data, slm, args),
-              "corpus": str(p["corpus"]) if p["corpus"] and p["corpus"].is_file() else "<embedded demo corpus>",
-              "ood_corpus": str(p["ood"]) if ood else None, "data_manifest": read_manifest(data),
-              "token_budget": p["steps"] * p["batch"] * p["seq"], "steps": p["steps"],
-              "micro_batch": p["batch"], "seq_len": p["seq"], "n_kd_steps": n_kd,
-              "llm_params": _params(work / "baseline" / "final"), "slm_params": _params(slm),
-              "seeds": {"train": KD["seed"], "data_order": KD["seed"]}, "kd": KD, "label_smoothing_eps": eps,
-              "sizes": {"slm": p["slm"], "llm": p["llm"]},
-              "wall_s_training": round(sum(walls.values()), 1),  # every run, also those reused from earlier
+    corpora = {}
+    for name, ctx in ctxs.items():
+        base, salt_runs = runs_of(ctx, "baseline"), runs_of(ctx, "salt")
+        arms = {a: summarise_arm(r, salt_runs, base) for a in (*ARMS, *confirm) if (r := runs_of(ctx, a))}
+        for a, s in arms.items():
+            s["settings"] = {k: v for k, v in arm_settings(a, ctx).items()}
+        cross = [crossover(ctx, s) for s in base]
+        reached = [c for c in cross if c is not None]
+        corpora[name] = {"regime_ok": profile == "full" and bool(cross) and all(c is not None and c <= REGIME for c in cross),
+                         "crossover_fraction": mean_se(reached)[0] if reached else None,
+                         "slm_final_val_loss": val_curve(ctx["slm_dir"])[-1][1],
+                         "baseline_final_val_loss_mean": arms["baseline"]["final_val_loss_mean"] if "baseline" in arms else None,
+                         "label_smoothing_eps": ctx["eps"], "cl_filter_cut": ctx["cl_cut"],
+                         "cl_filter_excluded": ctx["cl_flagged"],
+                         "data_manifest": read_manifest(ctx["data"]), "arms": arms}
+    best_arm, best = None, math.inf
+    candidates = [a for a in confirm if a not in ("baseline", "ls_control")]
+    for a in candidates:
+        fr = [corpora[c]["arms"].get(a, {}).get("steps_fraction_mean") for c in corpora]
+        complete = len(corpora) == 2 and all(corpora[c]["arms"].get(a, {}).get("n_seeds", 0) >= seeds for c in corpora)
+        if complete and all(f is not None for f in fr) and float(np.mean(fr)) < best:
+            best_arm, best = a, float(np.mean(fr))
+    goal = None
+    if best_arm:
+        per = {c: corpora[c]["arms"][best_arm] for c in corpora}
+        goal = {"target": GOAL, "steps_fraction_by_corpus": {c: a["steps_fraction_mean"] for c, a in per.items()},
+                "ood_not_worse": all((a["ood_val_loss_z_vs_baseline"] or 0) > -2 for a in per.values()),
+                "met": all(a["steps_fraction_mean"] <= GOAL for a in per.values())
+                and all((a["ood_val_loss_z_vs_baseline"] or 0) > -2 for a in per.values())}
+    sizes = {"slm_params": _params(Path(screen_ctx["slm"])),
+             "llm_params": _params(screen_ctx["work"] / "baseline" / "seed0" / "final")}
+    result = {"profile": profile, "test_scale": profile == "quick", "phase": args.phase, "corpora": corpora,
+              "best_arm": best_arm, "goal": goal, "plan": plan, "confirm_arms": confirm, "seeds": seeds,
+              "ood_corpus": str(OOD_CORPUS), "steps": p["steps"], "token_budget": p["steps"] * p["batch"] * p["seq"],
+              "slm_steps": p["slm_steps"], "n_kd_steps": round(0.2 * p["steps"]), "sizes": {**sizes, "slm": p["slm"],
+                                                                                          "llm": p["llm"]},
+              **kd_costs(p, screen_ctx, args.skip_memory or profile == "quick"),
+              "wall_s_training": round(sum(sum(_json(c["work"] / "wall_s.json").values()) for c in ctxs.values()), 1),
               "wall_s_this_invocation": round(time.time() - t_start, 1)}
     if profile == "quick":
-        result["regime_note"] = (
-            f"TEST SCALE: the quick profile trains {p['steps']} steps of {p['batch']}x{p['seq']} tokens; its models "
-            "are far from converged and the curves are short and noisy, so it breaks the paper's regime and "
-            "its figures say nothing about SALT. It checks that every arm and figure runs.")
-    elif crossover is None or base_final >= slm_final:
-        result["regime_note"] = (
-            "NOT the paper's regime: the baseline LLM never overtakes the SLM "
-            f"(baseline final {base_final:.3f} vs SLM {slm_final:.3f}); KD gains here come from a teacher that "
-            "stays stronger, so they say nothing about SALT's claim")
-    elif not regime_ok:
-        result["regime_note"] = (
-            f"Only partly the paper's regime: the baseline overtakes the SLM late, at step {crossover:.0f} "
-            f"({crossover / p['steps']:.0%} of the run; the criterion is <= 60%), and ends "
-            f"{slm_final - base_final:.3f} below it. A longer budget or a weaker SLM moves the crossover earlier.")
-    suffix = "" if profile == "full" else "_quick"
+        result["note"] = ("TEST SCALE: tiny models and a few dozen steps; the figures check that every arm, phase and "
+                          "plot runs and say nothing about SALT")
     out = REPO / "bench" / "results"
-    plot(curves, slm_final, n_kd, crossover, out / f"salt{suffix}_curves.png",
-         f"SALT benchmark ({profile}): LLM {result['llm_params'] / 1e6:.2f}M, SLM {result['slm_params'] / 1e6:.2f}M")
-    (out / f"salt{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+    suffix = "" if profile == "full" else "_quick"
+    plot_dir = out / f"salt{suffix}"
+    plot_dir.mkdir(exist_ok=True)
+    plot(corpora, ctxs, confirm, p["steps"], result["n_kd_steps"], plot_dir,
+         f"SALT ({profile}): LLM {sizes['llm_params'] / 1e6:.2f}M, SLM {sizes['slm_params'] / 1e6:.2f}M")
+    _save(out / f"salt{suffix}.json", result)
     print(summary(result))
 
 
@@ -292,23 +514,27 @@ def _params(model_dir: Path) -> int:
 
 
 def summary(r: dict) -> str:
-    def f(v, fmt=".4f"):
-        return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+    def f(v, fmt=".3f"):
+        return "—" if v is None else format(v, fmt)
 
-    lines = [f"SALT benchmark, profile {r['profile']}: {r['token_budget']:,} tokens, LLM {r['llm_params']:,} params, "
-             f"SLM {r['slm_params']:,}; baseline overtakes the SLM at step {f(r['crossover_step'], '.0f')} "
-             f"of {r['steps']} (regime ok: {r['regime_ok']})", "",
-             "| arm | final val | steps fraction to baseline | full val | OOD val | cloze acc | wall s |",
-             "|---|---|---|---|---|---|---|"]
-    for name, a in r["arms"].items():
-        lines.append(f"| {name} | {f(a['final_val_loss'])} | {f(a.get('steps_fraction_to_baseline'), '.3f')} | "
-                     f"{f(a['full_val_loss'])} | {f(a.get('ood_val_loss'))} | {f(a['cloze_acc'], '.3f')} | "
-                     f"{a['wall_s']:.0f} |")
+    lines = [f"SALT benchmark, profile {r['profile']}: {r['token_budget']:,} tokens per run, LLM "
+             f"{r['sizes']['llm_params']:,} params, SLM {r['sizes']['slm_params']:,}; best arm: {r['best_arm']}"]
+    for name, c in r["corpora"].items():
+        lines += ["", f"### {name}: baseline overtakes the SLM at {f(c['crossover_fraction'], '.0%')} of the run "
+                  f"(regime ok: {c['regime_ok']})", "",
+                  "| arm | seeds | steps fraction | z vs SALT | final val loss | OOD val loss | cloze acc |",
+                  "|---|---|---|---|---|---|---|"]
+        for arm, a in sorted(c["arms"].items(), key=lambda kv: _rank_key(kv[1])):
+            sf = f(a["steps_fraction_mean"]) + (f" ± {a['steps_fraction_se']:.3f}" if a["steps_fraction_se"] else "")
+            lines.append(f"| {arm} | {a['n_seeds']} | {sf} | {f(a['steps_fraction_z_vs_salt'], '.1f')} | "
+                         f"{f(a['final_val_loss_mean'], '.4f')} | {f(a['ood_val_loss_mean'], '.4f')} | "
+                         f"{f(a['cloze_acc_mean'])} |")
     lines += ["", f"KD step ÷ CE step: online {r['kd_step_ratio_online']}, cached {r['kd_step_ratio_cached']} "
-              f"(FLOP limit {r['flop_limit']}); KD loss peak memory ÷ CE: chunked {r['kd_loss_mem_ratio_chunked']}, "
-              f"unchunked {r['kd_loss_mem_ratio_unchunked']}"]
-    if "regime_note" in r:
-        lines += ["", r["regime_note"]]
+              f"(FLOP limit {r['flop_limit']})"]
+    if r.get("goal"):
+        lines.append(f"goal (<= {GOAL} on both corpora, OOD not worse): {r['goal']}")
+    if r.get("note"):
+        lines += ["", r["note"]]
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from slm_assist.core.config import load_config
 from slm_assist.training.metrics import steps_to_reach
 
 from .conftest import REPO, clean_env
@@ -28,3 +29,71 @@ def test_profiles_end_on_an_eval():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "profiles ok: full, quick" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_salt", REPO / "bench" / "salt.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _ctx():
+    return {"slm": "S", "ensemble": ["E1", "E2"], "scores": "SC", "select": {"salt_ds": "DS", "cl": "CL"},
+            "eps": 0.7, "best_w": 0.5, "p": {"eval_every": 40}}
+
+
+def test_every_arm_is_a_valid_run_config_and_off_means_the_papers_recipe(bench):
+    from slm_assist.salt.recipe import RunConfig
+
+    for arm, settings in bench.ARMS.items():
+        s = settings(_ctx())
+        cfg = load_config(RunConfig, None, [f"{k}={v}" for k, v in s.items()])
+        if arm == "baseline":
+            assert not cfg.distill.enabled
+        elif arm != "ls_control":
+            assert cfg.distill.teacher == "S" and cfg.distill.schedule.kind == "step"
+    assert bench.ARMS["kind_jsd"](_ctx())["distill.schedule.weight"] == 0.5  # at the best w
+    assert "distill.teacher" not in bench.ARMS["ls_control"](_ctx())
+
+
+def _screen(bench, fractions: dict):
+    runs = {a: {0: {"final_val_loss": 4.0 if f is None else 3.0 + f, "steps_fraction": f, "full_val_loss": 4.0,
+                    "ood_val_loss": 5.0, "cloze_acc": 0.1}} for a, f in fractions.items()}
+    return {a: bench.summarise_arm(r, {}, {}) for a, r in runs.items()}
+
+
+def test_confirm_plan_takes_the_best_singles_and_a_compatible_combination(bench):
+    screen = _screen(bench, {"baseline": 1.0, "salt": 0.8, "ls_control": 0.9, "salt_ds": 0.6, "cl_filter": 0.65,
+                             "z_loss": 0.7, "w_0.8": 0.75, "tau_2": 0.85, "handover": None})
+    plan = bench.confirm_plan(screen, _ctx(), {"singles": 2, "combo": 3})
+    assert plan["singles"] == ["salt_ds", "cl_filter"]
+    # cl_filter sets distill.selection differently from salt_ds: skipped; tau_2 does not beat SALT
+    assert plan["combo"] == ["salt_ds", "z_loss", "w_0.8"]
+    assert plan["ranking"][-1] == "handover"  # never reached the baseline: last
+    merged = bench.arm_settings("combo-salt_ds+z_loss+w_0.8", _ctx())
+    assert merged["distill.selection"] == "DS" and merged["train.z_loss"] == 1e-4
+    assert merged["distill.schedule.weight"] == 0.8
+    assert bench.combine(["salt_ds", "cl_filter"], _ctx()) is None
+    lone = bench.confirm_plan(_screen(bench, {"salt": 0.8, "tau_2": 0.7, "w_0.8": 0.9}), _ctx(),
+                              {"singles": 2, "combo": 3})
+    assert lone["combo"] == []  # a combination needs two levers that beat SALT
+
+
+def test_seed_statistics_and_paired_z(bench):
+    salt = {s: {"steps_fraction": f, "final_val_loss": 3.9, "ood_val_loss": 5.0, "cloze_acc": 0.1,
+                "full_val_loss": 3.9} for s, f in enumerate([0.70, 0.72, 0.74])}
+    arm = {s: dict(r, steps_fraction=r["steps_fraction"] - d, ood_val_loss=5.0 + d / 10)
+           for (s, r), d in zip(salt.items(), [0.05, 0.06, 0.07])}
+    a = bench.summarise_arm(arm, salt, salt)
+    assert a["n_seeds"] == 3 and not a["pilot"]
+    assert a["steps_fraction_mean"] == pytest.approx(0.66)
+    assert a["steps_fraction_se"] == pytest.approx(0.01 / 3**0.5)
+    assert a["steps_fraction_z_vs_salt"] == pytest.approx(0.06 / (0.01 / 3**0.5))
+    assert a["ood_val_loss_z_vs_baseline"] < -2  # OOD worse than the baseline, beyond 2 SE
+    arm[2]["steps_fraction"] = None  # one seed never reached the baseline: no mean
+    b = bench.summarise_arm(arm, salt, salt)
+    assert b["steps_fraction_mean"] is None and b["n_reached"] == 2 and b["steps_fraction_z_vs_salt"] is None
