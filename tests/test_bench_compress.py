@@ -3,7 +3,6 @@ stage list, and the gap, standard errors and z-scores are computed as RESULTS.md
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -11,15 +10,12 @@ import pytest
 from slm_assist.compress.stages import CompressConfig
 from slm_assist.core.config import load_config
 
-from .conftest import REPO
+from .conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_compress", REPO / "bench" / "compress.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("compress")
 
 
 def test_every_arm_spends_the_same_student_budget_with_a_valid_stage_list(bench):

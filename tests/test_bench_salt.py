@@ -9,7 +9,7 @@ import pytest
 from slm_assist.core.config import load_config
 from slm_assist.training.metrics import steps_to_reach
 
-from .conftest import REPO, clean_env
+from .conftest import REPO, clean_env, load_bench
 
 
 def test_steps_to_reach_interpolates_between_evals():
@@ -33,12 +33,7 @@ def test_profiles_end_on_an_eval():
 
 @pytest.fixture(scope="module")
 def bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_salt", REPO / "bench" / "salt.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("salt")
 
 
 def _ctx():
