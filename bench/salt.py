@@ -190,7 +190,7 @@ def prepare(corpus: str, p: dict, work: Path) -> dict:
     cl_cut = float(np.percentile(flags, 90))  # the 10% most confidently-wrong sequences are left out
     if not (select["cl"] / "index.npy").is_file():
         run("data_tools.select", str(REPO / "configs/demo/select.yaml"), f"scores={scores}", f"out_dir={select['cl']}",
-            "overwrite=true", "policy=random", "fraction=1.0", f"max_confident_wrong={cl_cut:.6f}")
+            "overwrite=true", "policy=random", "fraction=1.0", f"max_confident_wrong={cl_cut!r}")
     eps_file = w / "ls_eps.json"
     if not eps_file.is_file():
         _save(eps_file, {"eps": round(1 - mean_target_prob(slms[0] / "final", data), 3)})
@@ -318,8 +318,12 @@ def confirm_plan(screen: dict[str, dict], ctx: dict, p: dict) -> dict:
     for a in levers:
         if len(chosen) == p["combo"] or _rank_key(screen[a]) >= salt_key:
             break
-        if combine(chosen + [a], ctx) is not None:
-            chosen.append(a)
+        new = combine(chosen + [a], ctx)
+        if new is None or new == combine(chosen, ctx):  # conflicting, or adds nothing (ensemble_mean + _vote)
+            continue
+        if chosen and any(new == ARMS[b](ctx) for b in ARMS):  # e.g. w_0.5 + kind_jsd at best w 0.5 = kind_jsd
+            continue
+        chosen.append(a)
     return {"singles": singles, "combo": chosen if len(chosen) >= 2 else [], "ranking": levers}
 
 
@@ -351,7 +355,7 @@ def plot(corpora: dict, ctxs: dict, confirm: list[str], steps: int, n_kd: int, o
             line, = ax.plot(steps_axis, mean, label=f"{arm} ({len(runs)} seeds)", lw=2 if arm in FIXED else 1.3)
             ax.fill_between(steps_axis, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
         ax.axhline(val_curve(ctx["slm_dir"])[-1][1], color="grey", ls=":", label="SLM final")
-        ax.axvline(n_kd, color="k", ls="--", lw=0.8, label=f"end of KD phase ({n_kd})")
+        ax.axvline(n_kd, color="k", ls="--", lw=0.8, label=f"end of SALT's KD phase ({n_kd})")
         c = corpora[corpus]
         if c.get("crossover_fraction") is not None:
             ax.axvline(c["crossover_fraction"] * steps, color="tab:red", ls=":", lw=0.8, label="baseline overtakes SLM")

@@ -73,6 +73,14 @@ def test_confirm_plan_takes_the_best_singles_and_a_compatible_combination(bench)
     assert merged["distill.selection"] == "DS" and merged["train.z_loss"] == 1e-4
     assert merged["distill.schedule.weight"] == 0.8
     assert bench.combine(["salt_ds", "cl_filter"], _ctx()) is None
+    twins = bench.confirm_plan(_screen(bench, {"salt": 0.8, "ensemble_mean": 0.6, "ensemble_vote": 0.62,
+                                               "w_0.5": 0.65, "kind_jsd": 0.7, "z_loss": 0.75}), _ctx(),
+                               {"singles": 2, "combo": 3})
+    # ensemble_mean + ensemble_vote is the ensemble_vote arm again: skipped
+    assert twins["combo"] == ["ensemble_mean", "w_0.5", "kind_jsd"]
+    same = bench.confirm_plan(_screen(bench, {"salt": 0.8, "w_0.5": 0.6, "kind_jsd": 0.62}), _ctx(),
+                              {"singles": 2, "combo": 3})
+    assert same["combo"] == []  # w_0.5 + kind_jsd at the best w (0.5) is the kind_jsd arm
     lone = bench.confirm_plan(_screen(bench, {"salt": 0.8, "tau_2": 0.7, "w_0.8": 0.9}), _ctx(),
                               {"singles": 2, "combo": 3})
     assert lone["combo"] == []  # a combination needs two levers that beat SALT

@@ -374,3 +374,12 @@ def test_a_stage_sets_its_own_steps_lr_and_batch(tiny_data, tmp_path):
     assert a.run_dir.endswith("/a") and a.model.pretrained == str(tmp_path / "start")
     with pytest.raises(ConfigError, match=r"stages\[0\]\.micro_batch_size: expected >= 0"):
         load_config(CompressConfig, None, ["stages=[{name: a, micro_batch_size: -1}]"])
+
+
+def test_z_loss_needs_a_logit_term_in_every_stage():
+    from slm_assist.compress.stages import CompressConfig
+
+    stages = '[{name: a, loss: {hidden: 1.0}}, {name: b, loss: {kd: 1.0}}]'
+    with pytest.raises(ConfigError, match=r"train\.z_loss.*\['a'\]"):
+        load_config(CompressConfig, None, ["train.z_loss=1e-4", f"stages={stages}"])
+    load_config(CompressConfig, None, [f"stages={stages}"])

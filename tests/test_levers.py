@@ -139,6 +139,25 @@ def test_merged_top_k_keeps_the_tail_mass():
     assert used.sum(-1).min() >= 3 and used.sum(-1).max() <= 6
 
 
+def test_an_outvoted_teachers_tokens_do_not_enter_the_merged_record():
+    a, b, c = _logits(13), _logits(14), _logits(13) + 0.01  # a and c agree on every top-1; b is outvoted where
+    members = [_top_k(x, 3) for x in (a, b, c)]               # it differs
+    top1 = torch.stack([m["ids"][..., 0] for m in members])
+    conf = torch.stack([m["logprobs"][..., 0].exp() for m in members])
+    w = member_weights(top1, conf, "vote")
+    assert (w[1] == 0).any()
+    voted = merge_top_k(members, w)
+    s = _logits(15)
+
+    def kl(rec):
+        n = rec["ids"].shape[-1]
+        return top_k_kl(s.reshape(-1, V), rec["ids"].reshape(-1, n), rec["logprobs"].reshape(-1, n), rec["tail"].reshape(-1))
+
+    lone = merge_top_k([members[0], members[2]], w[[0, 2]] / w[[0, 2]].sum(0))
+    out = (w[1] == 0).reshape(-1)
+    torch.testing.assert_close(kl(voted)[out], kl(lone)[out], rtol=1e-5, atol=1e-6)
+
+
 def test_confidence_gate_drops_only_confidently_wrong_tokens():
     ids = torch.tensor([[[4, 1], [2, 0], [7, 3]]])
     logprobs = torch.tensor([[[0.9, 0.05], [0.5, 0.4], [0.95, 0.01]]]).log()
@@ -157,7 +176,13 @@ def test_new_distill_settings_are_checked():
                        (["teacher=t", "curriculum_scores=s"], "curriculum_scores"),
                        (["teacher=t", "gate_confidence=1.5"], "gate_confidence"),
                        (["label_smoothing=0.1", "gate_confidence=0.5"], "label_smoothing"),
-                       (["cache=c", "ensemble_teachers=[a]"], "ensemble_teachers")]:
+                       (["cache=c", "ensemble_teachers=[a]"], "ensemble_teachers"),
+                       (["teacher=t", "curriculum=mean_loss", "curriculum_scores=s", "schedule.kind=constant",
+                         "schedule.n_kd_fraction=0.2"], "curriculum"),
+                       (["teacher=t", "curriculum=mean_loss", "curriculum_scores=s", "schedule.n_kd_fraction=0"],
+                        "curriculum"),
+                       (["teacher=t", "curriculum=mean_loss", "curriculum_scores=s", "handover_every=5"], "curriculum"),
+                       (["teacher=t", "ensemble_teachers=[a]", "handover_every=5"], "handover_every")]:
         with pytest.raises(ConfigError, match=match):
             load_config(DistillConfig, None, bad)
     ok = load_config(DistillConfig, None, ["teacher=t", "ensemble_teachers=[a, b]", "ensemble_combine=vote",

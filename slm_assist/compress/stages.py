@@ -115,6 +115,10 @@ class CompressConfig:
         names = [s.name for s in self.stages]
         check(bool(names), "stages", names, "at least one stage")
         check(len(set(names)) == len(names), "stages", names, "unique names")
+        if self.train.z_loss:
+            latent_only = [s.name for s in self.stages if not (s.loss.ce or s.loss.kd)]
+            check(not latent_only, "train.z_loss", self.train.z_loss, "0 while stages "
+                  f"{latent_only} have no ce or kd term (they compute no logits to penalise)")
         check(not self.model.pretrained, "model.pretrained", self.model.pretrained,
               '"" (the student comes from init; each stage starts from the previous one)')
         check_no_effect(self.train, ["max_steps", "patience"], "in a compress config (each stage sets its own)",

@@ -44,13 +44,15 @@ def member_weights(top1: torch.Tensor, conf: torch.Tensor, combine: Combine) -> 
 
 
 def combine_logits(logits: list[torch.Tensor], combine: Combine) -> torch.Tensor:
-    """One teacher's logits as they are; an ensemble's combined distribution as log-probabilities (fp32)."""
+    """One teacher's logits as they are; an ensemble's combined distribution as log-probabilities (fp32), built
+    member by member (one [B, P, V] fp32 temporary besides the sum)."""
     if len(logits) == 1:
         return logits[0]
-    probs = torch.stack([x.float().softmax(-1) for x in logits])  # [m, B, P, V]
-    top = probs.max(-1)
-    w = member_weights(top.indices, top.values, combine)
-    return (w.unsqueeze(-1) * probs).sum(0).clamp_min(1e-30).log()  # floored: a zero would make KL NaN
+    top1 = torch.stack([x.argmax(-1) for x in logits])
+    conf = torch.stack([(x.float().amax(-1) - x.float().logsumexp(-1)).exp() for x in logits])  # top-1 probability
+    w = member_weights(top1, conf, combine)
+    mix = sum(wi.unsqueeze(-1) * x.float().softmax(-1) for wi, x in zip(w, logits))
+    return mix.clamp_min(1e-30).log()  # floored: a zero would make KL NaN
 
 
 def merge_top_k(members: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -68,7 +70,7 @@ def merge_top_k(members: list[dict[str, torch.Tensor]], weights: torch.Tensor) -
     merged_p = torch.zeros_like(probs).scatter_add_(-1, slot, probs)
     merged_ids = torch.zeros_like(ids).scatter_(-1, slot, ids)
     merged_p, order = merged_p.sort(-1, descending=True)
-    used = torch.zeros_like(new).scatter_(-1, slot, True).gather(-1, order)
+    used = merged_p > 0  # empty slots, and the ids only a zero-weight (outvoted) member listed
     logprobs = torch.where(used, merged_p.clamp_min(1e-30).log(), torch.full_like(merged_p, float("-inf")))
     tail = sum(w * m["tail"].float() for m, w in zip(members, weights))
     return {"ids": merged_ids.gather(-1, order), "logprobs": logprobs, "tail": tail}

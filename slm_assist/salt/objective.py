@@ -93,6 +93,16 @@ class DistillConfig:
         check((self.curriculum == "none") == (not self.curriculum_scores), "curriculum_scores",
               self.curriculum_scores, f"a scores dir with curriculum={self.curriculum}" if self.curriculum != "none"
               else '"" with curriculum=none')
+        if self.curriculum != "none":
+            sched = self.schedule
+            check(sched.kind != "constant" and sched.n_kd_steps != 0 and sched.n_kd_fraction > 0, "curriculum",
+                  self.curriculum, "none with a constant schedule or an empty KD phase (the curriculum orders the KD "
+                  "phase's sequences)")
+            check(not self.handover_every, "curriculum", self.curriculum, "none with handover_every (a KD phase "
+                  "ended early would leave the hardest sequences first in the CE phase)")
+        if self.handover_every and self.ensemble_teachers:
+            check(False, "handover_every", self.handover_every, "0 with ensemble_teachers (the handover compares "
+                  "the student with distill.teacher alone)")
         check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "in [0, 1)")
         if self.label_smoothing:
             check(not (self.teacher or self.cache or self.gate_topk or self.gate_confidence), "label_smoothing",

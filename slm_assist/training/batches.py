@@ -67,9 +67,10 @@ class ShardedBatches:
 
     def order_first(self, key: np.ndarray, sequences: int) -> None:
         """A curriculum: the stream's first `sequences` sequences (counted over all ranks and epochs) come in
-        ascending `key` order (one value per sequence of the stream's split, NaN last) instead of shuffled.
-        They are the same sequences the shuffle would draw, so the data seen is unchanged, only its order; the
-        order is a function of (seed, epoch), so a resumed run continues it exactly."""
+        ascending `key` order (one value per sequence of the stream's split, NaN last) instead of shuffled; when
+        they span several epochs, each epoch's part is ordered on its own. They are the same sequences the
+        shuffle would draw, so the data seen is unchanged, only its order; the order is a function of (seed,
+        epoch), so a run resumed with the same batch layout and length continues it exactly."""
         self.order_key = np.nan_to_num(np.asarray(key, dtype=np.float64), nan=np.inf)
         self.ordered_until, self._perm = sequences, None
 

@@ -59,7 +59,8 @@ def ce_with_z_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -
     to stabilise training, and costs nothing beyond the log-sum-exp the CE computes anyway."""
     flat, y = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
     keep = y != -100
-    flat, y = flat[keep], y[keep]
+    if not keep.all():  # indexing copies [N, V]; packed pretraining masks nothing
+        flat, y = flat[keep], y[keep]
     log_z = flat.logsumexp(-1)
     ce = (log_z - flat.gather(-1, y[:, None]).squeeze(-1)).mean()
     if not z_loss:
