@@ -3,9 +3,10 @@
 1. step time with KD ÷ CE-only step time, same LLM, batch and machine, for the online SLM teacher and for the
    cached top-k soft labels, next to the FLOP-model limit 1 + N_slm / (3 · N_llm). The steps are the real
    `Trainer.train_step` with the objective swapped; rounds alternate.
-2. peak memory of the KD loss ÷ the CE-only loss at vocab 32k, seq 2048 (forward + backward on [2048, 32000]
-   logits): SALT's fused CE+KD chunked pass (what the trainer runs), CE + a separately chunked KD, and CE +
-   unchunked KD; each variant in a fresh process, peak RSS above the inputs (CPU).
+2. peak memory of the KD loss ÷ the CE-only loss at seq 2048 and vocab 32k (--memory-vocab adds e.g. 128k), forward
+   + backward on [2048, V] logits: SALT's fused CE+KD chunked pass (what the trainer runs, auto chunk), CE + a
+   separately chunked KD, and CE + unchunked KD; each variant in a fresh process, the peak above the inputs
+   (CUDA max_memory_allocated on a GPU, peak RSS on CPU).
 
     python bench/kd_overhead.py [--rounds 6] [--steps 5] [--teacher DIR --llm key=value ... --score key=value ...]
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from data_tools.score import main as score_main
 from slm_assist.core.config import load_config
 from slm_assist.core.scores import ScoresDir
-from slm_assist.kd.losses import ce_plus_kd, kd_loss
+from slm_assist.kd.losses import ce_plus_kd, chunk_tokens, kd_loss
 from slm_assist.kd.sources import CachedSoftLabels, OnlineTeacher
 from slm_assist.salt.objective import SALTObjective
 from slm_assist.salt.recipe import RunConfig, build_trainer
@@ -41,37 +42,54 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_SLM = "runs/demo/slm/final"
 
 
-def memory_probe(variant: str) -> None:
-    """Child process: print the peak RSS (MB) that one loss forward+backward adds on top of its inputs."""
+def memory_probe(variant: str, vocab: int) -> None:
+    """Child process: print the peak memory (MB) that one loss forward+backward adds on top of its inputs: CUDA
+    max_memory_allocated on a GPU, peak RSS on CPU."""
     torch.manual_seed(0)
-    n, v = 2048, 32000
-    s = torch.randn(n, v, requires_grad=True)
-    t = torch.randn(n, v)
-    y = torch.randint(0, v, (n,))
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    n, v = 2048, vocab
+    s = torch.randn(n, v, device=dev, requires_grad=True)
+    t = torch.randn(n, v, device=dev)
+    y = torch.randint(0, v, (n,), device=dev)
     s.grad = torch.zeros_like(s)  # the gradient buffer exists in every variant: count it as input
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if variant == "ce":
         loss = F.cross_entropy(s, y)
     elif variant.startswith("salt_fused"):  # what SALTObjective runs: CE and KD in one chunked pass
-        chunk = int(variant.rsplit("_", 1)[1])
-        loss = ce_plus_kd(s, y, torch.full((n,), 0.5), teacher_logits=t, chunk=chunk)[0]
+        tail = variant.rsplit("_", 1)[1]
+        chunk = chunk_tokens(-1 if tail == "auto" else int(tail), v)
+        loss = ce_plus_kd(s, y, torch.full((n,), 0.5, device=dev), teacher_logits=t, chunk=chunk)[0]
     else:
         kd = kd_loss(s, t, chunk=0 if variant == "kd_unchunked" else 256)
         loss = 0.5 * F.cross_entropy(s, y) + 0.5 * kd
     loss.backward()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print((peak - base) / 2**20)
 
 
 def memory(args) -> dict:
-    out = {}
-    for variant in ("ce", "salt_fused_131", "salt_fused_256", "salt_fused_1024", "kd_chunked", "kd_unchunked"):
-        res = subprocess.run([sys.executable, __file__, "--memory-probe", variant], capture_output=True, text=True,
-                             check=True)
-        out[variant] = float(res.stdout.strip().splitlines()[-1])
-    return {"peak_extra_mb": out,
-            **{f"{k}_vs_ce": round(out[k] / out["ce"], 3) for k in out if k.startswith("salt_fused")},
-            "kd_chunked_vs_ce": round(out["kd_chunked"] / out["ce"], 3),
-            "kd_unchunked_vs_ce": round(out["kd_unchunked"] / out["ce"], 3), "vocab": 32000, "seq_len": 2048}
+    """Peak loss memory of each variant ÷ CE-only, per vocabulary, each variant in a fresh process."""
+    out: dict = {"seq_len": 2048, "meter": "cuda max_memory_allocated" if torch.cuda.is_available() else
+                 "peak RSS (CPU; noisy between processes)"}
+    for vocab in (int(v) for v in args.memory_vocab.split(",")):
+        mb = {}
+        for variant in ("ce", "salt_fused_auto", "salt_fused_256", "salt_fused_1024", "kd_chunked", "kd_unchunked"):
+            res = subprocess.run([sys.executable, __file__, "--memory-probe", variant, "--memory-vocab", str(vocab)],
+                                 capture_output=True, text=True, check=True)
+            mb[variant] = float(res.stdout.strip().splitlines()[-1])
+        out[f"vocab_{vocab}"] = {"peak_extra_mb": mb, "auto_chunk_tokens": chunk_tokens(-1, vocab),
+                                 **{f"{k}_vs_ce": round(mb[k] / mb["ce"], 3) for k in mb if k != "ce"}}
+    return out
 
 
 def step_time(args, llm_config: Path = REPO / "configs/demo/llm.yaml", llm_overrides: tuple[str, ...] = (),
@@ -131,6 +149,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--memory-probe", default="")
+    ap.add_argument("--memory-vocab", default="32000", help="comma-separated vocabularies of the memory probes")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory probes")
     ap.add_argument("--skip-memory", action="store_true", help="only the step-time ratios")
     ap.add_argument("--teacher", default="", help="SLM model dir (default: the demo SLM, trained when missing)")
     ap.add_argument("--llm", action="append", default=[], help="key=value override of the LLM run config")
@@ -139,7 +159,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench/results/kd_overhead.json"))
     args = ap.parse_args()
     if args.memory_probe:
-        memory_probe(args.memory_probe)
+        memory_probe(args.memory_probe, int(args.memory_vocab))
+        return
+    if args.memory_only:
+        result = {"memory": memory(args)}
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
         return
     if not args.teacher:
         for cmd in (["data_tools.pack", "configs/demo/data.yaml", "overwrite=true"], ["slm_assist.train", "configs/demo/slm.yaml"]):

@@ -403,7 +403,9 @@ def kd_costs(p: dict, ctx: dict, skip_memory: bool) -> dict:
     res = json.loads(out.read_text())
     st, mem = res["step_time"], res.get("memory", {})
     return {"kd_step_ratio_online": st["kd_step_ratio_online"], "kd_step_ratio_cached": st["kd_step_ratio_cached"],
-            "flop_limit": st["flop_limit"], "kd_loss_mem_ratio_chunked": mem.get("salt_fused_131_vs_ce")}
+            "flop_limit": st["flop_limit"],
+            "kd_loss_mem_ratio_chunked": mem.get("vocab_32000", {}).get("salt_fused_auto_vs_ce",
+                                                                        mem.get("salt_fused_131_vs_ce"))}
 
 
 def main() -> None:

@@ -53,27 +53,42 @@ def ensure_demo() -> None:
         subprocess.run([sys.executable, "-m", "slm_assist.train", "configs/demo/slm.yaml"], cwd=REPO, check=True)
 
 
-def random_model(hidden: int, layers: int, ffn: int) -> Path:
-    """A random-init Llama with the demo tokenizer (throughput does not depend on trained weights)."""
-    out = REPO / f"runs/bench/scorer_h{hidden}_l{layers}"
+DEMO_DATA = REPO / "runs/demo/data"
+
+
+def random_model(hidden: int, layers: int, ffn: int, data: Path = DEMO_DATA, kv_heads: int = -1) -> Path:
+    """A random-init Llama with `data`'s tokenizer (throughput does not depend on trained weights)."""
+    seq, vocab = read_manifest(data)["seq_len"], read_manifest(data)["vocab_size"]
+    out = REPO / ("runs/bench/" + f"scorer_h{hidden}_l{layers}" + ("" if data == DEMO_DATA else f"_v{vocab}_s{seq}"))
     if not (out / "config.json").is_file():
-        tok = load_tokenizer(REPO / "runs/demo/data/tokenizer")
+        tok = load_tokenizer(data / "tokenizer")
         torch.manual_seed(0)
         cfg = ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=hidden // 64, ffn_size=ffn,
-                          max_position_embeddings=256)
+                          num_kv_heads=kv_heads, max_position_embeddings=seq)
         build_model(cfg, tok, torch.device("cpu")).save_pretrained(str(out))
         tok.save_pretrained(str(out))
     return out
 
 
-def throughput(args, model_dir: Path, with_cache: bool) -> dict:
-    n_shards = max(1, read_manifest(REPO / "runs/demo/data")["splits"]["train"]["sequences"] // args.rows)
+def realistic_data(tiny: bool) -> Path:
+    """The demo corpus packed with a 32k BPE at seq 2048 (the tiny variant: 4k at seq 256), for a scorer of
+    realistic shape."""
+    vocab, seq = (4096, 256) if tiny else (32000, 2048)
+    data = REPO / f"runs/bench/data_v{vocab}_s{seq}"
+    if not (data / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "data_tools.pack", "configs/demo/data.yaml", f"out_dir={data}",
+                        "overwrite=true", f"tokenizer.vocab_size={vocab}", f"pack.seq_len={seq}"], cwd=REPO, check=True)
+    return data
+
+
+def throughput(args, model_dir: Path, with_cache: bool, data: Path = DEMO_DATA) -> dict:
+    n_shards = max(1, read_manifest(data)["splits"]["train"]["sequences"] // args.rows)
     variants = {"plain": []}
     if with_cache:
         variants.update({"top_k_8": ["cache.mode=top_k", "cache.k=8"], "top_k_32": ["cache.mode=top_k", "cache.k=32"],
                          "sampled_32": ["cache.mode=sampled", "cache.samples=32"]})
     scorers = {name: Scorer(load_config(ScoreConfig, REPO / "configs/demo/score.yaml", [
-        f"model={model_dir}", f"out_dir={REPO / 'runs/bench/score' / name}", f"num_shards={n_shards}",
+        f"model={model_dir}", f"data={data}", f"out_dir={REPO / 'runs/bench/score' / name}", f"num_shards={n_shards}",
         "dtype=bf16", "torch_threads=0", *extra])) for name, extra in variants.items()}
     plain = scorers["plain"]
     model, _, device = plain.load_models()
@@ -180,8 +195,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench/results/score.json"))
     ap.add_argument("--throughput-only", action="store_true",
                     help="random-init scorers of the demo SLM's size and larger, no training, no real corpus (GPU check)")
+    ap.add_argument("--realistic", choices=("full", "tiny"), default="",
+                    help="only a scorer of realistic shape: ~0.27B (d 1024, 16 layers, GQA 16/4), vocab 32k, seq 2048, "
+                    "random init (tiny: a CPU smoke test of the same path)")
     args = ap.parse_args()
-    if args.throughput_only:
+    if args.realistic:
+        data = realistic_data(args.realistic == "tiny")
+        size = dict(hidden=128, layers=2, ffn=256) if args.realistic == "tiny" else dict(hidden=1024, layers=16, ffn=2816)
+        result = throughput(args, random_model(**size, data=data, kv_heads=4 if args.realistic == "full" else -1),
+                            with_cache=True, data=data)
+    elif args.throughput_only:
         if not (REPO / "runs/demo/data/manifest.json").is_file():
             subprocess.run([sys.executable, "-m", "data_tools.pack", "configs/demo/data.yaml", "overwrite=true"], cwd=REPO, check=True)
         small = throughput(args, random_model(hidden=128, layers=4, ffn=384), with_cache=True)

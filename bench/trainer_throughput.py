@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -35,15 +36,55 @@ def ensure_data(path: Path) -> Path:
     return path
 
 
+# kernel / op name patterns of each kind, checked in this order; the rest is "other" (elementwise, norms, copies)
+KINDS = {"gemm": re.compile(r"gemm|matmul|\bmm\b|addmm|bmm|cutlass|xmma|cublas|nvjet|sm90_|linear", re.I),
+         "attention": re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I),
+         "optimizer": re.compile(r"adam|multi_tensor|foreach", re.I)}
+
+
+def profile(step, steps: int, dev: torch.device) -> dict:
+    """Share of device time (CPU time on CPU) by kind over `steps` steps, from the profiler's innermost events
+    (kernels on CUDA, self time of ops on CPU), and the biggest events."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:  # kernels are the device-side events; CPU ops would double count
+        events = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type.name == "CUDA"]
+    else:
+        events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    totals = {k: 0.0 for k in (*KINDS, "other")}
+    by_name: dict[str, float] = {}
+    for name, us in events:
+        kind = next((k for k, pat in KINDS.items() if pat.search(name)), "other")
+        totals[kind] += us
+        by_name[name] = by_name.get(name, 0.0) + us
+    total = sum(totals.values()) or 1.0
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"share": {k: round(v / total, 4) for k, v in totals.items()}, "ms_per_step": round(total / steps / 1e3, 3),
+            "meter": "CUDA kernel time" if cuda else "CPU op self time", "steps": steps,
+            "top": [{"name": n[:120], "ms_per_step": round(us / steps / 1e3, 3)} for n, us in top]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(REPO / "configs/demo/llm.yaml"))
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=10, help="optimizer steps per round and side")
     ap.add_argument("--out", default=str(REPO / "bench/results/trainer.json"))
+    ap.add_argument("--data", default=str(REPO / "runs/bench/data"),
+                    help="packed dataset (made from the demo corpus with configs/demo/data.yaml when missing)")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="then profile this many trainer steps: device time by kind (GEMM, attention, optimizer, other)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    data = ensure_data(REPO / "runs/bench/data")
+    data = ensure_data(Path(args.data))
     cfg = load_config(RunConfig, args.config, [f"data.path={data}", "run_dir=runs/bench/trainer", "train.dtype=bf16",
                                                "train.zero_stage=0", "checkpoint.resume=false", *args.overrides])
     trainer = Trainer(cfg, CausalLMObjective())
@@ -97,6 +138,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
     }
+    if args.profile:
+        result["profile"] = profile(trainer.train_step, args.profile, dev)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -121,7 +121,7 @@ def load_bench(name: str):
     """A bench/ script imported as a module (bench scripts are not a package), for tests of its plan and figures."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name.replace('/', '_')}", REPO / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

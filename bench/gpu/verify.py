@@ -1,54 +1,71 @@
-"""Issue 6: the GPU path in one run, written to bench/results/gpu.json (or --out).
+"""Issue 14: the GPU figures in one fail-soft run. Each stage's result is appended to a JSONL file and merged into
+the JSON the moment it ends, so a failure or a timeout loses only the stage it hit.
 
-1. attention: `attn_implementation=auto` picks flash-attn when installed, else sdpa; both give the same loss
-   (bf16 tolerance) on the same batches.
-2. bf16 under DeepSpeed ZeRO-1 and ZeRO-2 with DeepSpeed's FusedAdam: identical losses between the stages.
-3. MFU of the trainer on a ~1B Llama at seq 2048: models.flops_per_token x tokens/s / peak bf16 FLOP/s.
-4. KD step time / CE step time, online SLM teacher (~0.25B) and cached top-k, next to 1 + N_slm / (3 N_llm).
-5. data_tools.score throughput / a bare forward pass.
+Stages, most wanted first:
+  mfu                   trainer MFU on a ~1.0B Llama (2048 x 22, GQA 16/4, ffn 5632), seq 2048, micro-batch 8, ZeRO-1
+  trainer_vs_plain_1b   trainer tokens/s ÷ a plain PyTorch loop, same 1B, micro-batch 4, ZeRO-0; with a profile
+                        of trainer steps by kind (GEMM / attention / optimizer / other)
+  kd                    KD step ÷ CE step, 1B student + ~0.25B teacher, online and cached top-k, and the FLOP limit
+  scoring               data_tools.score ÷ a bare forward pass on a realistic scorer (~0.27B, vocab 32k, seq 2048)
+  kd_memory             KD loss peak ÷ CE-only peak at seq 2048, vocab 32k and 128k (CUDA max_memory_allocated)
+  trainer_vs_plain_88m  the same ratio on a ~110M model at seq 256
+  attention, zero       attn auto vs sdpa losses; ZeRO-1 vs ZeRO-2 bf16 losses (issue 6's checks, kept)
 
-    bash bench/gpu/verify.sh                 # on the GPU machine (installs missing wheels from .whl/)
-    python bench/gpu/verify.py --tiny        # CPU smoke test of this script with tiny models (numbers meaningless)
+    bash bench/gpu/verify.sh                       # on the GPU machine: every stage -> $OUT/gpu.json, gpu.jsonl
+    python bench/gpu/verify.py --tiny              # CPU smoke test with tiny models (numbers meaningless)
+    python bench/gpu/verify.py --stages kd,scoring # some stages; --resume keeps the stages gpu.json already has
 
-Status: written and smoke-tested on CPU with --tiny; not yet run on a GPU.
+gpu.json always carries the keys mfu, trainer_vs_plain_1b, trainer_vs_plain_88m, scoring_vs_forward_realistic,
+kd_step_ratio_online, kd_step_ratio_cached, flop_limit, kd_loss_mem_ratio_32k, kd_loss_mem_ratio_128k (null until
+measured), the device, versions and date, and per stage its details or its error.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata as md
 import json
 import statistics
 import subprocess
 import sys
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from slm_assist.training.metrics import read_metrics
-from slm_assist.training.models import flops_per_token
 
 REPO = Path(__file__).resolve().parents[2]
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts (the PCIe H100 is 756)
+KEYS = ("mfu", "trainer_vs_plain_1b", "trainer_vs_plain_88m", "scoring_vs_forward_realistic", "kd_step_ratio_online",
+        "kd_step_ratio_cached", "flop_limit", "kd_loss_mem_ratio_32k", "kd_loss_mem_ratio_128k")
 
-# dense bf16 peak of one device, TFLOP/s (SXM parts; the PCIe H100 is 756)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-SIZES = {  # ~1.0B and ~0.25B Llamas (TinyLlama-like shapes), and tiny ones for the CPU smoke test
+SIZES = {  # ~1.0B, ~0.25B and ~110M Llamas, and tiny stand-ins for the CPU smoke test
     "llm": ["model.hidden_size=2048", "model.num_layers=22", "model.num_heads=16", "model.num_kv_heads=4",
             "model.ffn_size=5632"],
     "slm": ["model.hidden_size=1024", "model.num_layers=16", "model.num_heads=8", "model.num_kv_heads=4",
             "model.ffn_size=2816"],
+    "mid": ["model.hidden_size=768", "model.num_layers=12", "model.num_heads=12", "model.ffn_size=2048"],
     "llm_tiny": ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.ffn_size=128"],
     "slm_tiny": ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.ffn_size=64"],
+    "mid_tiny": ["model.hidden_size=48", "model.num_layers=2", "model.num_heads=2", "model.ffn_size=96"],
 }
 
 
-def sh(*cmd: str) -> subprocess.CompletedProcess:
+class StageError(RuntimeError):
+    pass
+
+
+def sh(*cmd: str, module: bool = True) -> str:
+    """Run a python module (or script) from the repo root; a failure raises with the output's tail."""
     print("+ " + " ".join(cmd), flush=True)
-    res = subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, *(["-m"] if module else []), *cmd], cwd=REPO, capture_output=True, text=True)
     if res.returncode:
-        sys.exit(f"failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
-    return res
+        raise StageError(f"exit {res.returncode}: {' '.join(cmd)}\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}")
+    return res.stdout
 
 
 def train(run: Path, data: Path, extra: list[str]) -> list[dict]:
@@ -57,82 +74,183 @@ def train(run: Path, data: Path, extra: list[str]) -> list[dict]:
     return read_metrics(run)
 
 
-def peak_tflops(tiny: bool) -> tuple[str, float]:
-    if not torch.cuda.is_available():
-        return "cpu", 1.0 if tiny else float("nan")
-    name = torch.cuda.get_device_name()
-    return name, next((v for k, v in PEAK_TFLOPS.items() if k in name), float("nan"))
+def losses(recs: list[dict]) -> list[float]:
+    return [r["loss"] for r in recs if "loss" in r]
+
+
+class Ctx:
+    """Sizes, sequence lengths and data of one run (tiny or full)."""
+
+    def __init__(self, tiny: bool, work: Path) -> None:
+        self.tiny, self.work, self.t = tiny, work, "_tiny" if tiny else ""
+        self.seq = 64 if tiny else 2048
+        self.device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        self.peak = next((v for k, v in PEAK_TFLOPS.items() if k in self.device), 1.0 if tiny else float("nan"))
+        self.common = [f"model.max_position_embeddings={self.seq}", "train.dtype=bf16", "train.eval_every=0",
+                       "train.eval_batches=2", "train.log_every=2"]
+
+    def data(self, seq: int) -> Path:
+        path = self.work / f"data_{seq}"
+        if not (path / "manifest.json").is_file():
+            sh("data_tools.pack", "configs/demo/data.yaml", f"out_dir={path}", "overwrite=true", f"pack.seq_len={seq}")
+        return path
+
+    def size(self, name: str) -> list[str]:
+        return SIZES[name + self.t]
+
+
+STAGES: dict[str, Callable[[Ctx], dict]] = {}
+
+
+def stage(fn: Callable[[Ctx], dict]) -> Callable[[Ctx], dict]:
+    STAGES[fn.__name__.removeprefix("stage_")] = fn
+    return fn
+
+
+@stage
+def stage_mfu(c: Ctx) -> dict:
+    mb = 2 if c.tiny else 8
+    recs = train(c.work / "mfu", c.data(c.seq), [*c.size("llm"), *c.common, f"train.micro_batch_size={mb}",
+                                                   f"train.max_steps={6 if c.tiny else 30}", "train.zero_stage=1",
+                                                   f"train.peak_tflops={c.peak if c.peak == c.peak else 0}"])
+    steady = [r for r in recs if "tokens_per_s" in r][1:]  # the first window includes warm-up
+    mfu = [r["mfu"] for r in steady if "mfu" in r]
+    return {"mfu": round(statistics.median(mfu), 4) if mfu else None, "micro_batch": mb, "zero_stage": 1,
+            "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in steady), 1)}
+
+
+def _trainer_vs_plain(c: Ctx, size: str, seq: int, mb: int, profile: int) -> dict:
+    out = c.work / f"trainer_{size}.json"
+    sh(str(REPO / "bench/trainer_throughput.py"), "--data", str(c.data(seq)), "--rounds", "2" if c.tiny else "4",
+       "--steps", "2" if c.tiny else "5", "--profile", str(profile), "--out", str(out), *c.size(size),
+       f"model.max_position_embeddings={seq}", f"train.micro_batch_size={mb}", "train.torch_threads=0", module=False)
+    return json.loads(out.read_text())
+
+
+@stage
+def stage_trainer_vs_plain_1b(c: Ctx) -> dict:
+    res = _trainer_vs_plain(c, "llm", c.seq, 2 if c.tiny else 4, profile=3)
+    return {"trainer_vs_plain_1b": res["trainer_vs_plain_tokens_per_s"], **res}
+
+
+@stage
+def stage_kd(c: Ctx) -> dict:
+    data = c.data(c.seq)
+    slm = c.work / "slm"
+    if not (slm / "final" / "config.json").is_file():
+        train(slm, data, [*c.size("slm"), *c.common, "train.micro_batch_size=2", "train.max_steps=2"])
+    mb = 1 if c.tiny else 4
+    llm = [f"data.path={data}", *c.size("llm"), *c.common, f"train.micro_batch_size={mb}", "train.zero_stage=1"]
+    out = c.work / "kd.json"
+    sh(str(REPO / "bench/kd_overhead.py"), "--skip-memory", "--rounds", "2" if c.tiny else "4", "--steps",
+       "2" if c.tiny else "5", "--teacher", str(slm / "final"), "--work", str(c.work / "kd"), "--out", str(out),
+       *[f"--llm={o}" for o in llm], f"--score=data={data}", f"--score=batch_size={64 if c.tiny else 4}", module=False)
+    st = json.loads(out.read_text())["step_time"]
+    return {k: st[k] for k in ("kd_step_ratio_online", "kd_step_ratio_cached", "flop_limit")} | {"detail": st}
+
+
+@stage
+def stage_scoring(c: Ctx) -> dict:
+    out = c.work / "score.json"
+    sh(str(REPO / "bench/score_throughput.py"), "--realistic", "tiny" if c.tiny else "full", "--rows",
+       "32" if c.tiny else "128", "--rounds", "2" if c.tiny else "4", "--out", str(out), module=False)
+    res = json.loads(out.read_text())
+    return {"scoring_vs_forward_realistic": res["scoring_vs_forward_tokens_per_s"], **res}
+
+
+@stage
+def stage_kd_memory(c: Ctx) -> dict:
+    out = c.work / "kd_memory.json"
+    vocabs = "2000,8000" if c.tiny else "32000,128000"
+    sh(str(REPO / "bench/kd_overhead.py"), "--memory-only", "--memory-vocab", vocabs, "--out", str(out), module=False)
+    mem = json.loads(out.read_text())["memory"]
+    small, big = (f"vocab_{v}" for v in vocabs.split(","))
+    return {"kd_loss_mem_ratio_32k": mem[small]["salt_fused_auto_vs_ce"],
+            "kd_loss_mem_ratio_128k": mem[big]["salt_fused_auto_vs_ce"], **mem}
+
+
+@stage
+def stage_trainer_vs_plain_88m(c: Ctx) -> dict:
+    res = _trainer_vs_plain(c, "mid", 64 if c.tiny else 256, 4 if c.tiny else 32, profile=0)
+    return {"trainer_vs_plain_88m": res["trainer_vs_plain_tokens_per_s"], **res}
+
+
+@stage
+def stage_attention(c: Ctx) -> dict:
+    small = [*c.size("slm"), "train.micro_batch_size=2", "train.max_steps=6", *c.common]
+    la = losses(train(c.work / "attn_auto", c.data(c.seq), [*small, "model.attn_implementation=auto"]))
+    ls = losses(train(c.work / "attn_sdpa", c.data(c.seq), [*small, "model.attn_implementation=sdpa"]))
+    import importlib.util
+
+    return {"flash_attn_installed": importlib.util.find_spec("flash_attn") is not None, "auto_losses": la,
+            "sdpa_losses": ls, "max_abs_diff": max(abs(a - b) for a, b in zip(la, ls))}
+
+
+@stage
+def stage_zero(c: Ctx) -> dict:
+    small = [*c.size("slm"), "train.micro_batch_size=2", "train.max_steps=6", *c.common]
+    l1, l2 = (losses(train(c.work / f"zero{s}", c.data(c.seq), [*small, f"train.zero_stage={s}"])) for s in (1, 2))
+    return {"zero1_losses": l1, "zero2_losses": l2, "max_abs_diff": max(abs(a - b) for a, b in zip(l1, l2))}
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+    for pkg in ("transformers", "deepspeed", "datasets", "flash-attn", "liger-kernel", "triton"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _write(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, few steps")
     ap.add_argument("--out", default=str(REPO / "bench/results/gpu.json"))
     ap.add_argument("--work", default="/tmp/slm_assist_gpu")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated, in order: " + ",".join(STAGES))
+    ap.add_argument("--resume", action="store_true", help="skip the stages the --out JSON already has without error")
     args = ap.parse_args()
-    work, t = Path(args.work), "_tiny" if args.tiny else ""
-    seq = 64 if args.tiny else 2048
-    steps = 6 if args.tiny else 30
-    data = work / f"data_{seq}"
-    if not (data / "manifest.json").is_file():
-        sh("data_tools.pack", "configs/demo/data.yaml", f"out_dir={data}", "overwrite=true", f"pack.seq_len={seq}")
-    device, peak = peak_tflops(args.tiny)
-    out: dict = {"device": device, "seq_len": seq, "peak_tflops": peak}
-    common = [f"model.max_position_embeddings={seq}", "train.dtype=bf16", "train.eval_every=0", "train.eval_batches=2",
-              "train.log_every=2"]
-
-    # 1. attention: auto vs sdpa, same seed and batches
-    small = [*SIZES["llm_tiny" if args.tiny else "slm"], "train.micro_batch_size=2", "train.max_steps=6", *common]
-    auto = train(work / "attn_auto", data, [*small, "model.attn_implementation=auto"])
-    sdpa = train(work / "attn_sdpa", data, [*small, "model.attn_implementation=sdpa"])
-    la, ls = [r["loss"] for r in auto if "loss" in r], [r["loss"] for r in sdpa if "loss" in r]
-    import importlib.util
-
-    out["attention"] = {"flash_attn_installed": importlib.util.find_spec("flash_attn") is not None,
-                        "auto_losses": la, "sdpa_losses": ls,
-                        "max_abs_diff": max(abs(a - b) for a, b in zip(la, ls))}
-
-    # 2. ZeRO-1 vs ZeRO-2, bf16, fused Adam on CUDA (torch AdamW on CPU)
-    z = {s: train(work / f"zero{s}", data, [*small, f"train.zero_stage={s}"]) for s in (1, 2)}
-    l1, l2 = ([r["loss"] for r in z[s] if "loss" in r] for s in (1, 2))
-    out["zero"] = {"zero1_losses": l1, "zero2_losses": l2, "max_abs_diff": max(abs(a - b) for a, b in zip(l1, l2))}
-
-    # 3. MFU on the ~1B model
-    llm = SIZES["llm" + t]
-    mb = 2 if args.tiny else 8
-    recs = train(work / "mfu", data, [*llm, *common, f"train.micro_batch_size={mb}", f"train.max_steps={steps}",
-                                      "train.zero_stage=1", f"train.peak_tflops={peak if peak == peak else 0}"])
-    steady = [r for r in recs if "tokens_per_s" in r][1:]  # the first window includes compilation / warm-up
-    final = AutoModelForCausalLM.from_pretrained(str(work / "mfu" / "final"))
-    n_params = sum(p.numel() for p in final.parameters())
-    tps = statistics.median(r["tokens_per_s"] for r in steady)
-    fpt = flops_per_token(final, seq)
-    out.update(model_params=n_params, micro_batch=mb, tokens_per_s=tps, flops_per_token=fpt,
-               mfu=fpt * tps / (peak * 1e12) if peak == peak else None)
-    del final
-
-    # 4. KD overhead, online and cached, on the ~1B / ~0.25B pair (bench/kd_overhead.py in its own process)
-    slm_run = work / "slm"
-    train(slm_run, data, [*SIZES["slm" + t], *common, "train.micro_batch_size=2", "train.max_steps=2"])
-    llm_kd = [f"data.path={data}", *llm, *common, f"train.micro_batch_size={mb // 2}", "train.zero_stage=1"]
-    subprocess.run([sys.executable, str(REPO / "bench/kd_overhead.py"), "--skip-memory", "--rounds",
-                    "2" if args.tiny else "4", "--steps", "2" if args.tiny else "5", "--teacher", str(slm_run / "final"),
-                    "--work", str(work / "kd"), "--out", str(work / "kd.json"), *[f"--llm={o}" for o in llm_kd],
-                    f"--score=data={data}", "--score=batch_size=4"], cwd=REPO, check=True)
-    st = json.loads((work / "kd.json").read_text())["step_time"]
-    out.update(kd_step_ratio_online=st["kd_step_ratio_online"], kd_step_ratio_cached=st["kd_step_ratio_cached"],
-               flop_limit=st["flop_limit"], kd_detail=st)
-
-    # 5. scoring vs a bare forward pass
-    score_out = work / "score.json"
-    subprocess.run([sys.executable, str(REPO / "bench/score_throughput.py"), "--throughput-only", "--rounds",
-                    "2" if args.tiny else "4", "--out", str(score_out)], cwd=REPO, check=True)
-    score = json.loads(score_out.read_text())
-    out["scoring_vs_forward_tokens_per_s"] = score["scoring_vs_forward_tokens_per_s"]
-    out["scoring_vs_forward_larger_scorer"] = score["larger_scorer"]["scoring_vs_forward_tokens_per_s"]
-    out["scoring_detail"] = score
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=1))
+    names = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        sys.exit(f"error: --stages: unknown {unknown}; known: {', '.join(STAGES)}")
+    out, log = Path(args.out), Path(args.out).with_suffix(".jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    c = Ctx(args.tiny, Path(args.work))
+    c.work.mkdir(parents=True, exist_ok=True)
+    result = json.loads(out.read_text()) if args.resume and out.is_file() else {}
+    result.update({k: result.get(k) for k in KEYS})
+    result.update(device=c.device, peak_tflops=c.peak, seq_len=c.seq, tiny=args.tiny, versions=versions(),
+                  date=datetime.date.today().isoformat())
+    result.setdefault("stages", {})
+    _write(out, result)
+    for name in names:
+        if args.resume and "error" not in result["stages"].get(name, {"error": 1}):
+            continue
+        t0 = time.time()
+        try:
+            res, ok = STAGES[name](c), True
+        except Exception as e:  # fail-soft: record it and go on to the next stage
+            res, ok = {"error": f"{type(e).__name__}: {e}"[-4000:], "traceback": traceback.format_exc()[-2000:]}, False
+        seconds = round(time.time() - t0, 1)
+        with log.open("a") as f:
+            f.write(json.dumps({"stage": name, "ok": ok, "seconds": seconds, "result": res}) + "\n")
+        result["stages"][name] = {**res, "seconds": seconds}
+        result.update({k: res[k] for k in KEYS if k in res})
+        _write(out, result)
+        print(f"[{name}] {'ok' if ok else 'FAILED'} in {seconds:.0f}s: "
+              + json.dumps({k: res.get(k) for k in KEYS if k in res} if ok else res["error"][:300]), flush=True)
+    print(json.dumps({k: result[k] for k in KEYS}, indent=1))
+    failed = [n for n in names if "error" in result["stages"].get(n, {})]
+    if failed:
+        sys.exit(f"error: stages failed: {failed} (details in {out})")
 
 
 if __name__ == "__main__":

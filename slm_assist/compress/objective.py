@@ -11,7 +11,7 @@ import torch
 from slm_assist.compress.latent import Projections, attention_kl, hidden_loss, layer_map
 from slm_assist.core.config import check, check_no_effect
 from slm_assist.core.errors import UserError
-from slm_assist.kd.losses import SoftTargets, mixed_ce_kd
+from slm_assist.kd.losses import SoftTargets, chunk_tokens, mixed_ce_kd
 from slm_assist.training.batches import Batch
 from slm_assist.training.objective import Objective, ce_with_z_loss
 
@@ -76,7 +76,7 @@ class CompressObjective(Objective):
             raise UserError(f"{field}: kd/hidden/attention need a teacher for this stage")
         self.cfg, self.teacher, self.vocab, self.field = cfg, teacher, vocab, field
         self.attn_implementation = "eager" if cfg.attention else None
-        self.chunk = cfg.chunk_tokens if cfg.chunk_tokens >= 0 else max(1, (16 << 20) // (4 * vocab))
+        self.chunk = chunk_tokens(cfg.chunk_tokens, vocab)
         self.pairs: list[tuple[int, int]] = []
         self.proj: Projections | None = None
         if cfg.hidden or cfg.attention:

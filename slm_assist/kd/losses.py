@@ -22,6 +22,12 @@ import torch.nn.functional as F
 TokenLossFn = Callable[..., torch.Tensor]
 
 
+def chunk_tokens(setting: int, vocab: int) -> int:
+    """Tokens per loss chunk from a `chunk_tokens` setting: -1 (auto) = 16 MiB per fp32 [chunk, vocab] temporary
+    (131 tokens at vocab 32k), 0 = unchunked, else the setting."""
+    return setting if setting >= 0 else max(1, (16 << 20) // (4 * vocab))
+
+
 class _ChunkedTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn: TokenLossFn, chunk: int, student: torch.Tensor, *extras: torch.Tensor):

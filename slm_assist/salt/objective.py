@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from slm_assist.core import dist
 from slm_assist.core.config import check, check_no_effect
 from slm_assist.core.errors import UserError
-from slm_assist.kd.losses import mixed_ce_kd
+from slm_assist.kd.losses import chunk_tokens, mixed_ce_kd
 from slm_assist.kd.schedule import KDScheduleConfig, kd_weight
 from slm_assist.kd.sources import SoftTargetSource
 from slm_assist.training.batches import Batch
@@ -130,7 +130,7 @@ class SALTObjective(Objective):
     def __init__(self, cfg: DistillConfig, source: SoftTargetSource, vocab: int, total_steps: int,
                  teacher: torch.nn.Module | None = None, probe_batch: torch.Tensor | None = None) -> None:
         self.cfg, self.source, self.vocab, self.total_steps, self.teacher = cfg, source, vocab, total_steps, teacher
-        self.chunk = cfg.chunk_tokens if cfg.chunk_tokens >= 0 else max(1, (16 << 20) // (4 * vocab))
+        self.chunk = chunk_tokens(cfg.chunk_tokens, vocab)
         if cfg.handover_every and probe_batch is None:
             raise UserError("distill.handover_every needs a validation split (a fixed batch to compare losses on)")
         self.probe = probe_batch
