@@ -21,6 +21,7 @@ baseline must overtake the SLM within the first 60% of the run, or the benchmark
     python bench/salt.py            # full profile (~6 CPU-hours on 2 cores) -> bench/results/salt.json
     python bench/salt.py --quick    # <= 10 min, test scale
     python bench/salt.py --phase screen   # only the screen; a later run adds the confirm phase
+    python bench/salt.py --report-only    # results and plots of the runs finished so far (a sweep in progress)
 
 Finished runs and their evaluations are reused (a killed run resumes from its checkpoint), so the sweep may span
 sessions; --seeds N adds seeds to the confirm phase; --fresh starts the profile over.
@@ -416,6 +417,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="delete this profile's earlier runs first")
     ap.add_argument("--skip-memory", action="store_true", help="skip the KD-loss memory probes")
     ap.add_argument("--check", action="store_true", help="only check the profiles")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: write the results and plots of the runs finished so far")
     args = ap.parse_args()
     for name, prof in PROFILES.items():
         if prof["steps"] % prof["eval_every"] or prof["slm_steps"] % prof["eval_every"]:
@@ -442,18 +445,21 @@ def main() -> None:
             if done:
                 best = min(done, key=lambda a: ((done[a]["steps_fraction"] or math.inf), done[a]["final_val_loss"]))
                 screen_ctx["best_w"] = W_ARMS[best]
-        run_arm(screen_ctx, arm, 0, arm_settings(arm, screen_ctx))
-        if arm == "baseline":
-            check_regime(screen_ctx, 0, profile)
+        if not args.report_only:
+            run_arm(screen_ctx, arm, 0, arm_settings(arm, screen_ctx))
+            if arm == "baseline":
+                check_regime(screen_ctx, 0, profile)
     screen = {a: summarise_arm({0: r[0]}, {}, {}) for a in ARMS if 0 in (r := runs_of(screen_ctx, a))}
+    screen_done = len(screen) == len(ARMS)
     plan_file = work / "plan.json"
-    if not plan_file.is_file():  # fixed once the screen is complete, so later sessions confirm the same arms
+    if not plan_file.is_file() and screen_done:  # fixed now, so later sessions confirm the same arms
         _save(plan_file, {**confirm_plan(screen, screen_ctx, p), "best_w": screen_ctx["best_w"]})
-    plan = _json(plan_file)
+    plan = _json(plan_file) or {"singles": [], "combo": [], "best_w": screen_ctx["best_w"],
+                                "ranking": confirm_plan(screen, screen_ctx, p)["ranking"] if "salt" in screen else []}
     screen_ctx["best_w"] = plan["best_w"]
     confirm = [*FIXED, *plan["singles"], *([f"combo-{'+'.join(plan['combo'])}"] if plan["combo"] else [])]
 
-    if args.phase != "screen":
+    if args.phase != "screen" and not args.report_only:
         ctxs["linuxdoc"] = prepare("linuxdoc", p, work)
         ctxs["linuxdoc"]["best_w"] = plan["best_w"]
         for seed in range(seeds):  # seed-major: a sweep cut short still has whole seeds on both corpora
@@ -462,6 +468,8 @@ def main() -> None:
                     run_arm(ctx, arm, seed, arm_settings(arm, ctx))
                     if arm == "baseline":
                         check_regime(ctx, seed, profile)
+    elif args.report_only and (work / "linuxdoc" / "scores" / "manifest.json").is_file():
+        ctxs["linuxdoc"] = {**prepare("linuxdoc", p, work), "best_w": plan["best_w"]}
 
     corpora = {}
     for name, ctx in ctxs.items():
@@ -499,7 +507,11 @@ def main() -> None:
               "ood_corpus": str(OOD_CORPUS), "steps": p["steps"], "token_budget": p["steps"] * p["batch"] * p["seq"],
               "slm_steps": p["slm_steps"], "n_kd_steps": round(0.2 * p["steps"]), "sizes": {**sizes, "slm": p["slm"],
                                                                                           "llm": p["llm"]},
-              **kd_costs(p, screen_ctx, args.skip_memory or profile == "quick"),
+              **(kd_costs(p, screen_ctx, args.skip_memory or profile == "quick")
+                 if not args.report_only or (screen_ctx["work"] / "kd_overhead.json").is_file() else
+                 dict.fromkeys(("kd_step_ratio_online", "kd_step_ratio_cached", "flop_limit",
+                                "kd_loss_mem_ratio_chunked"))),
+              "screen_complete": screen_done,
               "wall_s_training": round(sum(sum(_json(c["work"] / "wall_s.json").values()) for c in ctxs.values()), 1),
               "wall_s_this_invocation": round(time.time() - t_start, 1)}
     if profile == "quick":
