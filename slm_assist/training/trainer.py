@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +159,9 @@ class Trainer:
         self.engine = initialize(ModelWithHeads(model, heads) if heads else model, self.ds_config, cfg.optim,
                                  cfg.schedule, cfg.train.max_steps, self.device)
         self.state = TrainState()
+        self._bad_at: torch.Tensor | None = None  # see _watch_finite
+        self._bad_loss: torch.Tensor | None = None
+        self._positions: list[tuple[int, int, int]] = []
         if cfg.train.patience and not self.data.val_batches:
             raise UserError(f"train.patience={cfg.train.patience} needs a validation split; {self.data.dataset.path} "
                             "has none (pack with pack.val_fraction > 0)")
@@ -173,9 +175,11 @@ class Trainer:
         return module.model if isinstance(module, ModelWithHeads) else module
 
     # ---- steps -------------------------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches; returns step-mean metrics."""
-        sums: dict[str, float] = {}
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches; returns step-mean metrics as tensors. Nothing here
+        waits for the device: a non-finite loss is recorded on it and raised by `check_finite`, which `fit` calls
+        before anything reads or saves the weights."""
+        sums: dict[str, torch.Tensor] = {}
         name = self.objective.stream(self.state.step)
         if name not in self.streams:
             raise KeyError(f"{type(self.objective).__name__} asked for batch stream {name!r}; this Trainer has "
@@ -183,19 +187,38 @@ class Trainer:
         batches = self.streams[name]
         for _ in range(self.cfg.train.grad_accum):
             loss, metrics = self.objective(self.engine, batches.next().to(self.device), self.state.step)
-            if dist.any_rank(not math.isfinite(loss.item())):
-                latest = self.checkpointer.latest()
-                kept = (f"the last good checkpoint is {latest}" if latest else
-                        "no checkpoint had been written yet")
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss.item()}) at step {self.state.step + 1} (micro-batch of epoch "
-                    f"{batches.epoch}, position {batches.cursor}); nothing was saved for this step, "
-                    f"{kept}. Lower optim.lr or check the data")
+            self._watch_finite(loss.detach(), batches)
             self.engine.backward(loss)
             self.engine.step()
             for k, v in {"loss": loss.detach(), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                v = torch.as_tensor(v).detach()
+                sums[k] = sums[k] + v if k in sums else v
         return {k: v / self.cfg.train.grad_accum for k, v in sums.items()}
+
+    def _watch_finite(self, loss: torch.Tensor, batches: ShardedBatches) -> None:
+        """Remember, on the device, the first micro-batch since the last check whose loss is not finite."""
+        if self._bad_at is None:
+            self._bad_at = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_loss = torch.zeros((), dtype=torch.float32, device=loss.device)
+        first = ~torch.isfinite(loss) & (self._bad_at < 0)
+        self._bad_at = torch.where(first, len(self._positions), self._bad_at)
+        self._bad_loss = torch.where(first, loss.float(), self._bad_loss)
+        self._positions.append((self.state.step + 1, batches.epoch, batches.cursor))
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if any rank saw a non-finite loss since the last check (one host sync per check,
+        none per micro-batch). The weights it touched are never evaluated, checkpointed or exported."""
+        if self._bad_at is None:
+            return
+        at = int(self._bad_at.item())
+        if dist.any_rank(at >= 0):
+            latest = self.checkpointer.latest()
+            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint had been written yet"
+            where = ("on another rank" if at < 0 else f"({self._bad_loss.item()}) at step {self._positions[at][0]} "
+                     f"(micro-batch of epoch {self._positions[at][1]}, position {self._positions[at][2]})")
+            raise NonFiniteLossError(f"non-finite loss {where}; nothing was saved since, {kept}. Lower optim.lr "
+                                     "or check the data")
+        self._bad_at, self._positions = None, []
 
     def evaluate(self) -> float | None:
         if not self.data.val_batches:
@@ -250,7 +273,10 @@ class Trainer:
                 step = self.state.step
                 is_last = step == cfg.train.max_steps
                 record: dict[str, float | None] = {}
-                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
+                evals = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last
+                if evals or step % cfg.train.log_every == 0 or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    self.check_finite()  # before anything reads or saves the weights
+                if evals:
                     self.state.last_val = record["val_loss"] = self.evaluate()
                     if self._stop_early(self.state.last_val):
                         record["early_stop"] = 1.0
@@ -259,6 +285,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_t
                     gn = self.engine.get_global_grad_norm()
                     tps = window_tokens / max(elapsed, 1e-9)
+                    metrics = _floats(metrics)
                     record.update(metrics, lr=lr, tokens=self.state.tokens_seen, tokens_per_s=tps,
                                   grad_norm=float(gn) if gn is not None else None)
                     if cfg.train.peak_tflops:
@@ -334,6 +361,15 @@ def _check_model_fits(cfg: ModelConfig, data: PackedDataset) -> None:
     elif cfg.max_position_embeddings < data.seq_len:
         raise UserError(f"model.max_position_embeddings={cfg.max_position_embeddings} is below the data's "
                         f"seq_len={data.seq_len} ({data.path}); raise it to at least {data.seq_len}")
+
+
+def _floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Metric tensors as floats, with one device-to-host copy for all of those on an accelerator."""
+    out = {k: float(v) for k, v in metrics.items() if v.device.type == "cpu"}
+    dev = [k for k in metrics if k not in out]
+    if dev:
+        out.update(zip(dev, torch.stack([metrics[k].double() for k in dev]).tolist()))
+    return {k: out[k] for k in metrics}
 
 
 def _model_config(cfg: ModelConfig, objective: Objective) -> ModelConfig:
