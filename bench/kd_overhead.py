@@ -63,7 +63,7 @@ def memory_probe(variant: str, vocab: int) -> None:
         loss = F.cross_entropy(s, y)
     elif variant.startswith("salt_fused"):  # what SALTObjective runs: CE and KD in one chunked pass
         tail = variant.rsplit("_", 1)[1]
-        chunk = chunk_tokens(-1 if tail == "auto" else int(tail), v)
+        chunk = chunk_tokens(-1 if tail == "auto" else int(tail), v, cuda)
         loss = ce_plus_kd(s, y, torch.full((n,), 0.5, device=dev), teacher_logits=t, chunk=chunk)[0]
     else:
         kd = kd_loss(s, t, chunk=0 if variant == "kd_unchunked" else 256)
@@ -87,7 +87,8 @@ def memory(args) -> dict:
             res = subprocess.run([sys.executable, __file__, "--memory-probe", variant, "--memory-vocab", str(vocab)],
                                  capture_output=True, text=True, check=True)
             mb[variant] = float(res.stdout.strip().splitlines()[-1])
-        out[f"vocab_{vocab}"] = {"peak_extra_mb": mb, "auto_chunk_tokens": chunk_tokens(-1, vocab),
+        auto = chunk_tokens(-1, vocab, torch.cuda.is_available())
+        out[f"vocab_{vocab}"] = {"peak_extra_mb": mb, "auto_chunk_tokens": auto,
                                  **{f"{k}_vs_ce": round(mb[k] / mb["ce"], 3) for k in mb if k != "ce"}}
     return out
 

@@ -230,3 +230,11 @@ def test_curriculum_spans_epochs_on_a_subset_and_resumes_exactly():
     for t in two_ranks:
         t.order_first(key, 40)
     assert sorted(sum(_take(two_ranks[0], 7) + _take(two_ranks[1], 7), [])) == sorted(epoch0)
+
+
+def test_auto_chunk_is_sized_by_device():
+    from slm_assist.kd.losses import chunk_tokens
+
+    assert chunk_tokens(-1, 32000) == 131 and chunk_tokens(-1, 32000, cuda=True) == 524
+    assert chunk_tokens(0, 32000, cuda=True) == 0 and chunk_tokens(77, 32000) == 77
+    assert chunk_tokens(-1, 10**9) == 1

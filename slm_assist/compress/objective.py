@@ -42,7 +42,7 @@ class LossConfig:
     scale_latent: bool = False
     """Minitron: rescale the latent term at every step to the magnitude of the logit terms (CE + KD)."""
     chunk_tokens: int = -1
-    """Tokens per chunk of the fused CE+KD loss (-1 = auto, 16 MiB fp32 temporaries)."""
+    """Tokens per chunk of the fused CE+KD loss (-1 = auto: 16 MiB fp32 temporaries on CPU, 64 MiB on a GPU)."""
 
     def __post_init__(self) -> None:
         for name in ("ce", "kd", "hidden", "attention"):
@@ -76,7 +76,6 @@ class CompressObjective(Objective):
             raise UserError(f"{field}: kd/hidden/attention need a teacher for this stage")
         self.cfg, self.teacher, self.vocab, self.field = cfg, teacher, vocab, field
         self.attn_implementation = "eager" if cfg.attention else None
-        self.chunk = chunk_tokens(cfg.chunk_tokens, vocab)
         self.pairs: list[tuple[int, int]] = []
         self.proj: Projections | None = None
         if cfg.hidden or cfg.attention:
@@ -111,8 +110,9 @@ class CompressObjective(Objective):
         if cfg.kd:
             soft = SoftTargets(logits=t_out.logits[:, :-1, : self.vocab])
             # z-loss scaled so that it stays z·log²Z after the (kd + ce) factor below
-            mixed, parts = mixed_ce_kd(logits, targets, cfg.kd / (cfg.kd + cfg.ce), soft, kind=cfg.kind,
-                                       tau=cfg.tau, chunk=self.chunk, z_loss=self.z_loss / (cfg.kd + cfg.ce))
+            mixed, parts = mixed_ce_kd(logits, targets, cfg.kd / (cfg.kd + cfg.ce), soft, kind=cfg.kind, tau=cfg.tau,
+                                       chunk=chunk_tokens(cfg.chunk_tokens, self.vocab, logits.is_cuda),
+                                       z_loss=self.z_loss / (cfg.kd + cfg.ce))
             logit_loss = (cfg.kd + cfg.ce) * mixed  # = ce·CE + kd·KD (+ z·log²Z)
             metrics.update({k: v for k, v in parts.items() if k in ("ce", "kd", "z")})
         elif cfg.ce:

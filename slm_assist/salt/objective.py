@@ -32,8 +32,8 @@ class DistillConfig:
     """nkd only: weight of the non-target term."""
     chunk_tokens: int = -1
     """Tokens per chunk of the fused CE+KD loss, which bounds its fp32 [chunk, vocab] temporaries. -1 = auto:
-    16 MiB per temporary (131 tokens at vocab 32k; measured 0.83x the CE-only loss peak at seq 2048, against
-    1.55x at 1024-token chunks, bench/kd_overhead.py). 0 = unchunked."""
+    16 MiB per temporary on CPU (131 tokens at vocab 32k; measured 0.83x the CE-only loss peak at seq 2048,
+    against 1.55x at 1024-token chunks, bench/kd_overhead.py), 64 MiB on a GPU. 0 = unchunked."""
     gate_topk: int = 0
     """Token gating (beyond the paper): KD only on tokens whose target is in the teacher's top-k, CE on the
     rest, since SLM soft labels add bias where the SLM is wrong. 0 = off."""
@@ -130,7 +130,6 @@ class SALTObjective(Objective):
     def __init__(self, cfg: DistillConfig, source: SoftTargetSource, vocab: int, total_steps: int,
                  teacher: torch.nn.Module | None = None, probe_batch: torch.Tensor | None = None) -> None:
         self.cfg, self.source, self.vocab, self.total_steps, self.teacher = cfg, source, vocab, total_steps, teacher
-        self.chunk = chunk_tokens(cfg.chunk_tokens, vocab)
         if cfg.handover_every and probe_batch is None:
             raise UserError("distill.handover_every needs a validation split (a fixed batch to compare losses on)")
         self.probe = probe_batch
@@ -179,8 +178,9 @@ class SALTObjective(Objective):
             loss, parts = ce_with_z_loss(logits, targets, self.z_loss)
             return loss, {**parts, **metrics}
         cfg = self.cfg
+        chunk = chunk_tokens(cfg.chunk_tokens, self.vocab, logits.is_cuda)
         loss, parts = mixed_ce_kd(logits, targets, w, self.source(batch, self.vocab), kind=cfg.kind, tau=cfg.tau,
-                                  beta=cfg.beta, gamma=cfg.gamma, chunk=self.chunk, z_loss=self.z_loss)
+                                  beta=cfg.beta, gamma=cfg.gamma, chunk=chunk, z_loss=self.z_loss)
         return loss, {**metrics, **parts}
 
     def stream(self, step: int) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from slm_assist.core import dist
 from slm_assist.core.errors import UserError
@@ -52,7 +53,9 @@ def build_objective(cfg: RunConfig, data: RunData, kd_rows: np.ndarray | None = 
     d = cfg.distill
     if not d.enabled:
         return CausalLMObjective()
-    teacher = load_teacher(d.teacher, data.dataset, data.device, "distill.teacher") if d.teacher else None
+    # bf16 halves a GPU teacher's weights and doubles its matmul rate; on CPU bf16 matmuls are slower, not faster
+    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and data.device.type == "cuda" else "auto"
+    teacher = load_teacher(d.teacher, data.dataset, data.device, "distill.teacher", dtype) if d.teacher else None
     source: SoftTargetSource
     if d.label_smoothing:
         source = SmoothedOneHot(d.label_smoothing)
@@ -71,7 +74,7 @@ def build_objective(cfg: RunConfig, data: RunData, kd_rows: np.ndarray | None = 
             caches.append(cache)
         source = CachedSoftLabels(caches, d.gate_topk, "distill.gate_topk", d.gate_confidence, d.ensemble_combine)
     else:
-        members = [teacher] + [load_teacher(p, data.dataset, data.device, f"distill.ensemble_teachers[{i}]")
+        members = [teacher] + [load_teacher(p, data.dataset, data.device, f"distill.ensemble_teachers[{i}]", dtype)
                                for i, p in enumerate(d.ensemble_teachers)]
         source = OnlineTeacher(members, d.gate_topk, d.gate_confidence, d.ensemble_combine)
     probe = data.val_batches[0] if data.val_batches else None

@@ -11,6 +11,8 @@ import torch
 
 from slm_assist.core.errors import UserError
 
+_PIN = torch.cuda.is_available()  # page-locked host batches make the host-to-device copy asynchronous
+
 
 @dataclass
 class DataConfig:
@@ -34,7 +36,9 @@ class Batch:
     """[B, T] 1 where the token counts as a target, 0 where it does not (None = every token counts)."""
 
     def to(self, device: torch.device) -> Batch:
-        move = {k: v.to(device) for k in ("input_ids", "labels", "loss_mask") if (v := getattr(self, k)) is not None}
+        # non_blocking: a pinned batch (ShardedBatches pins on CUDA machines) copies while the host goes on
+        move = {k: v.to(device, non_blocking=True) for k in ("input_ids", "labels", "loss_mask")
+                if (v := getattr(self, k)) is not None}
         return replace(self, **move)
 
     def targets(self) -> torch.Tensor:
@@ -95,7 +99,8 @@ class ShardedBatches:
         idx = self._permutation()[start : start + self.mb]
         idx = np.sort(idx if self.rows is None else self.rows[idx])  # sorted reads are faster on Arrow
         self.cursor += self.mb * self.world
-        return Batch(torch.from_numpy(np.asarray(self.ds[idx]["input_ids"], dtype=np.int64)), index=idx)
+        ids = torch.from_numpy(np.asarray(self.ds[idx]["input_ids"], dtype=np.int64))
+        return Batch(ids.pin_memory() if _PIN else ids, index=idx)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "world": self.world, "mb": self.mb}
