@@ -283,3 +283,28 @@ def test_patience_stops_early_and_a_rerun_stays_stopped(tiny_data, tmp_path, mon
                                               "corpus.max_docs=20", "pack.seq_len=32", "pack.val_fraction=0"]))
     with pytest.raises(UserError, match=r"train\.patience=2 needs a validation split"):
         main(run_overrides(no_val, tmp_path / "Q", "train.patience=2", "train.max_steps=2"))
+
+
+def test_compiled_layers_train_like_eager_without_graph_breaks(tiny_data, tmp_path):
+    """train.compile=true compiles each decoder layer: the same losses as eager (fp32, so the kernels' rounding is
+    the only difference), no graph break, and an export with the usual state-dict keys."""
+    from torch._dynamo.utils import counters
+
+    from slm_assist.core.errors import ConfigError
+
+    common = ("train.max_steps=2", "train.log_every=1", "checkpoint.every=0", "train.dtype=fp32")
+    main(run_overrides(tiny_data, tmp_path / "eager", *common, "train.compile=false"))
+    counters.clear()
+    main(run_overrides(tiny_data, tmp_path / "compiled", *common, "train.compile=true"))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] > 0  # something was compiled
+    eager, compiled = (read_metrics(tmp_path / r) for r in ("eager", "compiled"))
+    assert len(eager) == len(compiled) == 2
+    for a, b in zip(eager, compiled):
+        for k in ("loss", "val_loss"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4), k
+    keys = load_file(str(tmp_path / "compiled" / "final" / "model.safetensors")).keys()
+    assert keys == load_file(str(tmp_path / "eager" / "final" / "model.safetensors")).keys()
+    with pytest.raises(ConfigError, match="compile"):
+        main(run_overrides(tiny_data, tmp_path / "z3", "train.compile=true", "train.zero_stage=3"))

@@ -21,6 +21,7 @@ from slm_assist.kd.schedule import KDScheduleConfig
 from slm_assist.kd.sources import CachedSoftLabels, OnlineTeacher, SmoothedOneHot, SoftTargetSource
 from slm_assist.kd.teacher import load_teacher
 from slm_assist.salt.objective import DistillConfig, SALTObjective
+from slm_assist.training.models import compile_layers
 from slm_assist.training.objective import CausalLMObjective, Objective
 from slm_assist.training.trainer import RunData, Trainer, TrainerConfig
 
@@ -76,6 +77,9 @@ def build_objective(cfg: RunConfig, data: RunData, kd_rows: np.ndarray | None = 
     else:
         members = [teacher] + [load_teacher(p, data.dataset, data.device, f"distill.ensemble_teachers[{i}]", dtype)
                                for i, p in enumerate(d.ensemble_teachers)]
+        if cfg.train.compiles(data.device):
+            for m in members:
+                compile_layers(m)
         source = OnlineTeacher(members, d.gate_topk, d.gate_confidence, d.ensemble_combine)
     probe = data.val_batches[0] if data.val_batches else None
     return SALTObjective(d, source, len(data.tokenizer), cfg.train.max_steps, teacher=teacher, probe_batch=probe)

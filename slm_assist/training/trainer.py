@@ -27,7 +27,7 @@ from slm_assist.training.batches import DataConfig, ShardedBatches, validation_b
 from slm_assist.training.checkpoint import CheckpointConfig, Checkpointer, TrainState
 from slm_assist.training.engine import ModelWithHeads, deepspeed_config, initialize
 from slm_assist.training.metrics import MetricsLogger
-from slm_assist.training.models import ModelConfig, build_model, count_params, flops_per_token
+from slm_assist.training.models import ModelConfig, build_model, compile_layers, count_params, flops_per_token
 from slm_assist.training.objective import Objective, eval_loss
 from slm_assist.training.optim import OptimConfig, ScheduleConfig
 
@@ -43,6 +43,10 @@ class TrainConfig:
     dtype: Literal["bf16", "fp32"] = "bf16"
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3."""
+    compile: bool | None = None
+    """torch.compile each decoder layer (with the KV cache off). null = auto: on CUDA, off on CPU (where the
+    compile time is not paid back at these sizes). Not with ZeRO-3, whose parameter hooks dynamo cannot trace
+    in DeepSpeed 0.19."""
     activation_checkpointing: bool = False
     """Recompute activations in backward (HF gradient checkpointing): less memory, ~30% more compute."""
     eval_every: int = 100
@@ -68,6 +72,9 @@ class TrainConfig:
         check(self.micro_batch_size > 0, "micro_batch_size", self.micro_batch_size, "> 0")
         check(self.grad_accum > 0, "grad_accum", self.grad_accum, "> 0")
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "0, 1, 2 or 3")
+        if self.compile:
+            check(self.zero_stage != 3, "compile", self.compile, "null or false with zero_stage=3 (ZeRO-3's "
+                  "parameter gathering hooks break dynamo's trace in this DeepSpeed)")
         check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0 (0 = only at the end)")
         check(self.eval_batches == -1 or self.eval_batches > 0, "eval_batches", self.eval_batches, "-1 or > 0")
         check(self.log_every > 0, "log_every", self.log_every, "> 0")
@@ -76,6 +83,12 @@ class TrainConfig:
             check(self.eval_every > 0, "eval_every", self.eval_every, "> 0 with train.patience (it counts evaluations)")
         check(self.z_loss >= 0, "z_loss", self.z_loss, ">= 0 (0 = off)")
         check(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, ">= 0 (0 = do not log MFU)")
+
+    def compiles(self, device: torch.device) -> bool:
+        """Whether models on `device` get their layers compiled (the student, and a SALT teacher)."""
+        if self.compile is None:
+            return device.type == "cuda" and self.zero_stage != 3
+        return self.compile
 
 
 @dataclass
@@ -150,6 +163,8 @@ class Trainer:
         model = build_model(_model_config(cfg.model, objective), self.tokenizer, self.device, dtype=torch.float32)
         if cfg.train.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.compiles(self.device):
+            compile_layers(model)
         self.n_params = count_params(model)
         self.flops_per_token = flops_per_token(model, self.data.dataset.seq_len)
         heads = [h.to(self.device) for h in objective.trainable_modules()]
