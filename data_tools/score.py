@@ -209,8 +209,16 @@ class Scorer:
         keep = [r for r, j in enumerate(idx) if self.cache_indices is None or int(j) in self.cache_indices]
         if not keep:
             return
-        for r in keep:  # one sequence at a time: its vocabulary-sized intermediates stay in cache
-            sub = logits[r, :-1].cpu()
+        if mode == "top_k" and logits.is_cuda:  # all kept rows at once on the device; [P, k] per row to the host
+            out = top_k_labels(logits[keep, :-1], self.cfg.cache.k)
+            for j, r in enumerate(keep):
+                for key, arr in out.items():
+                    labels[key].append(arr[j])
+                cached.append(int(idx[r]))
+            return
+        for r in keep:  # on CPU one sequence at a time: its vocabulary-sized intermediates stay in cache
+            # sampled draws use a per-sequence CPU generator, so the cache does not depend on the device
+            sub = logits[r, :-1] if mode == "top_k" else logits[r, :-1].cpu()
             if mode == "top_k":
                 out = top_k_labels(sub, self.cfg.cache.k)
             else:

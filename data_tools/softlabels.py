@@ -49,12 +49,13 @@ def bytes_per_position(cfg: CacheConfig) -> int:
 
 
 def top_k_labels(logits: torch.Tensor, k: int) -> dict[str, np.ndarray]:
-    """[P, V] logits of one sequence -> ids [P, k] int32, logprobs [P, k] fp16, tail [P] fp32.
-    The top-k runs on the logits' own dtype (same order as fp32), so no full log-softmax is materialised."""
+    """[..., P, V] logits -> ids [..., P, k] int32, logprobs [..., P, k] fp16, tail [..., P] fp32, on the host.
+    The top-k runs on the logits' own dtype (same order as fp32), so no full log-softmax is materialised, and on
+    their device: only the [P, k] results are copied."""
     top, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
     logp = top.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True)
     tail = (1.0 - logp.exp().sum(-1)).clamp_min(0.0)
-    return {"ids": ids.int().numpy(), "logprobs": logp.half().numpy(), "tail": tail.numpy()}
+    return {"ids": ids.int().cpu().numpy(), "logprobs": logp.half().cpu().numpy(), "tail": tail.cpu().numpy()}
 
 
 def sampled_labels(logits: torch.Tensor, n: int, generator: torch.Generator) -> dict[str, np.ndarray]:

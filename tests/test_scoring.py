@@ -285,3 +285,18 @@ def test_bad_model_dir_and_cache_index(tiny_data, tiny_slm, tmp_path):
     np.save(tmp_path / "bad.npy", np.array([0, 10**9]))
     with pytest.raises(UserError, match=r"cache\.indices=.*bad\.npy: expected a 1-D array of sequence indices"):
         main(_score_args(tiny_data, tiny_slm, tmp_path / "b", "cache.mode=top_k", f"cache.indices={tmp_path / 'bad.npy'}"))
+
+
+def test_top_k_labels_of_a_batch_equal_those_of_each_sequence():
+    """The GPU cache path takes the top-k of all kept rows at once; it must match the per-sequence CPU path."""
+    import torch
+
+    from data_tools.softlabels import top_k_labels
+
+    logits = torch.randn(3, 7, 50, generator=torch.Generator().manual_seed(0)) * 4
+    batch = top_k_labels(logits, 5)
+    for r in range(3):
+        one = top_k_labels(logits[r], 5)
+        for key in ("ids", "logprobs", "tail"):
+            assert (batch[key][r] == one[key]).all(), key
+    assert batch["ids"].shape == (3, 7, 5) and batch["tail"].shape == (3, 7)

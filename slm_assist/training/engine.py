@@ -39,6 +39,8 @@ def deepspeed_config(*, micro_batch: int, grad_accum: int, world: int, dtype: st
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW on CPU
         "steps_per_print": 1 << 30,  # we log ourselves
         "wall_clock_breakdown": False,
+        # we time steps ourselves; DeepSpeed's throughput timer would sync the device at every forward and step
+        "timers": {"throughput": {"enabled": False}},
     }
 
 
