@@ -9,6 +9,7 @@ Stages, most wanted first:
   scoring               data_tools.score ÷ a bare forward pass on a realistic scorer (~0.27B, vocab 32k, seq 2048)
   kd_memory             KD loss peak ÷ CE-only peak at seq 2048, vocab 32k and 128k (CUDA max_memory_allocated)
   trainer_vs_plain_88m  the same ratio on a ~110M model at seq 256
+  optimizer             trainer tokens/s with torch's fused AdamW ÷ DeepSpeed's FusedAdam, on the 1B
   attention, zero       attn auto vs sdpa losses; ZeRO-1 vs ZeRO-2 bf16 losses (issue 6's checks, kept)
 
     bash bench/gpu/verify.sh                       # on the GPU machine: every stage -> $OUT/gpu.json, gpu.jsonl
@@ -173,6 +174,19 @@ def stage_kd_memory(c: Ctx) -> dict:
 def stage_trainer_vs_plain_88m(c: Ctx) -> dict:
     res = _trainer_vs_plain(c, "mid", 64 if c.tiny else 256, 4 if c.tiny else 32, profile=0)
     return {"trainer_vs_plain_88m": res["trainer_vs_plain_tokens_per_s"], **res}
+
+
+@stage
+def stage_optimizer(c: Ctx) -> dict:
+    """Trainer tokens/s on the 1B with DeepSpeed's FusedAdam vs torch's fused AdamW (ZeRO-1, the mfu settings)."""
+    mb, tps = 2 if c.tiny else 8, {}
+    for impl in ("torch", "torch_fused") if c.tiny else ("deepspeed_fused", "torch_fused"):  # FusedAdam needs CUDA
+        recs = train(c.work / f"optim_{impl}", c.data(c.seq), [
+            *c.size("llm"), *c.common, f"train.micro_batch_size={mb}", f"train.max_steps={6 if c.tiny else 20}",
+            "train.zero_stage=1", f"optim.impl={impl}"])
+        tps[impl] = statistics.median([r["tokens_per_s"] for r in recs if "tokens_per_s" in r][1:])
+    base = tps.get("deepspeed_fused", tps.get("torch"))
+    return {"tokens_per_s": tps, "torch_fused_vs_other": round(tps["torch_fused"] / base, 4)}
 
 
 @stage

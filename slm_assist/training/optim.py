@@ -21,6 +21,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Global grad-norm clip; 0 = off."""
+    impl: Literal["auto", "deepspeed_fused", "torch_fused", "torch"] = "auto"
+    """The AdamW kernel: DeepSpeed's FusedAdam, torch's fused AdamW (one kernel for all parameters), or torch's
+    default (foreach). auto = DeepSpeed's on CUDA, torch's default on CPU (DeepSpeed's CPU Adam needs a long
+    JIT build). bench/gpu/verify.py measures the two fused ones against each other."""
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "lr", self.lr, "> 0")
@@ -66,13 +70,14 @@ def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
 
 
 def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """torch AdamW on CPU (DeepSpeed's CPU Adam needs a long JIT build); DeepSpeed FusedAdam on CUDA."""
+    """AdamW as `cfg.impl` says (auto: DeepSpeed FusedAdam on CUDA, torch AdamW on CPU)."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if device.type == "cuda":
+    impl = cfg.impl if cfg.impl != "auto" else ("deepspeed_fused" if device.type == "cuda" else "torch")
+    if impl == "deepspeed_fused":
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(params, adam_w_mode=True, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, fused=impl == "torch_fused", **kwargs)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
