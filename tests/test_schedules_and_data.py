@@ -88,3 +88,15 @@ def test_subset_stream_draws_only_selected_rows_and_covers_them():
     epoch = sum(_take(b, 4), [])
     assert sorted(epoch) == rows.tolist()
     assert set(sum(_take(b, 8), [])) <= set(rows.tolist())
+
+
+def test_optimizer_impl_is_the_one_asked_for():
+    import torch
+
+    from slm_assist.training.optim import OptimConfig, build_optimizer
+
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    cpu = torch.device("cpu")
+    assert not build_optimizer(p, OptimConfig(), cpu).defaults["fused"]  # auto on CPU: torch's default AdamW
+    fused = build_optimizer(p, OptimConfig(impl="torch_fused"), cpu)
+    assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"]
