@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -86,6 +86,26 @@ class ScoreConfig:
         check(self.batch_size > 0, "batch_size", self.batch_size, "> 0")
         check(self.num_shards == -1 or self.num_shards > 0, "num_shards", self.num_shards, "-1 or > 0")
         check(self.shard >= -1, "shard", self.shard, ">= -1")
+
+
+def logit_chunks(model: torch.nn.Module, ids: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, logits [rows, T, V]) of `ids` [B, T], a few sequences at a time from one forward pass of the trunk:
+    the output head runs per chunk, so the batch's [B, T, V] logits, the largest activation at a 32k+ vocabulary,
+    never exist at once. Chunks: up to 1 GiB of fp32 logits on CUDA, one sequence on CPU (its logits stay in
+    cache). A model whose logits are more than the head of the last hidden state (soft-capping, scaling) runs
+    whole."""
+    head = model.get_output_embeddings()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    c = model.config
+    if head is None or decoder is None or getattr(c, "final_logit_softcapping", None) or \
+            getattr(c, "logit_scale", None) not in (None, 1.0):
+        yield slice(None), model(input_ids=ids).logits
+        return
+    hidden = decoder(input_ids=ids).last_hidden_state
+    per_seq = ids.shape[1] * head.weight.shape[0] * 4
+    step = max(1, (1 << 30) // per_seq) if ids.is_cuda else 1
+    for s in range(0, ids.shape[0], step):
+        yield slice(s, s + step), head(hidden[s : s + step])
 
 
 def shard_rows(n_rows: int, batch_size: int, num_shards: int, shard: int) -> range:
@@ -182,13 +202,14 @@ class Scorer:
         for start in range(rows.start, rows.stop, cfg.batch_size):
             idx = np.arange(start, min(start + cfg.batch_size, rows.stop))
             ids = torch.from_numpy(np.asarray(self.ds[idx]["input_ids"], dtype=np.int64)).to(device)
-            logits = model(input_ids=ids).logits
-            for c, v in score_logits(logits, ids, cfg.topk, confident=cfg.confident_threshold).items():
-                cols[c].append(v)  # stays on the device: one copy per shard, no sync per batch
+            for rows_, logits in logit_chunks(model, ids):
+                for c, v in score_logits(logits, ids[rows_], cfg.topk, confident=cfg.confident_threshold).items():
+                    cols[c].append(v)  # stays on the device: one copy per shard, no sync per batch
+                self._cache_batch(logits, idx[rows_], labels, cached)
             if ref is not None:
-                cols["ref_mean_loss"].append(score_logits(ref(input_ids=ids).logits, ids, cfg.topk)["mean_loss"])
+                cols["ref_mean_loss"] += [score_logits(logits, ids[rows_], cfg.topk)["mean_loss"]
+                                          for rows_, logits in logit_chunks(ref, ids)]
             cols["index"].append(torch.from_numpy(idx))
-            self._cache_batch(logits, idx, labels, cached)
             bar.update(len(idx))
         with atomic_output_dir(self.shard_dir(i), overwrite=True) as tmp:
             import datasets

@@ -300,3 +300,25 @@ def test_top_k_labels_of_a_batch_equal_those_of_each_sequence():
         for key in ("ids", "logprobs", "tail"):
             assert (batch[key][r] == one[key]).all(), key
     assert batch["ids"].shape == (3, 7, 5) and batch["tail"].shape == (3, 7)
+
+
+def test_logit_chunks_equal_the_models_logits():
+    """Scoring runs the output head a chunk of sequences at a time from one trunk pass: the same logits."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data_tools.score import logit_chunks
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        chunks = list(logit_chunks(model, ids))
+        want = model(input_ids=ids).logits
+    assert len(chunks) == 3 and [c[0] for c in chunks] == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    torch.testing.assert_close(torch.cat([c[1] for c in chunks]), want, rtol=1e-5, atol=1e-5)
+    model.config.final_logit_softcapping = 30.0  # logits are more than the head: the model runs whole
+    with torch.inference_mode():
+        (rows, whole), = logit_chunks(model, ids)
+    assert rows == slice(None) and whole.shape == want.shape
