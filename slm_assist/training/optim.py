@@ -77,7 +77,8 @@ def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.opt
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(params, adam_w_mode=True, **kwargs)
-    return torch.optim.AdamW(params, fused=impl == "torch_fused", **kwargs)
+    # fused=False is not the default: it also turns off torch's own choice of implementation (slower on CPU)
+    return torch.optim.AdamW(params, **kwargs, **({"fused": True} if impl == "torch_fused" else {}))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
