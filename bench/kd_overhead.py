@@ -5,8 +5,9 @@
    `Trainer.train_step` with the objective swapped; rounds alternate.
 2. peak memory of the KD loss ÷ the CE-only loss at seq 2048 and vocab 32k (--memory-vocab adds e.g. 128k), forward
    + backward on [2048, V] logits: SALT's fused CE+KD chunked pass (what the trainer runs, auto chunk), CE + a
-   separately chunked KD, and CE + unchunked KD; each variant in a fresh process, the peak above the inputs
-   (CUDA max_memory_allocated on a GPU, peak RSS on CPU).
+   separately chunked KD, and CE + unchunked KD; and from hidden states [2048, 2048] with the heads' weights,
+   distill.fused_linear against a CE step through the head's logits. Each variant in a fresh process, the peak
+   above the inputs (CUDA max_memory_allocated on a GPU, peak RSS on CPU).
 
     python bench/kd_overhead.py [--rounds 6] [--steps 5] [--teacher DIR --llm key=value ... --score key=value ...]
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from data_tools.score import main as score_main
 from slm_assist.core.config import load_config
 from slm_assist.core.scores import ScoresDir
+from slm_assist.kd.fused_linear import fused_linear_ce_kd
 from slm_assist.kd.losses import ce_plus_kd, chunk_tokens, kd_loss
 from slm_assist.kd.sources import CachedSoftLabels, OnlineTeacher
 from slm_assist.salt.objective import SALTObjective
@@ -53,6 +55,12 @@ def memory_probe(variant: str, vocab: int) -> None:
     t = torch.randn(n, v, device=dev)
     y = torch.randint(0, v, (n,), device=dev)
     s.grad = torch.zeros_like(s)  # the gradient buffer exists in every variant: count it as input
+    if variant in ("ce_from_hidden", "fused_linear"):  # from hidden states [n, 2048] and a head [v, 2048]
+        del s, t
+        h = torch.randn(n, 2048, device=dev, requires_grad=True)
+        w = torch.randn(v, 2048, device=dev, requires_grad=True)
+        t_h, t_w = torch.randn(n, 1024, device=dev), torch.randn(v, 1024, device=dev)
+        h.grad, w.grad = torch.zeros_like(h), torch.zeros_like(w)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -61,6 +69,10 @@ def memory_probe(variant: str, vocab: int) -> None:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if variant == "ce":
         loss = F.cross_entropy(s, y)
+    elif variant == "ce_from_hidden":  # what a CE-only step does: the head's logits, then CE
+        loss = F.cross_entropy(h @ w.T, y)
+    elif variant == "fused_linear":  # distill.fused_linear: neither model's logits exist
+        loss = fused_linear_ce_kd(h, w, t_h, t_w, y, 0.5, chunk=chunk_tokens(-1, v, cuda))[0]
     elif variant.startswith("salt_fused"):  # what SALTObjective runs: CE and KD in one chunked pass
         tail = variant.rsplit("_", 1)[1]
         chunk = chunk_tokens(-1 if tail == "auto" else int(tail), v, cuda)
@@ -83,13 +95,16 @@ def memory(args) -> dict:
                  "peak RSS (CPU; noisy between processes)"}
     for vocab in (int(v) for v in args.memory_vocab.split(",")):
         mb = {}
-        for variant in ("ce", "salt_fused_auto", "salt_fused_256", "salt_fused_1024", "kd_chunked", "kd_unchunked"):
+        for variant in ("ce", "salt_fused_auto", "salt_fused_256", "salt_fused_1024", "kd_chunked", "kd_unchunked",
+                        "ce_from_hidden", "fused_linear"):
             res = subprocess.run([sys.executable, __file__, "--memory-probe", variant, "--memory-vocab", str(vocab)],
                                  capture_output=True, text=True, check=True)
             mb[variant] = float(res.stdout.strip().splitlines()[-1])
         auto = chunk_tokens(-1, vocab, torch.cuda.is_available())
         out[f"vocab_{vocab}"] = {"peak_extra_mb": mb, "auto_chunk_tokens": auto,
-                                 **{f"{k}_vs_ce": round(mb[k] / mb["ce"], 3) for k in mb if k != "ce"}}
+                                 **{f"{k}_vs_ce": round(mb[k] / mb["ce"], 3) for k in mb
+                                    if k not in ("ce", "ce_from_hidden", "fused_linear")},
+                                 "fused_linear_vs_ce_from_hidden": round(mb["fused_linear"] / mb["ce_from_hidden"], 3)}
     return out
 
 

@@ -45,7 +45,7 @@ from slm_assist.core.files import (
     atomic_write_text,
     check_writable,
 )
-from slm_assist.core.model_dir import ModelDir
+from slm_assist.core.model_dir import ModelDir, decoder_and_head
 from slm_assist.core.scores import CACHE, CACHE_INFO, MANIFEST, SCORES, is_scores_manifest, write_cache
 from slm_assist.core.selection import read_index
 
@@ -94,13 +94,11 @@ def logit_chunks(model: torch.nn.Module, ids: torch.Tensor) -> Iterator[tuple[sl
     never exist at once. Chunks: up to 1 GiB of fp32 logits on CUDA, 256 MiB on CPU (one head matmul for a whole
     small batch: per-sequence matmuls measured 16% slower for a 27M scorer). A model whose logits are more than
     the head of the last hidden state (soft-capping, scaling) runs whole."""
-    head = model.get_output_embeddings()
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    c = model.config
-    if head is None or decoder is None or getattr(c, "final_logit_softcapping", None) or \
-            getattr(c, "logit_scale", None) not in (None, 1.0):
+    split = decoder_and_head(model)
+    if split is None:
         yield slice(None), model(input_ids=ids).logits
         return
+    decoder, head = split
     hidden = decoder(input_ids=ids).last_hidden_state
     per_seq = ids.shape[1] * head.weight.shape[0] * 4
     step = max(1, (1 << (30 if ids.is_cuda else 28)) // per_seq)

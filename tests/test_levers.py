@@ -238,3 +238,38 @@ def test_auto_chunk_is_sized_by_device():
     assert chunk_tokens(-1, 32000) == 131 and chunk_tokens(-1, 32000, cuda=True) == 524
     assert chunk_tokens(0, 32000, cuda=True) == 0 and chunk_tokens(77, 32000) == 77
     assert chunk_tokens(-1, 10**9) == 1
+
+
+@pytest.mark.parametrize("kind, gates, z", [("forward_kl", (0, 0.0), 0.0), ("forward_kl", (3, 0.2), 1e-3),
+                                            ("jsd", (0, 0.1), 0.0), ("nkd", (0, 0.0), 1e-3)])
+def test_fused_linear_ce_kd_equals_the_loss_on_materialised_logits(kind, gates, z):
+    from slm_assist.kd.fused_linear import fused_linear_ce_kd
+
+    g = torch.Generator().manual_seed(3)
+    n, hdim, vocab, padded = 13, 8, V, V + 5
+    h = torch.randn(n, hdim, generator=g, requires_grad=True)
+    w = (torch.randn(padded, hdim, generator=g) * 0.7).requires_grad_(True)
+    t_h, t_w = torch.randn(n, 6, generator=g), torch.randn(vocab, 6, generator=g)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    topk, conf = gates
+    loss, parts = fused_linear_ce_kd(h, w, t_h, t_w, y, 0.6, kind=kind, tau=1.5, chunk=4, gate_topk=topk,
+                                     gate_confidence=conf, z_loss=z)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+
+    h2, w2 = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    t = t_h @ t_w.T
+    gate = None
+    if topk or conf:
+        top = t.topk(max(1, topk), -1)
+        gate = token_gate(top.indices, top.values - t.logsumexp(-1, keepdim=True), y, topk, conf)
+    want, want_parts = mixed_ce_kd((h2 @ w2.T)[:, :vocab], y, 0.6, SoftTargets(logits=t, gate=gate), kind=kind,
+                                   tau=1.5, chunk=0, z_loss=z)
+    gh2, gw2 = torch.autograd.grad(want, (h2, w2))
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, gh2, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, gw2, rtol=1e-4, atol=1e-6)
+    assert gw[vocab:].abs().max() == 0  # padded rows: no logits, no gradient
+    for k, v in want_parts.items():
+        torch.testing.assert_close(parts[k], v, rtol=1e-5, atol=1e-6)
+    if gate is not None:
+        assert 0 < parts["gate_frac"] < 1

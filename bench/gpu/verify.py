@@ -167,7 +167,9 @@ def stage_kd_memory(c: Ctx) -> dict:
     mem = json.loads(out.read_text())["memory"]
     small, big = (f"vocab_{v}" for v in vocabs.split(","))
     return {"kd_loss_mem_ratio_32k": mem[small]["salt_fused_auto_vs_ce"],
-            "kd_loss_mem_ratio_128k": mem[big]["salt_fused_auto_vs_ce"], **mem}
+            "kd_loss_mem_ratio_128k": mem[big]["salt_fused_auto_vs_ce"],
+            "fused_linear_mem_ratio_32k": mem[small]["fused_linear_vs_ce_from_hidden"],
+            "fused_linear_mem_ratio_128k": mem[big]["fused_linear_vs_ce_from_hidden"], **mem}
 
 
 @stage

@@ -39,6 +39,19 @@ def resolve_attn_implementation(requested: str, device: torch.device) -> str:
     return requested
 
 
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(the decoder trunk, the output head) of an HF causal LM whose logits are exactly head(last hidden state),
+    so a caller may run the head itself, a chunk at a time; None for a model that also soft-caps or scales its
+    logits, or has no such split."""
+    head = model.get_output_embeddings()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    c = model.config
+    if head is None or decoder is None or getattr(c, "final_logit_softcapping", None) or \
+            getattr(c, "logit_scale", None) not in (None, 1.0):
+        return None
+    return decoder, head
+
+
 class ModelDir:
     """An opened model directory. `field` is the setting or argument that named it (`distill.teacher`,
     `model`...): every error starts with `field=path`, so the user knows what to change."""

@@ -145,7 +145,7 @@ def _kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, 
     if teacher_logits is None:
         raise ValueError("KD needs teacher_logits or a cache")
     v = teacher_logits.shape[-1]
-    fn, scale = _divergence(kind, tau, beta, gamma)
+    fn, scale = divergence(kind, tau, beta, gamma)
     return student_logits[..., :v].reshape(-1, v), (lambda x, y, t: fn(x, t, y)), (teacher_logits.reshape(-1, v),), scale
 
 
@@ -156,7 +156,7 @@ def _cache_divergence(cache: dict[str, torch.Tensor], n: int) -> tuple[Callable,
     return sampled_kl, (cache["ids"].reshape(n, -1), cache["logprobs"].reshape(n, -1), cache["weights"].reshape(n, -1))
 
 
-def _divergence(kind: str, tau: float, beta: float, gamma: float) -> tuple[Callable, float]:
+def divergence(kind: str, tau: float, beta: float, gamma: float) -> tuple[Callable, float]:
     """(fn(student_fp32, teacher_side..., targets) -> [n], scale) for an online-teacher KD kind."""
     if kind == "forward_kl":
         return (lambda a, b, y: forward_kl(a / tau, b / tau)), tau**2

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from slm_assist.core import dist
 from slm_assist.core.config import check, check_no_effect
 from slm_assist.core.errors import UserError
+from slm_assist.core.model_dir import decoder_and_head
+from slm_assist.kd.fused_linear import fused_linear_ce_kd
 from slm_assist.kd.losses import chunk_tokens, mixed_ce_kd
 from slm_assist.kd.schedule import KDScheduleConfig, kd_weight
 from slm_assist.kd.sources import SoftTargetSource
@@ -55,6 +57,10 @@ class DistillConfig:
     distill.curriculum_scores."""
     curriculum_scores: str = ""
     """The data_tools.score output dir whose scores order the curriculum."""
+    fused_linear: bool = False
+    """KD-phase loss straight from the hidden states of student and teacher, a chunk of tokens at a time
+    (kd/fused_linear.py): neither model's full logits exist, which saves most of the loss memory at a 32k+
+    vocabulary. Online teacher only (no cache, no ensemble), ZeRO 0-2, models whose logits are head(hidden)."""
     cache: str = ""
     """A data_tools.score output dir with a soft-label cache for this data: KD from the cached top-k / sampled
     labels instead of running the teacher (forward KL, tau = 1). "" = online teacher."""
@@ -100,6 +106,10 @@ class DistillConfig:
                   "phase's sequences)")
             check(not self.handover_every, "curriculum", self.curriculum, "none with handover_every (a KD phase "
                   "ended early would leave the hardest sequences first in the CE phase)")
+        if self.fused_linear:
+            check(bool(self.teacher) and not (self.cache or self.ensemble_teachers or self.label_smoothing),
+                  "fused_linear", self.fused_linear, "false unless the KD term comes from one online distill.teacher "
+                  "(not a cache, an ensemble or label smoothing)")
         if self.handover_every and self.ensemble_teachers:
             check(False, "handover_every", self.handover_every, "0 with ensemble_teachers (the handover compares "
                   "the student with distill.teacher alone)")
@@ -168,12 +178,14 @@ class SALTObjective(Objective):
             raise UserError("the SALT objective does not take loss masks; distil on packed causal-LM data")
         self._maybe_hand_over(model, step)
         w = self.weight(step)
-        # Only the real vocabulary is compared and scored: padded rows of either model are cut off.
-        logits = model(input_ids=batch.input_ids).logits[:, :-1, : self.vocab]
         targets = batch.targets()
         metrics = {"w_t": torch.tensor(w, dtype=torch.float64), "kd_phase": torch.tensor(float(w > 0))}
         if self.handover_step is not None:
             metrics["handover_step"] = torch.tensor(float(self.handover_step))
+        if self.cfg.fused_linear and w > 0:
+            return self._fused_linear(model, batch, targets, w, metrics)
+        # Only the real vocabulary is compared and scored: padded rows of either model are cut off.
+        logits = model(input_ids=batch.input_ids).logits[:, :-1, : self.vocab]
         if w == 0.0:
             loss, parts = ce_with_z_loss(logits, targets, self.z_loss)
             return loss, {**parts, **metrics}
@@ -182,6 +194,29 @@ class SALTObjective(Objective):
         loss, parts = mixed_ce_kd(logits, targets, w, self.source(batch, self.vocab), kind=cfg.kind, tau=cfg.tau,
                                   beta=cfg.beta, gamma=cfg.gamma, chunk=chunk, z_loss=self.z_loss)
         return loss, {**metrics, **parts}
+
+    def _fused_linear(self, model: torch.nn.Module, batch: Batch, targets: torch.Tensor, w: float,
+                      metrics: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The KD-phase loss from hidden states (distill.fused_linear): the output heads run a chunk at a time
+        inside the loss. The trunk is called directly, past the DeepSpeed engine's forward (ZeRO 0-2 only)."""
+        student = getattr(model, "module", model)
+        (s_dec, s_head), (t_dec, t_head) = self._splits(student)
+        cfg = self.cfg
+        hidden = s_dec(input_ids=batch.input_ids).last_hidden_state[:, :-1]
+        with torch.no_grad():
+            t_hidden = t_dec(input_ids=batch.input_ids).last_hidden_state[:, :-1]
+        loss, parts = fused_linear_ce_kd(
+            hidden, s_head.weight, t_hidden, t_head.weight[: self.vocab], targets, w, kind=cfg.kind, tau=cfg.tau,
+            beta=cfg.beta, gamma=cfg.gamma, chunk=chunk_tokens(cfg.chunk_tokens, self.vocab, hidden.is_cuda),
+            gate_topk=cfg.gate_topk, gate_confidence=cfg.gate_confidence, z_loss=self.z_loss)
+        return loss, {**metrics, **parts}
+
+    def _splits(self, student: torch.nn.Module):
+        splits = (decoder_and_head(student), decoder_and_head(self.teacher))
+        if None in splits:
+            raise UserError("distill.fused_linear needs models whose logits are exactly their output head applied "
+                            "to the last hidden state (no logit soft-capping or scaling); set it to false")
+        return splits
 
     def stream(self, step: int) -> str:
         """The KD phase draws from the selected subset (the recipe's "kd" stream) when there is one."""

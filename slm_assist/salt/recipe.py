@@ -54,6 +54,9 @@ def build_objective(cfg: RunConfig, data: RunData, kd_rows: np.ndarray | None = 
     d = cfg.distill
     if not d.enabled:
         return CausalLMObjective()
+    if d.fused_linear and cfg.train.zero_stage == 3:
+        raise UserError("distill.fused_linear reads the output heads' weights outside a forward pass, which ZeRO-3 "
+                        "keeps partitioned; use train.zero_stage <= 2 or distill.fused_linear=false")
     # bf16 halves a GPU teacher's weights and doubles its matmul rate; on CPU bf16 matmuls are slower, not faster
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and data.device.type == "cuda" else "auto"
     teacher = load_teacher(d.teacher, data.dataset, data.device, "distill.teacher", dtype) if d.teacher else None
