@@ -1,8 +1,9 @@
 """KD overhead benchmarks (issue 4), each measured side by side in one run:
 
-1. step time with KD ÷ CE-only step time, same LLM, batch and machine, for the online SLM teacher and for the
-   cached top-k soft labels, next to the FLOP-model limit 1 + N_slm / (3 · N_llm). The steps are the real
-   `Trainer.train_step` with the objective swapped; rounds alternate.
+1. step time with KD ÷ CE-only step time, same LLM, batch and machine, for the online SLM teacher (through full
+   logits, and with distill.fused_linear) and for the cached top-k soft labels, next to the FLOP-model limit
+   1 + N_slm / (3 · N_llm). The steps are the real `Trainer.train_step` with the objective swapped; rounds
+   alternate.
 2. peak memory of the KD loss ÷ the CE-only loss at seq 2048 and vocab 32k (--memory-vocab adds e.g. 128k), forward
    + backward on [2048, V] logits: SALT's fused CE+KD chunked pass (what the trainer runs, auto chunk), CE + a
    separately chunked KD, and CE + unchunked KD; and from hidden states [2048, 2048] with the heads' weights,
@@ -18,6 +19,7 @@ pass their own models. Writes bench/results/kd_overhead.json (or --out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -133,6 +135,8 @@ def step_time(args, llm_config: Path = REPO / "configs/demo/llm.yaml", llm_overr
         "ce": CausalLMObjective(),
         "kd_online": SALTObjective(cfg.distill, OnlineTeacher(teacher), vocab, cfg.train.max_steps),
         "kd_cached": SALTObjective(cached_cfg, CachedSoftLabels(cache), vocab, cfg.train.max_steps),
+        "kd_fused_linear": SALTObjective(dataclasses.replace(cfg.distill, fused_linear=True), OnlineTeacher(teacher),
+                                         vocab, cfg.train.max_steps, teacher=teacher),
     }
 
     def run(name: str) -> float:
@@ -154,6 +158,7 @@ def step_time(args, llm_config: Path = REPO / "configs/demo/llm.yaml", llm_overr
     n_slm = sum(p.numel() for p in teacher.parameters())
     return {"kd_step_ratio_online": round(med["kd_online"] / med["ce"], 4),
             "kd_step_ratio_cached": round(med["kd_cached"] / med["ce"], 4),
+            "kd_step_ratio_fused_linear": round(med["kd_fused_linear"] / med["ce"], 4),
             "flop_limit": round(1 + n_slm / (3 * n_llm), 4), "llm_params": n_llm, "slm_params": n_slm,
             "ce_step_s": round(med["ce"], 4), "micro_batch": cfg.train.micro_batch_size,
             "seq_len": trainer.manifest["seq_len"], "rounds": args.rounds, "steps_per_round": args.steps,

@@ -147,7 +147,8 @@ def stage_kd(c: Ctx) -> dict:
        "2" if c.tiny else "5", "--teacher", str(slm / "final"), "--work", str(c.work / "kd"), "--out", str(out),
        *[f"--llm={o}" for o in llm], f"--score=data={data}", f"--score=batch_size={64 if c.tiny else 4}", module=False)
     st = json.loads(out.read_text())["step_time"]
-    return {k: st[k] for k in ("kd_step_ratio_online", "kd_step_ratio_cached", "flop_limit")} | {"detail": st}
+    return {k: st[k] for k in ("kd_step_ratio_online", "kd_step_ratio_cached", "kd_step_ratio_fused_linear",
+                               "flop_limit")} | {"detail": st}
 
 
 @stage
