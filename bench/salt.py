@@ -40,18 +40,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from salt_report import FIXED, GOAL, plot, rank_key, summary  # bench/salt_report.py, next to this script
 
 from data_tools.corpus import joined_documents, write_jsonl
 from slm_assist.core.dataset import load_split, read_manifest
+from slm_assist.core.files import atomic_write_text
 from slm_assist.core.scores import ScoresDir
 from slm_assist.eval import cloze_accuracy, dataset_loss, load_model
-from slm_assist.training.metrics import mean_se, steps_to_reach, val_curve
+from slm_assist.training.metrics import mean_se, paired_z, steps_to_reach, val_curve
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "corpora"
 MAIN_CORPORA = {"pydoc": CORPORA / "train_pydoc.txt.gz", "linuxdoc": CORPORA / "train_linuxdoc.txt.gz"}
 OOD_CORPUS = CORPORA / "train_perldoc.txt.gz"
-GOAL = 0.65  # steps fraction the best recipe must reach, mean over seeds, on both corpora
 REGIME = 0.6  # the baseline must overtake the SLM within this fraction of the run
 
 _SLM = dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3)
@@ -69,7 +70,6 @@ PROFILES = {
                   llm=dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3),
                   singles=1, combo=2, kd_rounds=1, kd_steps=2),
 }
-FIXED = ("baseline", "salt", "ls_control")  # in every table; the rest are levers
 
 
 def salt(c: dict, **extra) -> dict:
@@ -117,9 +117,7 @@ def _json(path: Path) -> dict:
 
 
 def _save(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 # ---- per-corpus setup: data, SLMs, scores, selections ---------------------------------------------------------
@@ -258,16 +256,6 @@ def runs_of(ctx: dict, arm: str) -> dict[int, dict]:
     return out
 
 
-def paired_z(a: dict[int, dict], b: dict[int, dict], key: str) -> float | None:
-    """z of mean(b - a) over the seeds both have (a positive z: `a` is lower); None below 2 seeds or a missing value."""
-    seeds = sorted(set(a) & set(b))
-    diffs = [b[s][key] - a[s][key] for s in seeds if a[s][key] is not None and b[s][key] is not None]
-    if len(diffs) < 2 or len(diffs) < len(seeds):
-        return None
-    mean, se = mean_se(diffs)
-    return None if not se else mean / se
-
-
 def summarise_arm(by_seed: dict[int, dict], salt_runs: dict[int, dict], base_runs: dict[int, dict]) -> dict:
     fr = [r["steps_fraction"] for r in by_seed.values()]
     reached = [f for f in fr if f is not None]
@@ -286,11 +274,6 @@ def summarise_arm(by_seed: dict[int, dict], salt_runs: dict[int, dict], base_run
             "final_val_loss_z_vs_salt": paired_z(by_seed, salt_runs, "final_val_loss"),
             "ood_val_loss_z_vs_baseline": paired_z(by_seed, base_runs, "ood_val_loss"),
             "per_seed": {str(s): {k: v for k, v in r.items() if k != "val_curve"} for s, r in by_seed.items()}}
-
-
-def _rank_key(a: dict) -> tuple[float, float]:
-    f = a.get("steps_fraction_mean")
-    return (math.inf if f is None else f, a["final_val_loss_mean"])
 
 
 # ---- the confirm plan ------------------------------------------------------------------------------------------
@@ -312,12 +295,12 @@ def combine(arms: list[str], ctx: dict) -> dict | None:
 def confirm_plan(screen: dict[str, dict], ctx: dict, p: dict) -> dict:
     """The levers to confirm: the best `singles` by screened steps fraction, and the largest compatible
     combination (up to `combo` levers) of the best-ranked ones that beat SALT in the screen."""
-    levers = sorted((a for a in screen if a not in FIXED), key=lambda a: _rank_key(screen[a]))
+    levers = sorted((a for a in screen if a not in FIXED), key=lambda a: rank_key(screen[a]))
     singles = levers[: p["singles"]]
-    salt_key = _rank_key(screen["salt"]) if "salt" in screen else (math.inf, math.inf)
+    salt_key = rank_key(screen["salt"]) if "salt" in screen else (math.inf, math.inf)
     chosen: list[str] = []
     for a in levers:
-        if len(chosen) == p["combo"] or _rank_key(screen[a]) >= salt_key:
+        if len(chosen) == p["combo"] or rank_key(screen[a]) >= salt_key:
             break
         new = combine(chosen + [a], ctx)
         if new is None or new == combine(chosen, ctx):  # conflicting, or adds nothing (ensemble_mean + _vote)
@@ -336,59 +319,24 @@ def arm_settings(arm: str, ctx: dict) -> dict:
 
 # ---- report ----------------------------------------------------------------------------------------------------
 
-def plot(corpora: dict, ctxs: dict, confirm: list[str], steps: int, n_kd: int, out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(corpora)
-    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.6), squeeze=False)
-    for ax, corpus in zip(axes[0], names):
-        ctx = ctxs[corpus]
-        for arm in confirm:
-            runs = runs_of(ctx, arm)
-            if not runs:
-                continue
-            steps_axis = [s for s, _ in next(iter(runs.values()))["val_curve"]]
-            ys = np.array([[v for _, v in r["val_curve"]] for r in runs.values()])
-            mean = ys.mean(0)
-            line, = ax.plot(steps_axis, mean, label=f"{arm} ({len(runs)} seeds)", lw=2 if arm in FIXED else 1.3)
-            ax.fill_between(steps_axis, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-        ax.axhline(val_curve(ctx["slm_dir"])[-1][1], color="grey", ls=":", label="SLM final")
-        ax.axvline(n_kd, color="k", ls="--", lw=0.8, label=f"end of SALT's KD phase ({n_kd})")
-        c = corpora[corpus]
-        if c.get("crossover_fraction") is not None:
-            ax.axvline(c["crossover_fraction"] * steps, color="tab:red", ls=":", lw=0.8, label="baseline overtakes SLM")
-        base = runs_of(ctx, "baseline")
-        if base:
-            finals = [r["final_val_loss"] for r in base.values()]
-            ax.set_ylim(min(finals) - 0.15, max(finals) + 1.0)
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation loss (mean; band: min-max over seeds)")
-        ax.set_title(f"{title}: {corpus}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 0.32 * len(ARMS) + 1.8), squeeze=False)
-    for ax, corpus in zip(axes[0], names):
-        arms = corpora[corpus]["arms"]
-        order = sorted(arms, key=lambda a: _rank_key(arms[a]), reverse=True)
-        vals = [arms[a]["steps_fraction_mean"] or 1.05 for a in order]
-        errs = [arms[a]["steps_fraction_se"] or 0.0 for a in order]
-        colors = ["#9ecae1" if arms[a]["n_seeds"] == 1 else "tab:blue" for a in order]
-        ax.barh(range(len(order)), vals, xerr=errs, color=colors, capsize=3)
-        ax.set_yticks(range(len(order)), [f"{a} (n={arms[a]['n_seeds']})" for a in order], fontsize=7)
-        ax.axvline(GOAL, color="tab:green", ls="--", lw=1, label=f"goal {GOAL}")
-        ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_xlabel("steps to the baseline's final val loss ÷ the baseline's steps")
-        ax.set_title(f"{corpus}: mean ± SE over seeds (pale: 1 seed; 1.05: never reached)", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "fractions.png", dpi=110)
-    plt.close(fig)
+def best_recipe(corpora: dict, confirm: list[str], seeds: int) -> tuple[str | None, dict | None]:
+    """The confirmed recipe with the lowest steps fraction averaged over both corpora (every seed done on each),
+    and how it stands against the goal: <= GOAL on both corpora and OOD not worse than the baseline (z > -2)."""
+    best_arm, best = None, math.inf
+    for a in confirm:
+        if a in ("baseline", "ls_control"):
+            continue
+        per = [corpora[c]["arms"].get(a, {}) for c in corpora]
+        fr = [x.get("steps_fraction_mean") for x in per]
+        complete = len(corpora) == 2 and all(x.get("n_seeds", 0) >= seeds for x in per)
+        if complete and None not in fr and float(np.mean(fr)) < best:
+            best_arm, best = a, float(np.mean(fr))
+    if best_arm is None:
+        return None, None
+    per = {c: corpora[c]["arms"][best_arm] for c in corpora}
+    ood_ok = all((a["ood_val_loss_z_vs_baseline"] or 0) > -2 for a in per.values())
+    return best_arm, {"target": GOAL, "steps_fraction_by_corpus": {c: a["steps_fraction_mean"] for c, a in per.items()},
+                      "ood_not_worse": ood_ok, "met": ood_ok and all(a["steps_fraction_mean"] <= GOAL for a in per.values())}
 
 
 def kd_costs(p: dict, ctx: dict, skip_memory: bool) -> dict:
@@ -486,20 +434,7 @@ def main() -> None:
                          "label_smoothing_eps": ctx["eps"], "cl_filter_cut": ctx["cl_cut"],
                          "cl_filter_excluded": ctx["cl_flagged"],
                          "data_manifest": read_manifest(ctx["data"]), "arms": arms}
-    best_arm, best = None, math.inf
-    candidates = [a for a in confirm if a not in ("baseline", "ls_control")]
-    for a in candidates:
-        fr = [corpora[c]["arms"].get(a, {}).get("steps_fraction_mean") for c in corpora]
-        complete = len(corpora) == 2 and all(corpora[c]["arms"].get(a, {}).get("n_seeds", 0) >= seeds for c in corpora)
-        if complete and all(f is not None for f in fr) and float(np.mean(fr)) < best:
-            best_arm, best = a, float(np.mean(fr))
-    goal = None
-    if best_arm:
-        per = {c: corpora[c]["arms"][best_arm] for c in corpora}
-        goal = {"target": GOAL, "steps_fraction_by_corpus": {c: a["steps_fraction_mean"] for c, a in per.items()},
-                "ood_not_worse": all((a["ood_val_loss_z_vs_baseline"] or 0) > -2 for a in per.values()),
-                "met": all(a["steps_fraction_mean"] <= GOAL for a in per.values())
-                and all((a["ood_val_loss_z_vs_baseline"] or 0) > -2 for a in per.values())}
+    best_arm, goal = best_recipe(corpora, confirm, seeds)
     sizes = {"slm_params": _params(Path(screen_ctx["slm"])),
              "llm_params": _params(screen_ctx["work"] / "baseline" / "seed0" / "final")}
     result = {"profile": profile, "test_scale": profile == "quick", "phase": args.phase, "corpora": corpora,
@@ -521,7 +456,8 @@ def main() -> None:
     suffix = "" if profile == "full" else "_quick"
     plot_dir = out / f"salt{suffix}"
     plot_dir.mkdir(exist_ok=True)
-    plot(corpora, ctxs, confirm, p["steps"], result["n_kd_steps"], plot_dir,
+    curves = {c: {a: [r["val_curve"] for r in runs_of(ctx, a).values()] for a in confirm} for c, ctx in ctxs.items()}
+    plot(corpora, curves, p["steps"], result["n_kd_steps"], len(ARMS), plot_dir,
          f"SALT ({profile}): LLM {sizes['llm_params'] / 1e6:.2f}M, SLM {sizes['slm_params'] / 1e6:.2f}M")
     _save(out / f"salt{suffix}.json", result)
     print(summary(result))
@@ -529,31 +465,6 @@ def main() -> None:
 
 def _params(model_dir: Path) -> int:
     return sum(t.numel() for t in load_model(model_dir, torch.device("cpu"))[0].parameters())
-
-
-def summary(r: dict) -> str:
-    def f(v, fmt=".3f"):
-        return "—" if v is None else format(v, fmt)
-
-    lines = [f"SALT benchmark, profile {r['profile']}: {r['token_budget']:,} tokens per run, LLM "
-             f"{r['sizes']['llm_params']:,} params, SLM {r['sizes']['slm_params']:,}; best arm: {r['best_arm']}"]
-    for name, c in r["corpora"].items():
-        lines += ["", f"### {name}: baseline overtakes the SLM at {f(c['crossover_fraction'], '.0%')} of the run "
-                  f"(regime ok: {c['regime_ok']})", "",
-                  "| arm | seeds | steps fraction | z vs SALT | final val loss | OOD val loss | cloze acc |",
-                  "|---|---|---|---|---|---|---|"]
-        for arm, a in sorted(c["arms"].items(), key=lambda kv: _rank_key(kv[1])):
-            sf = f(a["steps_fraction_mean"]) + (f" ± {a['steps_fraction_se']:.3f}" if a["steps_fraction_se"] else "")
-            lines.append(f"| {arm} | {a['n_seeds']} | {sf} | {f(a['steps_fraction_z_vs_salt'], '.1f')} | "
-                         f"{f(a['final_val_loss_mean'], '.4f')} | {f(a['ood_val_loss_mean'], '.4f')} | "
-                         f"{f(a['cloze_acc_mean'])} |")
-    lines += ["", f"KD step ÷ CE step: online {r['kd_step_ratio_online']}, cached {r['kd_step_ratio_cached']} "
-              f"(FLOP limit {r['flop_limit']})"]
-    if r.get("goal"):
-        lines.append(f"goal (<= {GOAL} on both corpora, OOD not worse): {r['goal']}")
-    if r.get("note"):
-        lines += ["", r["note"]]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,9 @@ def load_bench(name: str):
     """A bench/ script imported as a module (bench scripts are not a package), for tests of its plan and figures."""
     import importlib.util
 
+    bench_dir = str((REPO / "bench" / name).parent)
+    if bench_dir not in sys.path:  # as `python bench/X.py` has it: a script imports its sibling modules
+        sys.path.insert(0, bench_dir)
     spec = importlib.util.spec_from_file_location(f"bench_{name.replace('/', '_')}", REPO / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from slm_assist.core.files import atomic_write_text
 from slm_assist.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -221,9 +222,7 @@ def versions() -> dict:
 
 
 def _write(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def main() -> None:

@@ -132,3 +132,15 @@ def mean_se(xs: list[float]) -> tuple[float, float | None]:
     """Mean and standard error (sample std / sqrt(n)) of per-seed figures; the SE is None for one seed."""
     a = np.asarray(xs, dtype=float)
     return float(a.mean()), (float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else None)
+
+
+def paired_z(a: dict[int, dict], b: dict[int, dict], key: str) -> float | None:
+    """z of mean(b[s][key] - a[s][key]) over the seeds both have (positive: `a` is lower), from the paired
+    differences' standard error; None below 2 seeds or when a value is missing. With few seeds it is a t statistic
+    (3 seeds: 2 degrees of freedom)."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [b[s][key] - a[s][key] for s in seeds if a[s][key] is not None and b[s][key] is not None]
+    if len(diffs) < 2 or len(diffs) < len(seeds):
+        return None
+    mean, se = mean_se(diffs)
+    return None if not se else mean / se
