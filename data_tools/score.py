@@ -27,7 +27,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from data_tools.score_math import DEFAULT_CONFIDENT, SCORE_COLUMNS, score_logits
+from data_tools.score_math import (
+    DEFAULT_CONFIDENT,
+    SCORE_COLUMNS,
+    compiled_token_stats,
+    score_logits,
+    token_stats,
+)
 from data_tools.softlabels import (
     CacheConfig,
     bytes_per_position,
@@ -78,6 +84,9 @@ class ScoreConfig:
     """Only check that every shard is done and merge them."""
     torch_threads: int = 0
     """CPU threads (0 = torch's default)."""
+    compile: bool | None = None
+    """Compile the per-token statistics (fused reductions over each logits chunk); null = on CUDA only (on CPU
+    it needs a C++ compiler and the eager version is the measured baseline)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
@@ -130,6 +139,7 @@ class Scorer:
             if d is not None:
                 d.check_vocabulary(self.data, "score with a model trained on this tokenizer")
                 d.check_context(self.data.seq_len, "score sequences of the data's seq_len")
+        self.stats = token_stats  # compiled by load_models where cfg.compile says
         self.cache_indices: set[int] | None = None
         if cfg.cache.mode != "none" and cfg.cache.indices:
             self.cache_indices = set(read_index(cfg.cache.indices, len(self.ds), "cache.indices").tolist())
@@ -183,6 +193,8 @@ class Scorer:
             torch.set_num_threads(self.cfg.torch_threads)
         device = dist.device()
         dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32
+        if self.cfg.compile if self.cfg.compile is not None else device.type == "cuda":
+            self.stats = compiled_token_stats()
 
         def load(d: ModelDir) -> torch.nn.Module:
             return d.load(device, len(d.tokenizer), dtype=dtype).eval()
@@ -202,11 +214,12 @@ class Scorer:
             idx = np.arange(start, min(start + cfg.batch_size, rows.stop))
             ids = torch.from_numpy(np.asarray(self.ds[idx]["input_ids"], dtype=np.int64)).to(device)
             for rows_, logits in logit_chunks(model, ids):
-                for c, v in score_logits(logits, ids[rows_], cfg.topk, confident=cfg.confident_threshold).items():
+                scores = score_logits(logits, ids[rows_], cfg.topk, confident=cfg.confident_threshold, stats=self.stats)
+                for c, v in scores.items():
                     cols[c].append(v)  # stays on the device: one copy per shard, no sync per batch
                 self._cache_batch(logits, idx[rows_], labels, cached)
             if ref is not None:
-                cols["ref_mean_loss"] += [score_logits(logits, ids[rows_], cfg.topk)["mean_loss"]
+                cols["ref_mean_loss"] += [score_logits(logits, ids[rows_], cfg.topk, stats=self.stats)["mean_loss"]
                                           for rows_, logits in logit_chunks(ref, ids)]
             cols["index"].append(torch.from_numpy(idx))
             bar.update(len(idx))

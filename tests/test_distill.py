@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from slm_assist.core.errors import ConfigError, UserError
+from slm_assist.kd.sources import CachedSoftLabels
 from slm_assist.train import main
 from slm_assist.training.metrics import read_metrics
 
@@ -189,8 +192,10 @@ def test_zero3_student_with_teacher_on_two_processes(tiny_data, tiny_slm, tmp_pa
     assert all(r["kd"] > 0 for r in recs[:6])
 
 
-def test_cached_top_k_with_full_vocab_matches_online_kd(tiny_data, tiny_slm, tmp_path):
-    """KD from a top-k cache with k = vocabulary trains like the online teacher (fp16 log-probs aside)."""
+def test_cached_top_k_with_full_vocab_matches_online_kd(tiny_data, tiny_slm, tmp_path, monkeypatch):
+    """KD from a top-k cache with k = vocabulary trains like the online teacher (fp16 log-probs aside); with the
+    labels read ahead with their batches (the stream's prefetch thread, as on a GPU) it trains bit for bit the
+    same as with the labels read at the step."""
     from data_tools.score import main as score_main
 
     from .conftest import REPO
@@ -207,6 +212,17 @@ def test_cached_top_k_with_full_vocab_matches_online_kd(tiny_data, tiny_slm, tmp
         assert a["kd"] > 0.005 and b["kd"] == pytest.approx(a["kd"], rel=2e-3)
         assert b["gate_frac"] == a["gate_frac"]
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+    monkeypatch.setattr("slm_assist.training.batches.PREFETCH", True)
+    threads = []
+    read = CachedSoftLabels.attach
+    monkeypatch.setattr(CachedSoftLabels, "attach",
+                        lambda self, b: threads.append(threading.current_thread().name) or read(self, b))
+    main(run_overrides(tiny_data, tmp_path / "ahead", *common, f"distill.cache={scores}"))
+    # the first batch is read at the first step; the rest (and one past the end) in the stream's thread
+    assert threads[0] == threading.main_thread().name and len(threads) >= 3
+    assert all(t.startswith("batches") for t in threads[1:])
+    keys = ("step", "loss", "ce", "kd", "gate_frac")
+    assert [[r[k] for k in keys] for r in read_metrics(tmp_path / "ahead")] == [[r[k] for k in keys] for r in cached]
 
 
 def test_cache_for_other_data_is_refused(tiny_data, tiny_slm, tmp_path):

@@ -59,3 +59,15 @@ def test_profile_splits_time_by_kind():
     assert set(res["share"]) == {"gemm", "attention", "optimizer", "other"}
     assert sum(res["share"].values()) == pytest.approx(1.0, abs=1e-3)
     assert res["share"]["gemm"] > 0 and res["share"]["other"] > 0 and res["top"]
+
+
+def test_ce_path_stage_runs_the_same_loss_every_way(tmp_path):
+    """The ce_path stage's loss paths compute the same CE (the fused-linear pass at w_t = 0 is CE), so its timings
+    compare like with like; on CPU Liger is left out (it needs CUDA)."""
+    verify = load_bench("gpu/verify")
+    res = verify.stage_ce_path(verify.Ctx(True, tmp_path))
+    assert res["paths"] == ["materialised", "fused_linear"]
+    for vocab in ("vocab_2000", "vocab_8000"):
+        row = res[vocab]
+        assert row["fused_linear"]["loss"] == pytest.approx(row["materialised"]["loss"], rel=1e-3)
+        assert row["fused_linear_time_vs_materialised"] > 0

@@ -90,6 +90,62 @@ def test_subset_stream_draws_only_selected_rows_and_covers_them():
     assert set(sum(_take(b, 8), [])) <= set(rows.tolist())
 
 
+def _trace(b: ShardedBatches, n: int) -> list[tuple[list[int], list[int], int, int]]:
+    """Each batch's rows and index, and the stream's state after it."""
+    out = []
+    for _ in range(n):
+        batch = b.next()
+        out.append((batch.input_ids[:, 0].tolist(), batch.index.tolist(), b.epoch, b.cursor))
+    return out
+
+
+def test_prefetching_stream_hands_out_the_same_batches_and_states():
+    """The batch read ahead in a thread is the one `next` would read; the state counts handed-out batches only,
+    so a checkpoint taken mid-stream resumes identically; a curriculum or a resume set after reading ahead
+    drops the stale read."""
+    def pair(**kw):
+        return ShardedBatches(Rows(30), 4, 0, 1, seed=7, prefetch=False, **kw), \
+            ShardedBatches(Rows(30), 4, 0, 1, seed=7, prefetch=True, **kw)
+
+    plain, ahead = pair()
+    assert ahead.prefetches and not plain.prefetches
+    assert _trace(ahead, 9) == _trace(plain, 9)  # crosses an epoch boundary (7 batches per epoch)
+    state = ahead.state_dict()
+    assert state == plain.state_dict()
+    resumed = ShardedBatches(Rows(30), 4, 0, 1, seed=0, prefetch=True)
+    _trace(resumed, 2)  # reads ahead from the wrong position, then resumes
+    resumed.load_state_dict(state)
+    assert _trace(resumed, 6) == _trace(ahead, 6) == _trace(plain, 6)
+    plain, ahead = pair()
+    _trace(plain, 1), _trace(ahead, 1)
+    key = np.arange(30.0)[::-1]
+    for b in (plain, ahead):
+        b.order_first(key, 12)
+    assert _trace(ahead, 5) == _trace(plain, 5)
+
+
+def test_attach_runs_in_the_prefetch_thread_for_the_right_rows():
+    import threading
+    from dataclasses import replace
+
+    import torch
+
+    seen = []
+
+    def attach(batch):
+        seen.append(threading.current_thread().name)
+        return replace(batch, extras={"x": torch.from_numpy(batch.index * 10)})
+
+    b = ShardedBatches(Rows(30), 4, 0, 1, seed=1, prefetch=True)
+    b.attach = attach
+    for _ in range(5):
+        batch = b.next()
+        assert batch.extras["x"].tolist() == (batch.input_ids[:, 0] * 10).tolist()
+    b._ahead[1].result()  # the sixth batch, read ahead
+    assert seen[0] == threading.current_thread().name  # the first batch: nothing read ahead yet
+    assert len(seen) == 6 and all(name.startswith("batches") for name in seen[1:])
+
+
 def test_optimizer_impl_is_the_one_asked_for():
     import torch
 

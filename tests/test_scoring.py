@@ -68,6 +68,54 @@ def test_scores_match_hand_computation():
     assert got["learnable_frac"][2] == 0 and math.isnan(got["salt_ds"][2])
 
 
+def _topk_token_stats(logits: torch.Tensor, targets: torch.Tensor, k: int, confident: float) -> dict:
+    """The former implementation (top-k values instead of a rank count), kept as the reference."""
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).values
+    z_y = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    shifted = logits.float() - top[..., :1].float()
+    e = shifted.exp()
+    s = e.sum(-1)
+    return {"loss": s.log() - (z_y.float() - top[..., 0].float()),
+            "entropy": s.log() - torch.linalg.vecdot(e, shifted) / s,
+            "learnable": z_y >= top[..., -1], "top1": z_y >= top[..., 0],
+            "confident_wrong": (s <= 1.0 / confident) & (z_y < top[..., 0])}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 5, 300])
+def test_token_stats_match_the_former_top_k_version(dtype, k):
+    """Same statistics as the top-k implementation, on peaked and flat rows, with ties (bf16 rounding makes
+    many) and k above the vocabulary; the caller's logits are left unchanged."""
+    g = torch.Generator().manual_seed(2)
+    B, P, V = 3, 40, 257
+    logits = (torch.randn(B, P, V, generator=g) * torch.tensor([0.3, 3.0, 12.0]).view(B, 1, 1)).to(dtype)
+    targets = torch.randint(0, V, (B, P), generator=g)
+    targets[:, ::4] = logits[:, ::4].argmax(-1)
+    before = logits.clone()
+    got, want = token_stats(logits, targets, k, 0.5), _topk_token_stats(logits, targets, k, 0.5)
+    assert torch.equal(logits, before)
+    for name in want:
+        if want[name].dtype == torch.bool:
+            assert torch.equal(got[name], want[name]), name
+        else:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6)
+    assert 0 < want["learnable"].sum() < want["learnable"].numel() or k > V
+
+
+def test_token_stats_trace_as_one_graph():
+    """The scorer compiles token_stats with fullgraph=True on CUDA: dynamo must capture it without a graph break
+    (the eager backend checks the trace on CPU without a C++ compiler), and give the same numbers."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    stats = torch.compile(token_stats, fullgraph=True, dynamic=True, backend="eager")
+    for rows in (4, 3):  # a shorter last chunk
+        logits = torch.randn(rows, 9, 50, generator=g).to(torch.bfloat16)
+        targets = torch.randint(0, 50, (rows, 9), generator=g)
+        got, want = stats(logits, targets, 5, 0.5), token_stats(logits, targets, 5, 0.5)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("threshold", [0.05, 0.3, 0.5, 0.9, 1.0])
 def test_confident_wrong_matches_softmax_and_argmax(threshold):
     """confident_wrong = top-1 probability >= threshold and target != argmax, against a float64 softmax."""
@@ -205,6 +253,9 @@ def test_top_k_cache_matches_a_direct_forward(tiny_data, tiny_slm, tmp_path):
     cache = SoftLabelCache(out / "cache")
     assert len(cache) == 4 and cache.mode == "top_k"
     got = cache.get([17, 5])
+    stored = cache.read([17, 5])  # what a prefetching stream copies to the device: the stored dtypes
+    assert (stored["ids"].dtype, stored["logprobs"].dtype) == (torch.int32, torch.float16)
+    assert torch.equal(stored["ids"].long(), got["ids"])
     model = AutoModelForCausalLM.from_pretrained(str(tiny_slm)).eval()
     ids = torch.from_numpy(np.asarray(load_split(tiny_data, "train")[[17, 5]]["input_ids"], dtype=np.int64))
     with torch.no_grad():

@@ -8,6 +8,8 @@ Stages, most wanted first:
   kd                    KD step ÷ CE step, 1B student + ~0.25B teacher, online and cached top-k, and the FLOP limit
   scoring               data_tools.score ÷ a bare forward pass on a realistic scorer (~0.27B, vocab 32k, seq 2048)
   kd_memory             KD loss peak ÷ CE-only peak at seq 2048, vocab 32k and 128k (CUDA max_memory_allocated)
+  ce_path               CE-only loss from hidden states: materialised logits vs our fused-linear pass vs Liger's
+                        fused linear CE (when liger-kernel is installed), time and peak memory at vocab 32k, 128k
   trainer_vs_plain_88m  the same ratio on a ~110M model at seq 256
   optimizer             trainer tokens/s with torch's fused AdamW ÷ DeepSpeed's FusedAdam, on the 1B
   attention, zero       attn auto vs sdpa losses; ZeRO-1 vs ZeRO-2 bf16 losses (issue 6's checks, kept)
@@ -172,6 +174,65 @@ def stage_kd_memory(c: Ctx) -> dict:
             "kd_loss_mem_ratio_128k": mem[big]["salt_fused_auto_vs_ce"],
             "fused_linear_mem_ratio_32k": mem[small]["fused_linear_vs_ce_from_hidden"],
             "fused_linear_mem_ratio_128k": mem[big]["fused_linear_vs_ce_from_hidden"], **mem}
+
+
+def _loss_path(name: str, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
+    """One CE-only loss from hidden states h [N, H] and a head w [V, H] (what a CE step's head + loss does)."""
+    if name == "materialised":  # the trainer's CE path: the head's logits, then CE in fp32
+        return torch.nn.functional.cross_entropy((h @ w.T).float(), y)
+    if name == "fused_linear":  # ours at w_t = 0 (it still runs a width-8 teacher's KD term, so an upper bound)
+        from slm_assist.kd.fused_linear import fused_linear_ce_kd
+        from slm_assist.kd.losses import chunk_tokens
+
+        return fused_linear_ce_kd(h, w, h[:, :8], w[:, :8], y, 0.0, chunk=chunk_tokens(-1, w.shape[0], h.is_cuda))[0]
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # the [gpu] extra's candidate
+
+    return LigerFusedLinearCrossEntropyLoss()(w, h, y)
+
+
+@stage
+def stage_ce_path(c: Ctx) -> dict:
+    """Item 4: does liger-kernel's fused linear CE help the CE-only path? Loss forward + backward from the 1B's
+    last hidden states (micro-batch 4 x seq 2048, H 2048, bf16) at vocab 32k and 128k: median time and peak
+    memory on top of the inputs, against CE on materialised logits and our fused-linear pass at w = 0."""
+    import importlib.util
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n, hid = (256, 64) if c.tiny else (4 * 2048, 2048)
+    names = ["materialised", "fused_linear"]
+    if dev.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+        names.append("liger")
+    out: dict = {"paths": names, "tokens": n, "hidden": hid}
+    for vocab in (2000, 8000) if c.tiny else (32000, 128000):
+        g = torch.Generator(device=dev).manual_seed(0)
+        h = (torch.randn(n, hid, device=dev, generator=g) * 0.5).to(torch.bfloat16).requires_grad_(True)
+        w = (torch.randn(vocab, hid, device=dev, generator=g) * 0.02).to(torch.bfloat16).requires_grad_(True)
+        y = torch.randint(0, vocab, (n,), device=dev, generator=g)
+        row: dict = {}
+        for name in names:
+            times, loss = [], None
+            for _ in range(2 if c.tiny else 8):
+                h.grad = w.grad = None
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                loss = _loss_path(name, h, w, y)
+                loss.backward()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            row[name] = {"ms": round(statistics.median(times[1:] or times) * 1e3, 3), "loss": round(loss.item(), 5),
+                         "peak_extra_mb": round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+                         if dev.type == "cuda" else None}
+        for name in names[1:]:
+            row[f"{name}_time_vs_materialised"] = round(row[name]["ms"] / row["materialised"]["ms"], 4)
+            if dev.type == "cuda":
+                row[f"{name}_mem_vs_materialised"] = round(row[name]["peak_extra_mb"]
+                                                           / row["materialised"]["peak_extra_mb"], 4)
+        out[f"vocab_{vocab}"] = row
+    return out
 
 
 @stage

@@ -151,7 +151,9 @@ class SoftLabelCache:
         """Those of `indices` (sequence indices into the train split) that have no cached labels."""
         return np.setdiff1d(np.asarray(indices, dtype=np.int64), self.index)
 
-    def get(self, indices) -> dict[str, torch.Tensor]:
+    def read(self, indices) -> dict[str, torch.Tensor]:
+        """The labels of `indices` as stored (ids int32, logprobs fp16, tail fp32): the least to copy to a device,
+        where `widen` upcasts them."""
         try:
             rows = [self.row_of[int(i)] for i in indices]
         except KeyError as e:
@@ -159,11 +161,20 @@ class SoftLabelCache:
                             "(it was cached for a selection; see cache.indices)") from None
         batch = self.ds[rows]
         shape = (len(rows), *self.shape)
-        ids = torch.from_numpy(np.asarray(batch["ids"], dtype=np.int64).reshape(shape))
-        out = {"ids": ids,
-               "logprobs": torch.from_numpy(np.asarray(batch["logprobs"], dtype=np.float32).reshape(shape))}
+        out = {"ids": torch.from_numpy(np.asarray(batch["ids"], dtype=np.int32).reshape(shape)),
+               "logprobs": torch.from_numpy(np.asarray(batch["logprobs"], dtype=np.float16).reshape(shape))}
         if self.mode == "top_k":
             out["tail"] = torch.from_numpy(np.asarray(batch["tail"], dtype=np.float32))
-        else:
-            out["weights"] = torch.full(ids.shape, 1.0 / ids.shape[-1])
         return out
+
+    def widen(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`read`'s labels in the loss's dtypes, on their device (see the class docstring)."""
+        out = {"ids": stored["ids"].long(), "logprobs": stored["logprobs"].float()}
+        if self.mode == "top_k":
+            out["tail"] = stored["tail"].float()
+        else:
+            out["weights"] = torch.full(out["ids"].shape, 1.0 / out["ids"].shape[-1], device=out["ids"].device)
+        return out
+
+    def get(self, indices) -> dict[str, torch.Tensor]:
+        return self.widen(self.read(indices))

@@ -11,6 +11,7 @@ with a weight schedule and `mixed_ce_kd`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, Protocol
 
 import torch
@@ -21,6 +22,7 @@ from slm_assist.kd.losses import SoftTargets
 from slm_assist.training.batches import Batch
 
 Combine = Literal["mean", "vote"]
+SOFT_LABELS = "soft_labels"  # the Batch.extras key of cached labels read with the batch
 
 
 class SoftTargetSource(Protocol):
@@ -125,11 +127,17 @@ class CachedSoftLabels:
                 raise UserError(f"{what} needs top_k caches (their top-1 and probabilities); {c.path} is {c.mode}")
         self.gate_topk, self.gate_confidence, self.combine = gate_topk, gate_confidence, combine
 
-    def __call__(self, batch: Batch, vocab: int) -> SoftTargets:
+    def attach(self, batch: Batch) -> Batch:
+        """The host side of the lookup, for `ShardedBatches.attach`: each member's labels read with the batch (in a
+        prefetching stream, off the training thread), in their stored dtypes, to be copied with it."""
         if batch.index is None:
             raise UserError("KD from a soft-label cache needs batches drawn from the cached split (row indices)")
-        device = batch.input_ids.device
-        members = [{k: v.to(device) for k, v in c.get(batch.index).items()} for c in self.caches]
+        return replace(batch, extras={**batch.extras, SOFT_LABELS: [c.read(batch.index) for c in self.caches]})
+
+    def __call__(self, batch: Batch, vocab: int) -> SoftTargets:
+        if SOFT_LABELS not in batch.extras:  # not attached by the stream: read now
+            batch = self.attach(batch).to(batch.input_ids.device)
+        members = [c.widen(m) for c, m in zip(self.caches, batch.extras[SOFT_LABELS])]
         labels = members[0]
         if len(members) > 1:
             top1 = torch.stack([m["ids"][..., 0] for m in members])

@@ -41,11 +41,18 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     rows = read_index(d.selection, len(data.train), "distill.selection") if d.selection else None
     streams = {"kd": data.stream(rows)} if rows is not None else {}
     objective = build_objective(cfg, data, rows)
+    if not d.enabled:
+        return Trainer(cfg, objective, streams, data)
+    kd_stream = streams["kd"] if rows is not None else streams.setdefault("main", data.stream())
     if d.curriculum != "none":  # the stream the KD phase draws from comes easy to hard
-        stream = streams["kd"] if rows is not None else streams.setdefault("main", data.stream())
         key = ScoresDir.open(d.curriculum_scores, "distill.curriculum_scores").train_column(d.curriculum, data.dataset)
         t = cfg.train
-        stream.order_first(key, d.schedule.n_kd(t.max_steps) * t.micro_batch_size * t.grad_accum * dist.world_size())
+        kd_stream.order_first(key, d.schedule.n_kd(t.max_steps) * t.micro_batch_size * t.grad_accum * dist.world_size())
+    source = objective.source if isinstance(objective, SALTObjective) else None
+    if isinstance(source, CachedSoftLabels) and kd_stream.prefetches:
+        # cached labels read and pinned with their batch, off the training thread (without a selection the CE
+        # phase reads them too, unused: a host read the prefetch thread hides)
+        kd_stream.attach = source.attach
     return Trainer(cfg, objective, streams, data)
 
 
