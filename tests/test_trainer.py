@@ -287,7 +287,9 @@ def test_patience_stops_early_and_a_rerun_stays_stopped(tiny_data, tmp_path, mon
 
 def test_compiled_layers_train_like_eager_without_graph_breaks(tiny_data, tmp_path):
     """train.compile=true compiles each decoder layer: the same losses as eager (fp32, so the kernels' rounding is
-    the only difference), no graph break, and an export with the usual state-dict keys."""
+    the only difference), no graph break, one compiled frame for training and one for evaluation (grad mode) that
+    every layer reuses (a KV-cache update would recompile per layer until dynamo falls back to eager), and an
+    export with the usual state-dict keys."""
     from torch._dynamo.utils import counters
 
     from slm_assist.core.errors import ConfigError
@@ -295,8 +297,11 @@ def test_compiled_layers_train_like_eager_without_graph_breaks(tiny_data, tmp_pa
     common = ("train.max_steps=2", "train.log_every=1", "checkpoint.every=0", "train.dtype=fp32")
     main(run_overrides(tiny_data, tmp_path / "eager", *common, "train.compile=false"))
     counters.clear()
+    torch._dynamo.reset()
     main(run_overrides(tiny_data, tmp_path / "compiled", *common, "train.compile=true"))
     assert not counters["graph_break"], dict(counters["graph_break"])
+    layers = json.loads((tmp_path / "compiled" / "final" / "config.json").read_text())["num_hidden_layers"]
+    assert layers >= 2 and counters["frames"]["total"] == 2, (layers, dict(counters["frames"]))
     assert counters["stats"]["unique_graphs"] > 0  # something was compiled
     eager, compiled = (read_metrics(tmp_path / r) for r in ("eager", "compiled"))
     assert len(eager) == len(compiled) == 2
