@@ -131,7 +131,8 @@ demo: setup $(DEMO)/data/manifest.json $(DEMO)/task/manifest.json
 bench: setup
 	$(PY) bench/trainer_throughput.py $(ARGS)
 
-# SALT vs the CE baseline and the adaptive arms (~80 min on 2 CPU cores); ARGS=--quick for a <= 10 min run.
+# Issue 13's SALT benchmark: screen every lever, then confirm the best over 3 seeds x 2 corpora (~4 h on 2 CPU
+# cores with the default --jobs 2; resumable across sessions); ARGS=--quick for a <= 10 min test-scale run.
 bench-salt: setup
 	$(PY) bench/salt.py $(ARGS)
 

@@ -24,7 +24,8 @@ baseline must overtake the SLM within the first 60% of the run, or the benchmark
     python bench/salt.py --report-only    # results and plots of the runs finished so far (a sweep in progress)
 
 Finished runs and their evaluations are reused (a killed run resumes from its checkpoint), so the sweep may span
-sessions; --seeds N adds seeds to the confirm phase; --fresh starts the profile over.
+sessions; --seeds N adds seeds to the confirm phase; --fresh starts the profile over. --jobs N (default 2) trains N
+runs side by side with cpu_count / N threads each (bench/parallel.py), each logging to <run_dir>.log.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from salt_report import FIXED, GOAL, plot, rank_key, summary  # bench/salt_report.py, next to this script
+from parallel import LOCK, Jobs, run_module, threads_per_job  # bench/parallel.py, next to this script
+from salt_report import FIXED, GOAL, plot, rank_key, summary
 
 from data_tools.corpus import joined_documents, write_jsonl
 from slm_assist.core.dataset import load_split, read_manifest
@@ -108,8 +111,7 @@ W_ARMS = {"salt": 0.667, "w_0.5": 0.5, "w_0.8": 0.8}
 
 
 def run(*cmd: str) -> None:
-    print("+ " + " ".join(cmd), flush=True)
-    subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True)
+    run_module(REPO, *cmd)
 
 
 def _json(path: Path) -> dict:
@@ -127,21 +129,27 @@ def model_overrides(size: dict, p: dict) -> list[str]:
         f"optim.lr={size['lr']}", f"model.max_position_embeddings={p['seq']}"]
 
 
-def train(run_dir: Path, p: dict, data: Path, size: dict, steps: int, seed: int, extra: dict) -> float:
-    """Train one run (or reuse it when finished); returns the wall time its training took."""
+def train(run_dir: Path, p: dict, data: Path, size: dict, steps: int, seed: int, extra: dict,
+          threads: int = 0) -> float:
+    """Train one run (or reuse it when finished); returns the wall time its training took. `threads` > 0: a run
+    side by side with others, with that many threads and its output in `run_dir`.log."""
     walls_file = run_dir.parent.parent / "wall_s.json"
     walls, key = _json(walls_file), f"{run_dir.parent.name}/{run_dir.name}"
     if (run_dir / "final" / "config.json").is_file() and key in walls:
         return walls[key]
     t0 = time.time()
     sets = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in extra.items()]
-    run("slm_assist.train", str(REPO / "configs/demo/llm.yaml"), f"run_dir={run_dir}", f"data.path={data}",
-        f"seed={seed}", f"data.seed={seed}", f"train.max_steps={steps}", f"train.micro_batch_size={p['batch']}",
-        f"train.eval_every={p['eval_every']}", f"train.eval_batches={p['eval_batches']}",
-        f"schedule.warmup_steps={p['warmup']}", f"checkpoint.every={steps // 4}", *model_overrides(size, p), *sets)
-    walls = _json(walls_file)  # re-read: another corpus's runs do not share this file, but stay safe
-    walls[key] = round(time.time() - t0, 1)
-    _save(walls_file, walls)
+    sets += [f"train.torch_threads={threads}"] if threads else []
+    run_module(REPO, "slm_assist.train", str(REPO / "configs/demo/llm.yaml"), f"run_dir={run_dir}",
+               f"data.path={data}", f"seed={seed}", f"data.seed={seed}", f"train.max_steps={steps}",
+               f"train.micro_batch_size={p['batch']}", f"train.eval_every={p['eval_every']}",
+               f"train.eval_batches={p['eval_batches']}", f"schedule.warmup_steps={p['warmup']}",
+               f"checkpoint.every={steps // 4}", *model_overrides(size, p), *sets,
+               log=run_dir.with_suffix(".log") if threads else None)
+    with LOCK:  # re-read: side-by-side runs share this file
+        walls = _json(walls_file)
+        walls[key] = round(time.time() - t0, 1)
+        _save(walls_file, walls)
     return walls[key]
 
 
@@ -205,20 +213,21 @@ def prepare(corpus: str, p: dict, work: Path) -> dict:
 def evaluate(ctx: dict, arm: str, seed: int) -> dict:
     """Final figures of one run, cached next to the corpus's runs."""
     cache_file, key = ctx["work"] / "evals.json", f"{arm}/seed{seed}"
-    evals = _json(cache_file)
-    if key not in evals:
-        p, run_dir = ctx["p"], ctx["work"] / arm / f"seed{seed}"
-        model, tok = load_model(run_dir / "final", torch.device("cpu"))
-        evals[key] = {"full_val_loss": dataset_loss(model, tok, ctx["data"])["loss"],
-                      "ood_val_loss": dataset_loss(model, tok, ctx["ood"], max_rows=p["ood_rows"])["loss"],
-                      "cloze_acc": cloze_accuracy(model, tok, ctx["cloze"])["accuracy"]}
-        _save(cache_file, evals)
-    return evals[key]
+    with LOCK:  # one evaluation at a time, beside the runs still training
+        evals = _json(cache_file)
+        if key not in evals:
+            p, run_dir = ctx["p"], ctx["work"] / arm / f"seed{seed}"
+            model, tok = load_model(run_dir / "final", torch.device("cpu"))
+            evals[key] = {"full_val_loss": dataset_loss(model, tok, ctx["data"])["loss"],
+                          "ood_val_loss": dataset_loss(model, tok, ctx["ood"], max_rows=p["ood_rows"])["loss"],
+                          "cloze_acc": cloze_accuracy(model, tok, ctx["cloze"])["accuracy"]}
+            _save(cache_file, evals)
+        return evals[key]
 
 
 def run_arm(ctx: dict, arm: str, seed: int, overrides: dict) -> None:
     p = ctx["p"]
-    train(ctx["work"] / arm / f"seed{seed}", p, ctx["data"], p["llm"], p["steps"], seed, overrides)
+    train(ctx["work"] / arm / f"seed{seed}", p, ctx["data"], p["llm"], p["steps"], seed, overrides, ctx["threads"])
     evaluate(ctx, arm, seed)
 
 
@@ -363,6 +372,8 @@ def main() -> None:
     ap.add_argument("--phase", choices=("screen", "confirm", "all"), default="all")
     ap.add_argument("--seeds", type=int, default=0, help="confirm-phase seeds (default: the profile's, >= 3 full)")
     ap.add_argument("--fresh", action="store_true", help="delete this profile's earlier runs first")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="runs side by side, each with cpu_count / jobs threads and its log in <run_dir>.log")
     ap.add_argument("--skip-memory", action="store_true", help="skip the KD-loss memory probes")
     ap.add_argument("--check", action="store_true", help="only check the profiles")
     ap.add_argument("--report-only", action="store_true",
@@ -381,22 +392,25 @@ def main() -> None:
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
+    threads = threads_per_job(args.jobs) if args.jobs > 1 else 0  # 0: one run at a time, the config's threads
+    torch.set_num_threads(threads or 2)
     t_start = time.time()
+    jobs = Jobs(args.jobs)
 
-    ctxs = {"pydoc": prepare("pydoc", p, work)}
+    ctxs = {"pydoc": {**prepare("pydoc", p, work), "threads": threads}}
     screen_ctx = ctxs["pydoc"]
     for arm in ARMS:  # the screen: seed 0, every arm, in order (the w arms before the kind arms)
         if arm.startswith("kind_"):
+            jobs.drain()  # the kind arms run at the w arm that screened best
             w_runs = {a: runs_of(screen_ctx, a).get(0) for a in W_ARMS}
             done = {a: r for a, r in w_runs.items() if r is not None}
             if done:
                 best = min(done, key=lambda a: ((done[a]["steps_fraction"] or math.inf), done[a]["final_val_loss"]))
                 screen_ctx["best_w"] = W_ARMS[best]
         if not args.report_only:
-            run_arm(screen_ctx, arm, 0, arm_settings(arm, screen_ctx))
-            if arm == "baseline":
-                check_regime(screen_ctx, 0, profile)
+            jobs.submit(partial(run_arm, screen_ctx, arm, 0, arm_settings(arm, screen_ctx)),
+                        then=partial(check_regime, screen_ctx, 0, profile) if arm == "baseline" else None)
+    jobs.drain()
     screen = {a: summarise_arm({0: r[0]}, {}, {}) for a in ARMS if 0 in (r := runs_of(screen_ctx, a))}
     screen_done = len(screen) == len(ARMS)
     plan_file = work / "plan.json"
@@ -408,14 +422,13 @@ def main() -> None:
     confirm = [*FIXED, *plan["singles"], *([f"combo-{'+'.join(plan['combo'])}"] if plan["combo"] else [])]
 
     if args.phase != "screen" and not args.report_only:
-        ctxs["linuxdoc"] = prepare("linuxdoc", p, work)
-        ctxs["linuxdoc"]["best_w"] = plan["best_w"]
+        ctxs["linuxdoc"] = {**prepare("linuxdoc", p, work), "best_w": plan["best_w"], "threads": threads}
         for seed in range(seeds):  # seed-major: a sweep cut short still has whole seeds on both corpora
             for ctx in ctxs.values():
                 for arm in confirm:
-                    run_arm(ctx, arm, seed, arm_settings(arm, ctx))
-                    if arm == "baseline":
-                        check_regime(ctx, seed, profile)
+                    jobs.submit(partial(run_arm, ctx, arm, seed, arm_settings(arm, ctx)),
+                                then=partial(check_regime, ctx, seed, profile) if arm == "baseline" else None)
+        jobs.drain()
     elif args.report_only and (work / "linuxdoc" / "scores" / "manifest.json").is_file():
         ctxs["linuxdoc"] = {**prepare("linuxdoc", p, work), "best_w": plan["best_w"]}
 

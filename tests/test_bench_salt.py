@@ -100,3 +100,39 @@ def test_seed_statistics_and_paired_z(bench):
     arm[2]["steps_fraction"] = None  # one seed never reached the baseline: no mean
     b = bench.summarise_arm(arm, salt, salt)
     assert b["steps_fraction_mean"] is None and b["n_reached"] == 2 and b["steps_fraction_z_vs_salt"] is None
+
+
+def test_side_by_side_jobs_run_in_order_and_stop_at_a_failed_check():
+    """bench/parallel.Jobs: two at a time, started in submission order; a job's check runs right after it, and
+    when one fails (the regime check exits) the jobs not yet started are skipped and drain raises that failure."""
+    import threading
+    import time
+
+    par = load_bench("parallel")
+    jobs, started, lock = par.Jobs(2), [], threading.Lock()
+
+    def job(name, seconds=0.05):
+        def fn():
+            with lock:
+                started.append(name)
+            time.sleep(seconds)
+        return fn
+
+    for i in range(5):
+        jobs.submit(job(i))
+    jobs.drain()
+    assert started == [0, 1, 2, 3, 4]
+
+    started.clear()
+
+    def regime():
+        sys.exit("error: outside the paper's regime")
+
+    jobs.submit(job("baseline"), then=regime)
+    for name in ("a", "b", "c", "d"):
+        jobs.submit(job(name, 0.3))
+    with pytest.raises(SystemExit, match="regime"):
+        jobs.drain()
+    time.sleep(0.4)
+    assert started[0] == "baseline" and len(started) < 5  # at most the job already running beside it went on
+    assert par.threads_per_job(2) >= 1
