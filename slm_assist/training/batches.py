@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_map
 
 from slm_assist.core.errors import UserError
 
@@ -18,8 +17,15 @@ _PIN = torch.cuda.is_available()  # page-locked host batches make the host-to-de
 PREFETCH = _PIN  # streams read ahead by default where there is a device to keep busy
 
 
-def _pinned(v: Any) -> Any:
-    return v.pin_memory() if isinstance(v, torch.Tensor) else v
+def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
+    """`obj` with `fn` applied to every tensor in it, through nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(fn, v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(fn, v) for v in obj)
+    return obj
 
 
 @dataclass
@@ -49,8 +55,7 @@ class Batch:
         # non_blocking: a pinned batch (ShardedBatches pins on CUDA machines) copies while the host goes on
         move = {k: v.to(device, non_blocking=True) for k in ("input_ids", "labels", "loss_mask")
                 if (v := getattr(self, k)) is not None}
-        extras = tree_map(lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v,
-                          self.extras)
+        extras = _map_tensors(lambda v: v.to(device, non_blocking=True), self.extras)
         return replace(self, **move, extras=extras)
 
     def targets(self) -> torch.Tensor:
@@ -139,7 +144,8 @@ class ShardedBatches:
         if self.attach is not None:
             batch = self.attach(batch)
         if _PIN:
-            batch = replace(batch, input_ids=batch.input_ids.pin_memory(), extras=tree_map(_pinned, batch.extras))
+            batch = replace(batch, input_ids=batch.input_ids.pin_memory(),
+                            extras=_map_tensors(torch.Tensor.pin_memory, batch.extras))
         return batch
 
     def next(self) -> Batch:
