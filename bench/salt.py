@@ -146,11 +146,12 @@ def train(run_dir: Path, p: dict, data: Path, size: dict, steps: int, seed: int,
                f"train.eval_batches={p['eval_batches']}", f"schedule.warmup_steps={p['warmup']}",
                f"checkpoint.every={steps // 4}", *model_overrides(size, p), *sets,
                log=run_dir.with_suffix(".log") if threads else None)
+    wall = round(time.time() - t0, 1)
     with LOCK:  # re-read: side-by-side runs share this file
         walls = _json(walls_file)
-        walls[key] = round(time.time() - t0, 1)
+        walls[key] = wall
         _save(walls_file, walls)
-    return walls[key]
+    return wall
 
 
 @torch.inference_mode()
