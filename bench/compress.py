@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from parallel import run_module  # bench/parallel.py, next to this script
 
 from data_tools.corpus import CorpusConfig, joined_documents, read_documents, write_jsonl
 from data_tools.pack import is_validation_doc
@@ -65,8 +65,7 @@ LR = 2e-3
 
 
 def run(*cmd: str) -> None:
-    print("+ " + " ".join(cmd), flush=True)
-    subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True)
+    run_module(REPO, *cmd)
 
 
 def _train_docs(jsonl: Path, data: Path) -> list[str]:

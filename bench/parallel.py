@@ -9,14 +9,16 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 LOCK = threading.Lock()  # for the shared read-modify-write of result files, and for in-process evaluation
+_RUNNING: set[subprocess.Popen] = set()  # stopped when a job fails (their runs resume from their checkpoints)
+_RUNNING_LOCK = threading.Lock()
 
 
 def threads_per_job(jobs: int) -> int:
-    return max(1, (os.cpu_count() or 1) // jobs)
+    return max(1, len(os.sched_getaffinity(0)) // jobs)  # the cores this process may use, not the host's
 
 
 def run_module(cwd: Path, *cmd: str, log: Path | None = None) -> None:
@@ -28,37 +30,63 @@ def run_module(cwd: Path, *cmd: str, log: Path | None = None) -> None:
         return
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as f:
-        res = subprocess.run([sys.executable, "-m", *cmd], cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
-    if res.returncode:
+        proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
+    if code:
         tail = log.read_bytes()[-3000:].decode("utf-8", "replace")
-        raise RuntimeError(f"{cmd[0]} failed (exit {res.returncode}); the end of {log}:\n{tail}")
+        raise RuntimeError(f"{cmd[0]} failed (exit {code}); the end of {log}:\n{tail}")
 
 
 class Jobs:
     """Up to `n` jobs at once, started in submission order. A job's `then` (e.g. a check that exits) runs right
-    after it, in its thread; after a failure the jobs not yet started are skipped, and `drain` raises the first
-    failure in submission order (a real one: every job submitted before it had started)."""
+    after it, in its thread. The first failure ends the batch: queued jobs are cancelled and running logged
+    subprocesses terminated (a failed check stops the sweep at once), and `drain` raises that first failure."""
 
     def __init__(self, n: int) -> None:
         self.pool = ThreadPoolExecutor(max(1, n), thread_name_prefix="job")
         self.pending: list[Future] = []
-        self.failed = False
+        self.first_error: BaseException | None = None
+        self._lock = threading.Lock()
 
     def submit(self, fn: Callable[[], None], then: Callable[[], None] | None = None) -> None:
         def job() -> None:
-            if self.failed:
+            if self.first_error is not None:
                 raise RuntimeError("skipped: an earlier job failed")
             try:
                 fn()
                 if then is not None:
                     then()
-            except BaseException:
-                self.failed = True
+            except BaseException as e:
+                self._stop(e)
                 raise
 
         self.pending.append(self.pool.submit(job))
 
+    def _stop(self, error: BaseException) -> None:
+        with self._lock:
+            if self.first_error is not None:
+                return  # a job stopped by the first failure
+            self.first_error = error
+        for fut in list(self.pending):
+            fut.cancel()
+        with _RUNNING_LOCK:
+            for proc in _RUNNING:
+                proc.terminate()
+
     def drain(self) -> None:
+        """Wait for every job; raise the first failure (the jobs it stopped fail too, and are not reported)."""
         pending, self.pending = self.pending, []
-        for fut in pending:
-            fut.result()
+        try:
+            wait(pending)
+        except BaseException as e:  # interrupted while waiting: stop the rest too
+            self.pending = pending
+            self._stop(e)
+            raise
+        if self.first_error is not None:
+            raise self.first_error

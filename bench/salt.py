@@ -396,12 +396,13 @@ def main() -> None:
     threads = threads_per_job(args.jobs) if args.jobs > 1 else 0  # 0: one run at a time, the config's threads
     torch.set_num_threads(threads or 2)
     t_start = time.time()
-    jobs = Jobs(args.jobs)
+    jobs, w_chosen = Jobs(args.jobs), False
 
     ctxs = {"pydoc": {**prepare("pydoc", p, work), "threads": threads}}
     screen_ctx = ctxs["pydoc"]
     for arm in ARMS:  # the screen: seed 0, every arm, in order (the w arms before the kind arms)
-        if arm.startswith("kind_"):
+        if arm.startswith("kind_") and not w_chosen:
+            w_chosen = True
             jobs.drain()  # the kind arms run at the w arm that screened best
             w_runs = {a: runs_of(screen_ctx, a).get(0) for a in W_ARMS}
             done = {a: r for a, r in w_runs.items() if r is not None}

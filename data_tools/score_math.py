@@ -67,9 +67,10 @@ def sequence_scores(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def compiled_token_stats() -> Callable[..., dict[str, torch.Tensor]]:
-    """`token_stats` compiled whole (fullgraph: a graph break would split the fused reductions), with dynamic
-    shapes so that a shard's last, shorter chunk does not recompile."""
-    return torch.compile(token_stats, fullgraph=True, dynamic=True)
+    """`token_stats` compiled whole (fullgraph: a graph break would split the fused reductions). Shapes are
+    static at first, so the vocabulary stays a constant the reductions are tuned for; a shard's last, shorter
+    chunk recompiles once with a dynamic batch dimension."""
+    return torch.compile(token_stats, fullgraph=True)
 
 
 def score_logits(logits: torch.Tensor, input_ids: torch.Tensor, k: int, chunk_bytes: int | None = None,

@@ -223,6 +223,18 @@ def test_cached_top_k_with_full_vocab_matches_online_kd(tiny_data, tiny_slm, tmp
     assert all(t.startswith("batches") for t in threads[1:])
     keys = ("step", "loss", "ce", "kd", "gate_frac")
     assert [[r[k] for k in keys] for r in read_metrics(tmp_path / "ahead")] == [[r[k] for k in keys] for r in cached]
+    # a KD phase of 1 step in 6: the stream stops attaching labels once the phase is over (a read or two late at
+    # most), and the run is the same as without read-ahead
+    threads.clear()
+    short = ("train.max_steps=6", "checkpoint.every=0", "train.dtype=fp32", "distill.schedule.kind=step",
+             "distill.schedule.n_kd_steps=1", "seed=1", "train.log_every=1", f"distill.cache={scores}")
+    main(run_overrides(tiny_data, tmp_path / "short_ahead", *short))
+    assert 1 <= len(threads) <= 4  # of 7 reads
+    monkeypatch.setattr("slm_assist.training.batches.PREFETCH", False)
+    main(run_overrides(tiny_data, tmp_path / "short", *short))
+    keys = ("step", "loss", "ce")
+    assert [[r.get(k) for k in keys] for r in read_metrics(tmp_path / "short_ahead")] == \
+        [[r.get(k) for k in keys] for r in read_metrics(tmp_path / "short")]
 
 
 def test_cache_for_other_data_is_refused(tiny_data, tiny_slm, tmp_path):

@@ -145,6 +145,12 @@ class SALTObjective(Objective):
         self.probe = probe_batch
         self.handover_step: int | None = None
         self._checked_step = -1
+        self._step = -1  # the latest step this objective ran
+
+    def wants_soft_targets(self) -> bool:
+        """Whether the steps from the latest one on may still use the KD term (read from a batch stream's
+        prefetch thread: a wrong guess only costs a wasted read or a read at the step, never a wrong loss)."""
+        return self.weight(max(self._step, 0)) > 0
 
     def weight(self, step: int) -> float:
         if self.handover_step is not None and step >= self.handover_step:
@@ -177,6 +183,7 @@ class SALTObjective(Objective):
         if batch.loss_mask is not None:
             raise UserError("the SALT objective does not take loss masks; distil on packed causal-LM data")
         self._maybe_hand_over(model, step)
+        self._step = step
         w = self.weight(step)
         targets = batch.targets()
         metrics = {"w_t": torch.tensor(w, dtype=torch.float64), "kd_phase": torch.tensor(float(w > 0))}

@@ -48,11 +48,11 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         key = ScoresDir.open(d.curriculum_scores, "distill.curriculum_scores").train_column(d.curriculum, data.dataset)
         t = cfg.train
         kd_stream.order_first(key, d.schedule.n_kd(t.max_steps) * t.micro_batch_size * t.grad_accum * dist.world_size())
-    source = objective.source if isinstance(objective, SALTObjective) else None
-    if isinstance(source, CachedSoftLabels) and kd_stream.prefetches:
-        # cached labels read and pinned with their batch, off the training thread (without a selection the CE
-        # phase reads them too, unused: a host read the prefetch thread hides)
-        kd_stream.attach = source.attach
+    if isinstance(objective, SALTObjective) and isinstance(objective.source, CachedSoftLabels) \
+            and kd_stream.prefetches:
+        # cached labels read and pinned with their batch, off the training thread, while the KD phase lasts
+        source = objective.source
+        kd_stream.attach = lambda b: source.attach(b) if objective.wants_soft_targets() else b
     return Trainer(cfg, objective, streams, data)
 
 

@@ -153,7 +153,9 @@ class ShardedBatches:
         state = (self.epoch, self.cursor)
         idx, self.epoch, self.cursor = self._rows_at(*state)
         ahead, self._ahead = self._ahead, None
-        batch = ahead[1].result() if ahead is not None and ahead[0] == state else self._read(idx)
+        batch = ahead[1].result() if ahead is not None and ahead[0] == state else None
+        if batch is None or not np.array_equal(batch.index, idx):  # nothing read ahead, or not this batch
+            batch = self._read(idx)
         if self._pool is not None:
             nxt = self._rows_at(self.epoch, self.cursor)[0]
             self._ahead = ((self.epoch, self.cursor), self._pool.submit(self._read, nxt))
