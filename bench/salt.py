@@ -251,7 +251,7 @@ def runs_of(ctx: dict, arm: str) -> dict[int, dict]:
     """Per finished seed of `arm`: its curve and evaluation, and the steps fraction against the same seed's
     baseline final validation loss."""
     out = {}
-    for d in sorted((ctx["work"] / arm).glob("seed*")):
+    for d in sorted(p for p in (ctx["work"] / arm).glob("seed*") if p.is_dir()):  # not the runs' .log files
         seed = int(d.name[4:])
         base = ctx["work"] / "baseline" / d.name
         if not (d / "final" / "config.json").is_file() or not (base / "final" / "config.json").is_file():
