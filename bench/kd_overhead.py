@@ -139,9 +139,14 @@ def step_time(args, llm_config: Path = REPO / "configs/demo/llm.yaml", llm_overr
                                          vocab, cfg.train.max_steps, teacher=teacher),
     }
 
+    stream, current = trainer.streams["kd"], [""]
+    if stream.prefetches:  # as the recipe wires a cached run: labels read ahead with their batch, in that arm
+        cached = objectives["kd_cached"].source
+        stream.attach = lambda b: cached.attach(b) if current[0] == "kd_cached" else b
+
     def run(name: str) -> float:
-        trainer.objective = objectives[name]
-        trainer.streams["main"] = trainer.streams["kd"]  # every arm reads the cached subset
+        trainer.objective, current[0] = objectives[name], name
+        trainer.streams["main"] = stream  # every arm reads the cached subset
         t0 = time.perf_counter()
         for _ in range(args.steps):
             trainer.train_step()

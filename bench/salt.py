@@ -386,6 +386,8 @@ def main() -> None:
     if args.check:
         print(f"profiles ok: {', '.join(PROFILES)}; arms: {len(ARMS)}")
         return
+    if args.jobs < 1:
+        sys.exit(f"error: --jobs: expected >= 1, got {args.jobs}")
     profile = "quick" if args.quick else "full"
     p = PROFILES[profile]
     seeds = args.seeds or p["seeds"]
