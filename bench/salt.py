@@ -57,6 +57,7 @@ CORPORA = REPO.parent / "shared" / "corpora"
 MAIN_CORPORA = {"pydoc": CORPORA / "train_pydoc.txt.gz", "linuxdoc": CORPORA / "train_linuxdoc.txt.gz"}
 OOD_CORPUS = CORPORA / "train_perldoc.txt.gz"
 REGIME = 0.6  # the baseline must overtake the SLM within this fraction of the run
+N_KD = 0.2  # the paper's KD phase: the first 20% of steps
 
 _SLM = dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3)
 PROFILES = {
@@ -78,7 +79,7 @@ PROFILES = {
 def salt(c: dict, **extra) -> dict:
     """The paper's recipe (SALT's step schedule, forward KL at tau 1) plus `extra` settings."""
     return {"distill.teacher": c["slm"], "distill.schedule.kind": "step", "distill.schedule.weight": 0.667,
-            "distill.schedule.n_kd_fraction": 0.2, **extra}
+            "distill.schedule.n_kd_fraction": N_KD, **extra}
 
 
 ARMS = {
@@ -259,11 +260,19 @@ def runs_of(ctx: dict, arm: str) -> dict[int, dict]:
         ev = _json(ctx["work"] / "evals.json").get(f"{arm}/{d.name}")
         if ev is None:
             continue
-        curve, target = val_curve(d), val_curve(base)[-1][1]
-        reach = steps_to_reach(curve, target)
-        out[seed] = {"final_val_loss": curve[-1][1], "steps_fraction": None if reach is None else reach / ctx["p"]["steps"],
+        curve, base_curve = val_curve(d), val_curve(base)
+        reach, steps = steps_to_reach(curve, base_curve[-1][1]), ctx["p"]["steps"]
+        out[seed] = {"final_val_loss": curve[-1][1], "steps_fraction": None if reach is None else reach / steps,
+                     # how far ahead of the same seed's baseline: where SALT's KD phase ends, and at the end
+                     "val_lead_at_kd_end": _at(base_curve, N_KD * steps) - _at(curve, N_KD * steps),
+                     "val_lead_final": base_curve[-1][1] - curve[-1][1],
                      **ev, "wall_s": _json(ctx["work"] / "wall_s.json").get(f"{arm}/{d.name}"), "val_curve": curve}
     return out
+
+
+def _at(curve: list[tuple[int, float]], step: float) -> float:
+    """The validation loss at `step`, interpolated between evaluations."""
+    return float(np.interp(step, *zip(*curve)))
 
 
 def summarise_arm(by_seed: dict[int, dict], salt_runs: dict[int, dict], base_runs: dict[int, dict]) -> dict:
@@ -280,6 +289,7 @@ def summarise_arm(by_seed: dict[int, dict], salt_runs: dict[int, dict], base_run
             "ood_val_loss_mean": stat("ood_val_loss")[0], "ood_val_loss_se": stat("ood_val_loss")[1],
             "cloze_acc_mean": stat("cloze_acc")[0], "cloze_acc_se": stat("cloze_acc")[1],
             "full_val_loss_mean": stat("full_val_loss")[0],
+            "val_lead_at_kd_end_mean": stat("val_lead_at_kd_end")[0], "val_lead_final_mean": stat("val_lead_final")[0],
             "steps_fraction_z_vs_salt": paired_z(by_seed, salt_runs, "steps_fraction"),
             "final_val_loss_z_vs_salt": paired_z(by_seed, salt_runs, "final_val_loss"),
             "ood_val_loss_z_vs_baseline": paired_z(by_seed, base_runs, "ood_val_loss"),
@@ -446,6 +456,9 @@ def main() -> None:
         reached = [c for c in cross if c is not None]
         corpora[name] = {"regime_ok": profile == "full" and bool(cross) and all(c is not None and c <= REGIME for c in cross),
                          "crossover_fraction": mean_se(reached)[0] if reached else None,
+                         # the lead over the baseline an arm needs at GOAL of the run to meet the goal there
+                         "val_lead_needed_for_goal": mean_se([_at(r["val_curve"], GOAL * p["steps"]) - r["final_val_loss"]
+                                                              for r in base.values()])[0] if base else None,
                          "slm_final_val_loss": val_curve(ctx["slm_dir"])[-1][1],
                          "baseline_final_val_loss_mean": arms["baseline"]["final_val_loss_mean"] if "baseline" in arms else None,
                          "label_smoothing_eps": ctx["eps"], "cl_filter_cut": ctx["cl_cut"],
@@ -457,7 +470,7 @@ def main() -> None:
     result = {"profile": profile, "test_scale": profile == "quick", "phase": args.phase, "corpora": corpora,
               "best_arm": best_arm, "goal": goal, "plan": plan, "confirm_arms": confirm, "seeds": seeds,
               "ood_corpus": str(OOD_CORPUS), "steps": p["steps"], "token_budget": p["steps"] * p["batch"] * p["seq"],
-              "slm_steps": p["slm_steps"], "n_kd_steps": round(0.2 * p["steps"]), "sizes": {**sizes, "slm": p["slm"],
+              "slm_steps": p["slm_steps"], "n_kd_steps": round(N_KD * p["steps"]), "sizes": {**sizes, "slm": p["slm"],
                                                                                           "llm": p["llm"]},
               **(kd_costs(p, screen_ctx, args.skip_memory or profile == "quick")
                  if not args.report_only or (screen_ctx["work"] / "kd_overhead.json").is_file() else

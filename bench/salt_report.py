@@ -81,14 +81,17 @@ def summary(r: dict) -> str:
              f"{r['sizes']['llm_params']:,} params, SLM {r['sizes']['slm_params']:,}; best arm: {r['best_arm']}"]
     for name, c in r["corpora"].items():
         lines += ["", f"### {name}: baseline overtakes the SLM at {f(c['crossover_fraction'], '.0%')} of the run "
-                  f"(regime ok: {c['regime_ok']})", "",
-                  "| arm | seeds | steps fraction | z vs SALT | final val loss | OOD val loss | cloze acc |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"(regime ok: {c['regime_ok']}); the goal needs a val lead of "
+                  f"{f(c.get('val_lead_needed_for_goal'))} over the baseline at {GOAL:.0%} of the run", "",
+                  "| arm | seeds | steps fraction | z vs SALT | final val loss | OOD val loss | cloze acc | "
+                  "val lead at KD end / final |",
+                  "|---|---|---|---|---|---|---|---|"]
         for arm, a in sorted(c["arms"].items(), key=lambda kv: rank_key(kv[1])):
             sf = f(a["steps_fraction_mean"]) + (f" ± {a['steps_fraction_se']:.3f}" if a["steps_fraction_se"] else "")
             lines.append(f"| {arm} | {a['n_seeds']} | {sf} | {f(a['steps_fraction_z_vs_salt'], '.1f')} | "
                          f"{f(a['final_val_loss_mean'], '.4f')} | {f(a['ood_val_loss_mean'], '.4f')} | "
-                         f"{f(a['cloze_acc_mean'])} |")
+                         f"{f(a['cloze_acc_mean'])} | {f(a.get('val_lead_at_kd_end_mean'))} / "
+                         f"{f(a.get('val_lead_final_mean'))} |")
     lines += ["", f"KD step ÷ CE step: online {r['kd_step_ratio_online']}, cached {r['kd_step_ratio_cached']} "
               f"(FLOP limit {r['flop_limit']})"]
     if r.get("goal"):

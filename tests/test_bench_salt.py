@@ -57,7 +57,8 @@ def test_every_arm_is_a_valid_run_config_and_off_means_the_papers_recipe(bench):
 
 def _screen(bench, fractions: dict):
     runs = {a: {0: {"final_val_loss": 4.0 if f is None else 3.0 + f, "steps_fraction": f, "full_val_loss": 4.0,
-                    "ood_val_loss": 5.0, "cloze_acc": 0.1}} for a, f in fractions.items()}
+                    "ood_val_loss": 5.0, "cloze_acc": 0.1, "val_lead_at_kd_end": 0.1, "val_lead_final": 0.0}}
+            for a, f in fractions.items()}
     return {a: bench.summarise_arm(r, {}, {}) for a, r in runs.items()}
 
 
@@ -88,7 +89,8 @@ def test_confirm_plan_takes_the_best_singles_and_a_compatible_combination(bench)
 
 def test_seed_statistics_and_paired_z(bench):
     salt = {s: {"steps_fraction": f, "final_val_loss": 3.9, "ood_val_loss": 5.0, "cloze_acc": 0.1,
-                "full_val_loss": 3.9} for s, f in enumerate([0.70, 0.72, 0.74])}
+                "full_val_loss": 3.9, "val_lead_at_kd_end": 0.3, "val_lead_final": 0.05 + s / 100}
+            for s, f in enumerate([0.70, 0.72, 0.74])}
     arm = {s: dict(r, steps_fraction=r["steps_fraction"] - d, ood_val_loss=5.0 + d / 10)
            for (s, r), d in zip(salt.items(), [0.05, 0.06, 0.07])}
     a = bench.summarise_arm(arm, salt, salt)
@@ -97,9 +99,41 @@ def test_seed_statistics_and_paired_z(bench):
     assert a["steps_fraction_se"] == pytest.approx(0.01 / 3**0.5)
     assert a["steps_fraction_z_vs_salt"] == pytest.approx(0.06 / (0.01 / 3**0.5))
     assert a["ood_val_loss_z_vs_baseline"] < -2  # OOD worse than the baseline, beyond 2 SE
+    assert a["val_lead_at_kd_end_mean"] == pytest.approx(0.3) and a["val_lead_final_mean"] == pytest.approx(0.06)
     arm[2]["steps_fraction"] = None  # one seed never reached the baseline: no mean
     b = bench.summarise_arm(arm, salt, salt)
     assert b["steps_fraction_mean"] is None and b["n_reached"] == 2 and b["steps_fraction_z_vs_salt"] is None
+
+
+def test_runs_of_measures_each_seed_against_its_own_baseline(bench, tmp_path):
+    """Steps fraction and the validation lead over the baseline (at the end of SALT's KD phase, interpolated
+    between evaluations, and at the end) come from the same seed's baseline; unfinished runs are left out."""
+    import json
+
+    def run(arm, seed, curve, finished=True):
+        d = tmp_path / arm / f"seed{seed}"
+        (d / "final").mkdir(parents=True)
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": v}) + "\n" for s, v in curve))
+        if finished:
+            (d / "final" / "config.json").write_text("{}")
+
+    run("baseline", 0, [(10, 6.0), (30, 5.0), (50, 4.0)])
+    run("baseline", 1, [(10, 6.0), (30, 5.5), (50, 5.0)])
+    run("salt", 0, [(10, 5.0), (30, 4.5), (50, 3.5)])
+    run("salt", 1, [(10, 5.8), (30, 5.0), (50, 4.9)])
+    run("salt", 2, [(10, 5.8)], finished=False)
+    (tmp_path / "salt" / "seed0.log").write_text("a side-by-side run's log, not a seed")
+    (tmp_path / "evals.json").write_text(json.dumps({f"salt/seed{s}": {"ood_val_loss": 5.0} for s in range(3)}))
+    runs = bench.runs_of({"work": tmp_path, "p": {"steps": 50}}, "salt")
+    assert sorted(runs) == [0, 1]
+    # seed 0 reaches its baseline's 4.0 between 30 (4.5) and 50 (3.5): step 40
+    assert runs[0]["steps_fraction"] == pytest.approx(40 / 50)
+    assert runs[1]["steps_fraction"] == pytest.approx(30 / 50)  # its own baseline ends at 5.0
+    # KD phase ends at 20% of 50 steps = 10: lead 1.0 and 0.2
+    assert runs[0]["val_lead_at_kd_end"] == pytest.approx(1.0) and runs[1]["val_lead_at_kd_end"] == pytest.approx(0.2)
+    assert runs[0]["val_lead_final"] == pytest.approx(0.5) and runs[1]["val_lead_final"] == pytest.approx(0.1)
+    mid = bench._at([(10, 6.0), (30, 5.0)], 20)
+    assert mid == pytest.approx(5.5)
 
 
 def test_side_by_side_jobs_run_in_order_and_stop_at_a_failed_check():
