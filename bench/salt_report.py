@@ -66,7 +66,7 @@ def plot(corpora: dict, curves: dict[str, dict[str, list]], steps: int, n_kd: in
         ax.axvline(GOAL, color="tab:green", ls="--", lw=1, label=f"goal {GOAL}")
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xlabel("steps to the baseline's final val loss ÷ the baseline's steps")
-        ax.set_title(f"{corpus}: mean ± SE over seeds (pale: 1 seed; 1.05: never reached)", fontsize=9)
+        ax.set_title(f"{corpus}: mean ± SE over seeds (pale: 1 seed; 1.05: not reached by every seed)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "fractions.png", dpi=110)
