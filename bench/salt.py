@@ -43,14 +43,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from parallel import LOCK, Jobs, run_module, threads_per_job  # bench/parallel.py, next to this script
-from salt_report import FIXED, GOAL, plot, rank_key, summary
+from salt_report import FIXED, GOAL, best_recipe, plot, rank_key, summarise_arm, summary
 
 from data_tools.corpus import joined_documents, write_jsonl
 from slm_assist.core.dataset import load_split, read_manifest
 from slm_assist.core.files import atomic_write_text
 from slm_assist.core.scores import ScoresDir
 from slm_assist.eval import cloze_accuracy, dataset_loss, load_model
-from slm_assist.training.metrics import mean_se, paired_z, steps_to_reach, val_curve
+from slm_assist.training.metrics import mean_se, steps_to_reach, val_curve
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "corpora"
@@ -275,27 +275,6 @@ def _at(curve: list[tuple[int, float]], step: float) -> float:
     return float(np.interp(step, *zip(*curve)))
 
 
-def summarise_arm(by_seed: dict[int, dict], salt_runs: dict[int, dict], base_runs: dict[int, dict]) -> dict:
-    fr = [r["steps_fraction"] for r in by_seed.values()]
-    reached = [f for f in fr if f is not None]
-    sf = mean_se(reached) if len(reached) == len(fr) else (None, None)
-
-    def stat(key: str) -> tuple[float, float | None]:
-        return mean_se([r[key] for r in by_seed.values()])
-
-    return {"n_seeds": len(by_seed), "pilot": len(by_seed) < 3,
-            "steps_fraction_mean": sf[0], "steps_fraction_se": sf[1], "n_reached": len(reached),
-            "final_val_loss_mean": stat("final_val_loss")[0], "final_val_loss_se": stat("final_val_loss")[1],
-            "ood_val_loss_mean": stat("ood_val_loss")[0], "ood_val_loss_se": stat("ood_val_loss")[1],
-            "cloze_acc_mean": stat("cloze_acc")[0], "cloze_acc_se": stat("cloze_acc")[1],
-            "full_val_loss_mean": stat("full_val_loss")[0],
-            "val_lead_at_kd_end_mean": stat("val_lead_at_kd_end")[0], "val_lead_final_mean": stat("val_lead_final")[0],
-            "steps_fraction_z_vs_salt": paired_z(by_seed, salt_runs, "steps_fraction"),
-            "final_val_loss_z_vs_salt": paired_z(by_seed, salt_runs, "final_val_loss"),
-            "ood_val_loss_z_vs_baseline": paired_z(by_seed, base_runs, "ood_val_loss"),
-            "per_seed": {str(s): {k: v for k, v in r.items() if k != "val_curve"} for s, r in by_seed.items()}}
-
-
 # ---- the confirm plan ------------------------------------------------------------------------------------------
 
 def combine(arms: list[str], ctx: dict) -> dict | None:
@@ -337,27 +316,7 @@ def arm_settings(arm: str, ctx: dict) -> dict:
     return ARMS[arm](ctx)
 
 
-# ---- report ----------------------------------------------------------------------------------------------------
-
-def best_recipe(corpora: dict, confirm: list[str], seeds: int) -> tuple[str | None, dict | None]:
-    """The confirmed recipe with the lowest steps fraction averaged over both corpora (every seed done on each),
-    and how it stands against the goal: <= GOAL on both corpora and OOD not worse than the baseline (z > -2)."""
-    best_arm, best = None, math.inf
-    for a in confirm:
-        if a in ("baseline", "ls_control"):
-            continue
-        per = [corpora[c]["arms"].get(a, {}) for c in corpora]
-        fr = [x.get("steps_fraction_mean") for x in per]
-        complete = len(corpora) == 2 and all(x.get("n_seeds", 0) >= seeds for x in per)
-        if complete and None not in fr and float(np.mean(fr)) < best:
-            best_arm, best = a, float(np.mean(fr))
-    if best_arm is None:
-        return None, None
-    per = {c: corpora[c]["arms"][best_arm] for c in corpora}
-    ood_ok = all((a["ood_val_loss_z_vs_baseline"] or 0) > -2 for a in per.values())
-    return best_arm, {"target": GOAL, "steps_fraction_by_corpus": {c: a["steps_fraction_mean"] for c, a in per.items()},
-                      "ood_not_worse": ood_ok, "met": ood_ok and all(a["steps_fraction_mean"] <= GOAL for a in per.values())}
-
+# ---- KD costs and the results ---------------------------------------------------------------------------------
 
 def kd_costs(p: dict, ctx: dict, skip_memory: bool) -> dict:
     """Step-time ratios on this benchmark's LLM + SLM, and the loss-memory ratios at vocab 32k, seq 2048, measured

@@ -1,5 +1,6 @@
-"""How bench/salt.py's results read: the ranking of arms, the markdown summary and the two figures. Rendering
-only: it takes the results and curves bench/salt.py computed, and reads no run directory."""
+"""How bench/salt.py's results read: each arm's statistics over seeds, the best recipe against the goal, the
+ranking of arms, the markdown summary and the two figures. It takes the per-seed figures and curves bench/salt.py
+measured, and reads no run directory."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 from pathlib import Path
 
 import numpy as np
+
+from slm_assist.training.metrics import mean_se, paired_z
 
 GOAL = 0.65  # steps fraction the best recipe must reach, mean over seeds, on both corpora
 FIXED = ("baseline", "salt", "ls_control")  # in every table; the rest are levers
@@ -16,6 +19,47 @@ def rank_key(a: dict) -> tuple[float, float]:
     """Arms rank by steps fraction (never reaching the baseline ranks last), then by final validation loss."""
     f = a.get("steps_fraction_mean")
     return (math.inf if f is None else f, a["final_val_loss_mean"])
+
+
+def summarise_arm(by_seed: dict[int, dict], salt_runs: dict[int, dict], base_runs: dict[int, dict]) -> dict:
+    fr = [r["steps_fraction"] for r in by_seed.values()]
+    reached = [f for f in fr if f is not None]
+    sf = mean_se(reached) if len(reached) == len(fr) else (None, None)
+
+    def stat(key: str) -> tuple[float, float | None]:
+        return mean_se([r[key] for r in by_seed.values()])
+
+    return {"n_seeds": len(by_seed), "pilot": len(by_seed) < 3,
+            "steps_fraction_mean": sf[0], "steps_fraction_se": sf[1], "n_reached": len(reached),
+            "final_val_loss_mean": stat("final_val_loss")[0], "final_val_loss_se": stat("final_val_loss")[1],
+            "ood_val_loss_mean": stat("ood_val_loss")[0], "ood_val_loss_se": stat("ood_val_loss")[1],
+            "cloze_acc_mean": stat("cloze_acc")[0], "cloze_acc_se": stat("cloze_acc")[1],
+            "full_val_loss_mean": stat("full_val_loss")[0],
+            "val_lead_at_kd_end_mean": stat("val_lead_at_kd_end")[0], "val_lead_final_mean": stat("val_lead_final")[0],
+            "steps_fraction_z_vs_salt": paired_z(by_seed, salt_runs, "steps_fraction"),
+            "final_val_loss_z_vs_salt": paired_z(by_seed, salt_runs, "final_val_loss"),
+            "ood_val_loss_z_vs_baseline": paired_z(by_seed, base_runs, "ood_val_loss"),
+            "per_seed": {str(s): {k: v for k, v in r.items() if k != "val_curve"} for s, r in by_seed.items()}}
+
+
+def best_recipe(corpora: dict, confirm: list[str], seeds: int) -> tuple[str | None, dict | None]:
+    """The confirmed recipe with the lowest steps fraction averaged over both corpora (every seed done on each),
+    and how it stands against the goal: <= GOAL on both corpora and OOD not worse than the baseline (z > -2)."""
+    best_arm, best = None, math.inf
+    for a in confirm:
+        if a in ("baseline", "ls_control"):
+            continue
+        per = [corpora[c]["arms"].get(a, {}) for c in corpora]
+        fr = [x.get("steps_fraction_mean") for x in per]
+        complete = len(corpora) == 2 and all(x.get("n_seeds", 0) >= seeds for x in per)
+        if complete and None not in fr and float(np.mean(fr)) < best:
+            best_arm, best = a, float(np.mean(fr))
+    if best_arm is None:
+        return None, None
+    per = {c: corpora[c]["arms"][best_arm] for c in corpora}
+    ood_ok = all((a["ood_val_loss_z_vs_baseline"] or 0) > -2 for a in per.values())
+    return best_arm, {"target": GOAL, "steps_fraction_by_corpus": {c: a["steps_fraction_mean"] for c, a in per.items()},
+                      "ood_not_worse": ood_ok, "met": ood_ok and all(a["steps_fraction_mean"] <= GOAL for a in per.values())}
 
 
 def plot(corpora: dict, curves: dict[str, dict[str, list]], steps: int, n_kd: int, n_arms: int, out: Path,
