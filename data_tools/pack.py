@@ -142,7 +142,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 
     t0 = time.time()
     docs = list(read_documents(cfg.corpus))
-    with atomic_output_dir(out, overwrite=True, own=OUTPUT) as tmp:
+    with atomic_output_dir(out, OUTPUT, overwrite=True) as tmp:
         if leftover_ok and not cfg.tokenizer.path:  # a copy of tokenizer.path is made afresh
             print(f"reusing tokenizer {out / TOKENIZER}")
             shutil.copytree(out / TOKENIZER, tmp / TOKENIZER)

@@ -43,7 +43,7 @@ from data_tools.softlabels import (
 )
 from slm_assist.core import dist
 from slm_assist.core.config import check, parse_cli
-from slm_assist.core.dataset import PackedDataset
+from slm_assist.core.dataset import ARROW_FILES, PackedDataset
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.faults import fault
 from slm_assist.core.files import (
@@ -56,6 +56,8 @@ from slm_assist.core.scores import CACHE, CACHE_INFO, MANIFEST, SCORES, is_score
 from slm_assist.core.selection import read_index
 
 USAGE = "python -m data_tools.score CONFIG [key=value ...]"
+SHARD_FILES = (SCORES, CACHE, "DONE")
+"""What a shard directory (out_dir/shards/shard_*) holds."""
 
 
 @dataclass
@@ -223,7 +225,7 @@ class Scorer:
                                           for rows_, logits in logit_chunks(ref, ids)]
             cols["index"].append(torch.from_numpy(idx))
             bar.update(len(idx))
-        with atomic_output_dir(self.shard_dir(i), overwrite=True) as tmp:
+        with atomic_output_dir(self.shard_dir(i), SHARD_FILES, overwrite=True) as tmp:
             import datasets
 
             table = {c: torch.cat(v).cpu().numpy().astype(np.int64 if c == "index" else np.float32)
@@ -297,7 +299,7 @@ class Scorer:
             if not parts:
                 shutil.rmtree(self.out / name, ignore_errors=True)  # an old run's cache is not this run's
                 continue
-            with atomic_output_dir(self.out / name, overwrite=True) as tmp:
+            with atomic_output_dir(self.out / name, (*ARROW_FILES, CACHE_INFO), overwrite=True) as tmp:
                 datasets.concatenate_datasets(parts).save_to_disk(str(tmp))
                 if name == CACHE:
                     src = next(d / name for d in dirs if (d / name).is_dir())

@@ -148,7 +148,7 @@ def run(cfg: SelectConfig) -> dict:
     if excluded is not None:
         summary["flagged"] = int(excluded.sum())
     sel = Selection(cols, keep, score_name, score, asdict(cfg), scores.manifest, Texts(scores))
-    with atomic_output_dir(Path(cfg.out_dir), overwrite=cfg.overwrite, own=OUTPUT) as tmp:
+    with atomic_output_dir(Path(cfg.out_dir), OUTPUT, overwrite=cfg.overwrite) as tmp:
         write_selection(tmp, cols["index"][keep], summary)
         write_figures(sel, tmp)
         (tmp / REPORT).write_text(render_report(sel), encoding="utf-8")

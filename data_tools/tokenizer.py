@@ -15,7 +15,7 @@ from data_tools.tokenizer_training import prepare_tokenizer
 from slm_assist.core.dataset import MANIFEST, TOKENIZER
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.files import atomic_output_dir, check_output_dir
-from slm_assist.core.tokenizer import load_tokenizer, tokenizer_fingerprint
+from slm_assist.core.tokenizer import TOKENIZER_FILES, load_tokenizer, tokenizer_fingerprint
 
 
 def main(argv: Sequence[str]) -> None:
@@ -31,7 +31,7 @@ def main(argv: Sequence[str]) -> None:
     if cfg.tokenizer.path:
         load_tokenizer(cfg.tokenizer.path)  # a bad path fails before the corpus is read
     docs = list(read_documents(cfg.corpus))
-    with atomic_output_dir(target, overwrite=cfg.overwrite, field="out_dir") as tmp:
+    with atomic_output_dir(target, TOKENIZER_FILES, overwrite=cfg.overwrite, field="out_dir") as tmp:
         prepare_tokenizer(cfg.tokenizer, cfg.corpus, docs, tmp)
     tok = load_tokenizer(target)
     print(f"tokenizer: {target} (vocab {len(tok)}, fingerprint {tokenizer_fingerprint(tok)})")

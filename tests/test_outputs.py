@@ -132,7 +132,7 @@ def test_atomic_output_dir_recovers_and_rolls_back(tmp_path, monkeypatch):
     trash.mkdir()
     (trash / "manifest.json").write_text("half deleted\n")
     with pytest.raises(UserError, match="exists and is not empty"):
-        with files.atomic_output_dir(out):
+        with files.atomic_output_dir(out, ("manifest.json",)):
             pass
     assert (out / "manifest.json").read_text() == "complete\n"  # the only complete copy is back
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -148,7 +148,7 @@ def test_atomic_output_dir_recovers_and_rolls_back(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files.os, "replace", failing_second_rename)
     with pytest.raises(UserError, match=r"out_dir=.*out: cannot replace it \(Device or resource busy\); it was left"):
-        with files.atomic_output_dir(out, overwrite=True) as tmp:
+        with files.atomic_output_dir(out, ("manifest.json",), overwrite=True) as tmp:
             (tmp / "manifest.json").write_text("new\n")
     monkeypatch.undo()
     assert (out / "manifest.json").read_text() == "complete\n"
@@ -157,6 +157,6 @@ def test_atomic_output_dir_recovers_and_rolls_back(tmp_path, monkeypatch):
     target = tmp_path / "real"
     target.mkdir()
     (tmp_path / "link").symlink_to(target)
-    with files.atomic_output_dir(tmp_path / "link", overwrite=True) as tmp:
+    with files.atomic_output_dir(tmp_path / "link", ("x",), overwrite=True) as tmp:
         (tmp / "x").write_text("x")
     assert (tmp_path / "link").is_symlink() and (target / "x").read_text() == "x"

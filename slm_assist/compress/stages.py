@@ -23,7 +23,7 @@ from slm_assist.core.config import check, check_no_effect, record_diff, save_con
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import ConfigError, UserError
 from slm_assist.core.files import atomic_output_dir, check_writable
-from slm_assist.core.model_dir import META, ModelDir, append_stage
+from slm_assist.core.model_dir import META, MODEL_FILES, ModelDir, append_stage
 from slm_assist.kd.teacher import load_teacher
 from slm_assist.training.batches import DataConfig
 from slm_assist.training.checkpoint import CheckpointConfig
@@ -212,7 +212,7 @@ def _prepare_init(cfg: CompressConfig, pretrained: ModelDir, data: PackedDataset
                         "init. Use another run_dir")
     if not record.is_file() and dist.is_main():
         torch.manual_seed(cfg.seed)  # a random init (and pruning's calibration) must not depend on the process
-        with atomic_output_dir(out, field="run_dir/init") as tmp:
+        with atomic_output_dir(out, (*MODEL_FILES, INIT_RECORD), field="run_dir/init") as tmp:
             origin = make_student(cfg.init, cfg.model, pretrained, data, tmp)
             (tmp / INIT_RECORD).write_text(json.dumps({"identity": identity, **origin}, indent=2))
     dist.barrier()

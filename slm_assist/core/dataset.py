@@ -25,6 +25,8 @@ TOKENIZER = "tokenizer"
 PREPARE_CONFIG = "prepare_config.yaml"
 SPLITS = ("train", "validation")
 FORMAT_VERSION = 1
+ARROW_FILES = ("data-*.arrow", "dataset_info.json", "state.json")
+"""What `datasets.Dataset.save_to_disk` writes into its directory."""
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:

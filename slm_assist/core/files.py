@@ -9,6 +9,7 @@ only when it is complete. Nothing that is not our own output is ever deleted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import os
 import shutil
@@ -40,6 +41,34 @@ def plain_mode(is_dir: bool) -> int:
     return (0o777 if is_dir else 0o666) & ~_umask()
 
 
+_LOW_SPACE = 64 << 20
+"""Below this many free bytes a failed write is put down to a full disk (torch's zip writer reports a short write
+only as "unexpected pos", without the errno)."""
+
+
+def out_of_space(e: BaseException, where: Path) -> bool:
+    """Whether the write failure `e` under directory `where` means the disk (or the user's quota) is full. Call it
+    before removing the partial output: its bytes are part of what filled the disk."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(e, RuntimeError) and any(s in str(e) for s in ("unexpected pos", "file write failed")):
+        try:
+            return shutil.disk_usage(_nearest_existing(where)).free < _LOW_SPACE
+        except OSError:
+            return False
+    return False
+
+
+def no_space_error(where: Path, what: str, kept: str) -> UserError:
+    """The message for a write that ran out of space: which directory, what was being written, what was kept."""
+    try:
+        free = f" ({shutil.disk_usage(_nearest_existing(where)).free / 2**20:.1f} MiB free now)"
+    except OSError:
+        free = ""
+    return UserError(f"no space left on {where}{free} while writing {what}; {kept}. Free some space (or choose "
+                     "another location) and run the same command again")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
@@ -50,9 +79,13 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, plain_mode(is_dir=False))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = out_of_space(e, path.parent)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if full:
+            kept = f"{path} was left as it was" if path.exists() else f"{path} was not written"
+            raise no_space_error(path.parent, path.name, kept) from None
         raise
 
 
@@ -143,25 +176,84 @@ def _plain_modes(root: Path) -> None:
                 os.chmod(p, file_mode)
 
 
+def link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the filesystem allows one (no bytes copied), a copy otherwise; a symlink stays a link."""
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: Path, new: Path, own: Sequence[str]) -> list[str]:
+    """Entries of the old output `old` that we did not write (matching none of `own`, none of our temp names, and
+    not written anew) are linked into `new`, so replacing `old` keeps them. Linked, not moved: until the swap, the
+    old output is still whole, so a kill at any point loses nothing."""
+    kept = []
+    for name in foreign_entries(old, own):
+        src, dst = old / name, new / name
+        if dst.exists() or dst.is_symlink():
+            continue  # ours now: the new output writes that name
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(str(src), str(dst))
+        kept.append(name)
+    return kept
+
+
 @contextlib.contextmanager
-def atomic_output_dir(path: Path, overwrite: bool = False, flag: str = "overwrite", field: str = "out_dir",
-                      own: Sequence[str] | None = None) -> Iterator[Path]:
+def atomic_output_dir(path: Path, own: Sequence[str], overwrite: bool = False, flag: str = "overwrite",
+                      field: str = "out_dir") -> Iterator[Path]:
     """Yield a temp directory next to `path`; on success it replaces `path`, on failure it is removed.
-    One writer per `path`: leftovers of an earlier killed writer are cleaned up first."""
+    `own`: glob patterns of the entries this writer makes. An existing output is replaced only as far as it is
+    ours: anything else in it (a README the user added) is carried into the new one. A symlink at `path` is
+    followed (what it points to is replaced, keeping the link), with the same rule, so nothing the link reaches
+    is deleted unless we wrote it. One writer per `path`: leftovers of an earlier killed writer are cleaned first.
+    A full disk is one clear error, and the old output stays as it was."""
     path = Path(path).absolute()  # "." has no name to build a sibling's from
-    if path.is_symlink():  # replace what it points to, not the link
+    if path.is_symlink():
         path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)
-    check_output_dir(path, overwrite, flag, field, own)
+    check_output_dir(path, overwrite, flag, field)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         yield tmp
+        kept = _carry_over(path, tmp, own) if path.is_dir() else []
         _plain_modes(tmp)
         _swap_in(tmp, path, field)
-    except BaseException:
+        if kept:
+            print(f"{field}={path}: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} this command did not "
+                  f"write ({', '.join(kept[:5])})", flush=True)
+    except BaseException as e:
+        full = out_of_space(e, path.parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            kept = f"{path} was left as it was" if path.exists() else f"nothing was written to {path}"
+            raise no_space_error(path.parent, f"{field}={path}", kept) from None
         raise
+
+
+def remove_output(path: Path, own: Sequence[str]) -> None:
+    """Delete an output of ours: the entries of directory `path` matching `own`, then `path` itself if that leaves
+    it empty. A symlink is never followed out of our tree: a link at `path` stays (with what it points to, minus
+    our entries), and links inside it are removed as links."""
+    path = Path(path)
+    if not (path.is_dir() or path.is_symlink()):
+        return
+    if not path.is_dir():  # a dangling link: nothing of ours behind it
+        return
+    for entry in path.iterdir():
+        if any(fnmatch.fnmatch(entry.name, pat) for pat in (*own, *_OUR_HIDDEN)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    if not path.is_symlink() and not any(path.iterdir()):
+        path.rmdir()
 
 
 def _swap_in(new: Path, path: Path, field: str) -> None:

@@ -20,10 +20,12 @@ import torch
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import UserError
 from slm_assist.core.files import atomic_write_text
-from slm_assist.core.tokenizer import load_tokenizer, tokenizer_fingerprint
+from slm_assist.core.tokenizer import TOKENIZER_FILES, load_tokenizer, tokenizer_fingerprint
 
 CONFIG = "config.json"
 META = "slm_assist.json"
+MODEL_FILES = (CONFIG, "generation_config.json", "*.safetensors", "*.safetensors.index.json", META, *TOKENIZER_FILES)
+"""Glob patterns of what `write_model_dir` writes: a model directory holds nothing else of ours."""
 
 
 def resolve_attn_implementation(requested: str, device: torch.device) -> str:

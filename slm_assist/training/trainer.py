@@ -22,7 +22,7 @@ from slm_assist.core.config import check, save_config, to_dict
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import UserError
 from slm_assist.core.files import atomic_output_dir, atomic_write_text, check_writable, clean_stale
-from slm_assist.core.model_dir import ModelDir, write_model_dir
+from slm_assist.core.model_dir import MODEL_FILES, ModelDir, write_model_dir
 from slm_assist.training.batches import DataConfig, ShardedBatches, validation_batches
 from slm_assist.training.checkpoint import CheckpointConfig, Checkpointer, TrainState
 from slm_assist.training.engine import ModelWithHeads, deepspeed_config, initialize
@@ -343,7 +343,7 @@ class Trainer:
             if state_dict is not None and isinstance(self.engine.module, ModelWithHeads):
                 state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
         if dist.is_main():
-            with atomic_output_dir(final, overwrite=True) as tmp:
+            with atomic_output_dir(final, MODEL_FILES, overwrite=True) as tmp:
                 write_model_dir(tmp, self.model, self.tokenizer, self.metadata(), state_dict)
         dist.barrier()
         return final
