@@ -40,8 +40,9 @@ from parallel import run_module  # bench/parallel.py, next to this script
 from data_tools.corpus import CorpusConfig, joined_documents, read_documents, write_jsonl
 from data_tools.pack import is_validation_doc
 from slm_assist.core.dataset import read_manifest
+from slm_assist.core.run_dir import read_metrics
 from slm_assist.eval import cloze_accuracy, dataset_loss, inference_speed, load_model
-from slm_assist.training.metrics import mean_se, read_metrics
+from slm_assist.training.metrics import mean_se
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "corpora"

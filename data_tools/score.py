@@ -8,17 +8,20 @@ writes sparse soft labels (`cache.mode`) in the same pass.
 Sharding: the split is cut into `num_shards` contiguous ranges of whole batches, so every sequence is scored in
 the same batch whatever the shard count, and scores are identical. Under torchrun / the deepspeed launcher, rank
 r of W scores shards r, r+W, ...; a plain process scores all shards, or only `shard=i` (SLURM arrays, then
-`merge_only=true`). Each shard is written atomically with a DONE marker; a relaunch skips finished shards.
+`merge_only=true`). Each shard is written atomically with a DONE marker (the run's identity and the size of every
+file); a relaunch skips finished shards, and scores again one whose files no longer match their sizes (damaged).
 
-Output `out_dir/`: `scores/` (Arrow: `index` + score columns), `cache/` (if any), `manifest.json`, `shards/`.
+Output `out_dir/`: `scores/` (Arrow: `index` + score columns), `cache/` (if any), `manifest.json`, `shards/`. The
+merge builds the new scores, cache and manifest next to the old ones and renames them in only when all are
+written, so a failure (a full disk) leaves an earlier run's merged results whole. A plain process (no launcher)
+holds a lock on `shards/.score.lock` while it works: a second process on the same out_dir is refused, naming the
+first (`shard=` jobs share it with each other, not with a whole run).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import shutil
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +37,7 @@ from data_tools.score_math import (
     score_logits,
     token_stats,
 )
+from data_tools.score_output import ScoreOutput, out_dir_lock
 from data_tools.softlabels import (
     CacheConfig,
     bytes_per_position,
@@ -43,21 +47,14 @@ from data_tools.softlabels import (
 )
 from slm_assist.core import dist
 from slm_assist.core.config import check, parse_cli
-from slm_assist.core.dataset import ARROW_FILES, PackedDataset
+from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.faults import fault
-from slm_assist.core.files import (
-    atomic_output_dir,
-    atomic_write_text,
-    check_writable,
-)
+from slm_assist.core.files import check_writable
 from slm_assist.core.model_dir import ModelDir, decoder_and_head
-from slm_assist.core.scores import CACHE, CACHE_INFO, MANIFEST, SCORES, is_scores_manifest, write_cache
 from slm_assist.core.selection import read_index
 
 USAGE = "python -m data_tools.score CONFIG [key=value ...]"
-SHARD_FILES = (SCORES, CACHE, "DONE")
-"""What a shard directory (out_dir/shards/shard_*) holds."""
 
 
 @dataclass
@@ -128,7 +125,6 @@ def shard_rows(n_rows: int, batch_size: int, num_shards: int, shard: int) -> ran
 class Scorer:
     def __init__(self, cfg: ScoreConfig) -> None:
         self.cfg = cfg
-        self.out = Path(cfg.out_dir)
         self.data = PackedDataset.open(cfg.data)
         self.ds = self.data.split(cfg.split)
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -145,29 +141,15 @@ class Scorer:
         self.cache_indices: set[int] | None = None
         if cfg.cache.mode != "none" and cfg.cache.indices:
             self.cache_indices = set(read_index(cfg.cache.indices, len(self.ds), "cache.indices").tolist())
-        self.identity = {  # a shard made under any other identity must not be reused
+        identity = {  # a shard made under any other identity must not be reused
             "model_fingerprint": self.model_dir.fingerprint(),
             "ref_model_fingerprint": self.ref_dir.fingerprint() if self.ref_dir else None,
             "dataset_fingerprint": self.data.fingerprint,
             "split": cfg.split, "topk": cfg.topk, "confident_threshold": cfg.confident_threshold, "dtype": cfg.dtype,
             "batch_size": cfg.batch_size, "num_shards": self.num_shards, "cache": asdict(cfg.cache),
         }
-
-    # ---- shards ------------------------------------------------------------------------------------------
-    def shard_dir(self, i: int) -> Path:
-        return self.out / "shards" / f"shard_{i:05d}-of-{self.num_shards:05d}"
-
-    def is_done(self, i: int) -> bool:
-        marker = self.shard_dir(i) / "DONE"
-        if not marker.is_file():
-            return False
-        if _read_json(marker).get("identity") != self.identity:
-            if self.cfg.overwrite:  # this shard is ours to redo (every job owns its shards)
-                shutil.rmtree(self.shard_dir(i))
-                return False
-            raise UserError(f"{self.shard_dir(i)} was scored with another model, data or settings; "
-                            "set overwrite=true or use another out_dir")
-        return True
+        self.output = ScoreOutput(Path(cfg.out_dir), identity, self.num_shards, cfg.model, cfg.overwrite,
+                                  separate_jobs=cfg.shard >= 0 or cfg.merge_only)
 
     def my_shards(self) -> list[int]:
         if self.cfg.shard >= 0:
@@ -177,7 +159,13 @@ class Scorer:
     def run(self) -> None:
         from tqdm.auto import tqdm
 
-        todo = [i for i in self.my_shards() if not self.is_done(i)]
+        todo = []
+        for i in self.my_shards():
+            why = self.output.shard_problem(i)
+            if why:
+                print(f"{self.output.shard_dir(i)}: damaged, {why}; scoring it again", flush=True)
+            if why is not None:
+                todo.append(i)
         skipped = len(self.my_shards()) - len(todo)
         if skipped and self.rank == 0:
             print(f"skipping {skipped} finished shard(s)")
@@ -225,16 +213,9 @@ class Scorer:
                                           for rows_, logits in logit_chunks(ref, ids)]
             cols["index"].append(torch.from_numpy(idx))
             bar.update(len(idx))
-        with atomic_output_dir(self.shard_dir(i), SHARD_FILES, overwrite=True) as tmp:
-            import datasets
-
-            table = {c: torch.cat(v).cpu().numpy().astype(np.int64 if c == "index" else np.float32)
-                     for c, v in cols.items()}
-            datasets.Dataset.from_dict(table).save_to_disk(str(tmp / SCORES))
-            if cached:
-                write_cache(labels, cached, cfg.cache.mode, tmp / CACHE)
-            (tmp / "DONE").write_text(json.dumps({"identity": self.identity, "rows": [rows.start, rows.stop],
-                                                  "cached": len(cached), "time": time.time()}))
+        table = {c: torch.cat(v).cpu().numpy().astype(np.int64 if c == "index" else np.float32)
+                 for c, v in cols.items()}
+        self.output.write_shard(i, rows, table, labels, cached)
         fault("kill_after_shard", i)
 
     def _cache_batch(self, logits: torch.Tensor, idx: np.ndarray, labels: dict, cached: list[int]) -> None:
@@ -262,63 +243,12 @@ class Scorer:
                 labels[key].append(arr)
             cached.append(int(idx[r]))
 
-    def check_output(self) -> None:
-        """Every rank, every mode, before any work: out_dir's manifest, if any, is a scoring one, and a finished
-        output needs overwrite=true (old merged results stay until the new merge replaces them). Score writes
-        only its own names there (scores/, cache/, manifest.json, shards/): a model folder may live next to them."""
-        manifest = self.out / MANIFEST
-        if manifest.is_file() and not is_scores_manifest(_read_json(manifest)):
-            raise UserError(f"out_dir={self.out}: its {MANIFEST} is not a data_tools.score manifest (a packed "
-                            "dataset?); choose another out_dir")
-        if manifest.is_file() and not self.cfg.overwrite:
-            raise UserError(f"out_dir={self.out} already holds merged scores; set overwrite=true to score again")
-
-    def drop_other_shards(self) -> None:
-        """overwrite=true (rank 0): shards made under another identity go; this run's own finished shards stay,
-        so a killed overwrite resumes like any other run."""
-        for d in sorted((self.out / "shards").glob("shard_*")):
-            marker = d / "DONE"
-            if not marker.is_file() or _read_json(marker).get("identity") != self.identity:
-                shutil.rmtree(d)
-
-    # ---- merge -------------------------------------------------------------------------------------------
     def merge(self) -> dict:
-        import datasets
-
-        missing = [i for i in range(self.num_shards) if not self.is_done(i)]
-        if missing:
-            raise UserError(f"{self.out}: cannot merge, {len(missing)} of {self.num_shards} shards are not done "
-                            f"(missing: {missing[:20]}); run them first (shard=i) or relaunch without shard=")
-        dirs = [self.shard_dir(i) for i in range(self.num_shards)]
-        manifest = {"format_version": 1, **self.identity, "data": str(self.cfg.data), "model": self.cfg.model,
-                    "ref_model": self.cfg.ref_model or None, "num_sequences": len(self.ds),
-                    "columns": [c for c in datasets.load_from_disk(str(dirs[0] / SCORES)).column_names]}
-        (self.out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest is written
-        for name in (SCORES, CACHE):
-            parts = [datasets.load_from_disk(str(d / name)) for d in dirs if (d / name).is_dir()]
-            if not parts:
-                shutil.rmtree(self.out / name, ignore_errors=True)  # an old run's cache is not this run's
-                continue
-            with atomic_output_dir(self.out / name, (*ARROW_FILES, CACHE_INFO), overwrite=True) as tmp:
-                datasets.concatenate_datasets(parts).save_to_disk(str(tmp))
-                if name == CACHE:
-                    src = next(d / name for d in dirs if (d / name).is_dir())
-                    (tmp / CACHE_INFO).write_text((src / CACHE_INFO).read_text())
-        if self.cfg.cache.mode != "none":
-            n_cached = sum(json.loads((d / "DONE").read_text())["cached"] for d in dirs)
-            manifest["cache"].update(sequences_cached=n_cached,
-                                     bytes_per_token=bytes_per_position(self.cfg.cache))
-        atomic_write_text(self.out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        shutil.rmtree(self.out / "shards")  # merged copies exist now; the manifest marks the result complete
-        return manifest
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON: {e}") from None
-    return data if isinstance(data, dict) else {}
+        """The shards merged into scores/ (and cache/) under a manifest that names what they were made from."""
+        cfg = self.cfg
+        about = {"data": str(cfg.data), "model": cfg.model, "ref_model": cfg.ref_model or None,
+                 "num_sequences": len(self.ds)}
+        return self.output.merge(about, bytes_per_position(cfg.cache) if cfg.cache.mode != "none" else None)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -330,9 +260,17 @@ def main(argv: Sequence[str]) -> None:
     if launched:
         dist.init()  # for the barriers around the shared output directory
     scorer = Scorer(cfg)  # reads and checks every input
-    scorer.check_output()
+    scorer.output.check()
+    with contextlib.ExitStack() as lock:
+        if not launched:  # under a launcher every rank writes out_dir, legitimately
+            lock.enter_context(out_dir_lock(out, exclusive=cfg.shard < 0))
+            scorer.output.check()  # again: a run that held the lock may have finished since the first check
+        _score(cfg, scorer, out)
+
+
+def _score(cfg: ScoreConfig, scorer: Scorer, out: Path) -> None:
     if dist.is_main() and cfg.overwrite and not cfg.merge_only and cfg.shard < 0:
-        scorer.drop_other_shards()
+        scorer.output.drop_other_shards()
     dist.barrier()
     if not cfg.merge_only:
         scorer.run()

@@ -9,7 +9,9 @@
     python -m slm_assist.eval MODEL_DIR DATA [DATA ...] [--split validation] [--max-rows N] [--out results.json]
     python -m slm_assist.eval MODEL_DIR [DATA ...] --speed   # + batched tokens/s and generation latency
 
-Only the tokenizer's real vocabulary is scored: padded embedding rows are cut off.
+Only the tokenizer's real vocabulary is scored: padded embedding rows are cut off. A perplexity too large for a
+float (mean loss above ~709.78 nats) is reported as inf; `--out` then writes it as `Infinity`, the JSON extension
+that Python's `json` (and so `read_eval`, the report and the hub card) reads back as a float.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.files import atomic_write_text, check_output_file
 from slm_assist.core.model_dir import ModelDir
+from slm_assist.core.run_dir import RunDir
 from slm_assist.core.tokenizer import tokenizer_fingerprint
 
 LOSS_VOCAB_WHY = "losses over different vocabularies are not comparable"
@@ -51,6 +55,7 @@ def _device(model: torch.nn.Module) -> torch.device:
 def dataset_loss(model, tok, data_dir: str | Path, split: str = "validation", batch_size: int = 8,
                  max_rows: int = -1) -> dict[str, Any]:
     """Mean next-token loss over every token of a packed split (each row scored on its own)."""
+    check_max_rows(max_rows)
     data = PackedDataset.open(data_dir)
     data.check_tokenizer(tokenizer_fingerprint(tok), "the model", LOSS_VOCAB_WHY)
     ds = data.split(split, "--split")
@@ -63,9 +68,26 @@ def dataset_loss(model, tok, data_dir: str | Path, split: str = "validation", ba
         logits = model(input_ids=ids).logits[:, :-1, :v].float()
         total += F.cross_entropy(logits.reshape(-1, v), ids[:, 1:].reshape(-1), reduction="sum").item()
         count += ids[:, 1:].numel()
+    if count == 0:
+        raise UserError(f"{data_dir}: split {split!r} has no sequences to score")
     loss = total / count
     return {"task": "loss", "data": str(data_dir), "split": split, "tokens": count, "loss": loss,
-            "perplexity": math.exp(loss)}
+            "perplexity": perplexity(loss)}
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean loss), or inf where that is too large for a float (a mean loss above ~709.78 nats)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def check_max_rows(max_rows: int) -> None:
+    """`--max-rows`: -1 (every row) or a positive cap; 0 or another negative number would score nothing."""
+    if max_rows != -1 and max_rows < 1:
+        raise UserError(f"--max-rows {max_rows}: expected a positive number of sequences / examples per input, "
+                        "or -1 for all")
 
 
 def _split_ids(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -166,6 +188,7 @@ def _max_len(model) -> int:
 @torch.inference_mode()
 def cloze_accuracy(model, tok, path: str | Path, max_rows: int = -1) -> dict[str, Any]:
     """Fraction of {context, target} examples whose " target" is predicted greedily, token for token."""
+    check_max_rows(max_rows)
     rows = _read_jsonl(path, "cloze")[: max_rows if max_rows > 0 else None]
     hits, logps = 0, 0.0
     for r in tqdm(rows, desc=f"cloze {Path(path).name}", leave=False):
@@ -179,6 +202,7 @@ def cloze_accuracy(model, tok, path: str | Path, max_rows: int = -1) -> dict[str
 @torch.inference_mode()
 def multiple_choice_accuracy(model, tok, path: str | Path, max_rows: int = -1) -> dict[str, Any]:
     """acc: argmax of log p(choice | input); acc_norm: of log p divided by the choice's length in characters."""
+    check_max_rows(max_rows)
     rows = _read_jsonl(path, "multiple_choice")[: max_rows if max_rows > 0 else None]
     acc = acc_norm = 0
     for r in tqdm(rows, desc=f"choice {Path(path).name}", leave=False):
@@ -233,7 +257,8 @@ def _no_data_message(model_dir: str | Path) -> str:
     run_config = meta.get("run_config") if isinstance(meta, dict) else None
     run_data = run_config.get("data") if isinstance(run_config, dict) else None
     trained_on = run_data.get("path") if isinstance(run_data, dict) else None
-    if isinstance(trained_on, str) and trained_on:
+    if isinstance(trained_on, str) and trained_on:  # recorded relative to the run directory (final/'s parent)
+        trained_on = os.path.normpath(RunDir(Path(model_dir).absolute().parent).resolve(trained_on))
         where = "" if Path(trained_on).is_dir() else " (not found from here)"
         msg += (f"; this model was trained on {trained_on}{where}: "
                 f"python -m slm_assist.eval {model_dir} {trained_on}")
@@ -271,6 +296,7 @@ def evaluate(model_dir: str | Path, data: Sequence[str], split: str = "validatio
              max_rows: int = -1, speed: bool = False) -> dict[str, Any]:
     """Every DATA path is checked (packed datasets: manifest, split, vocabulary; jsonl: every row) before the
     model is loaded."""
+    check_max_rows(max_rows)
     d = ModelDir.open(model_dir)
     if not data and not speed:
         raise UserError(_no_data_message(model_dir))
@@ -300,10 +326,12 @@ def main(argv: Sequence[str]) -> None:
     ap.add_argument("data", nargs="*", help="packed dataset dirs, cloze jsonl, multiple-choice jsonl")
     ap.add_argument("--split", default="validation", help="split of packed datasets (default: validation)")
     ap.add_argument("--max-rows", type=int, default=-1, help="cap sequences / examples per input (-1 = all)")
-    ap.add_argument("--out", default="", help="also write the results as JSON here")
+    ap.add_argument("--out", default="", help="also write the results as JSON here (a perplexity too large for a "
+                    "float is written as Infinity, which Python's json reads back as inf)")
     ap.add_argument("--speed", action="store_true",
                     help="also measure inference speed: batched forward tokens/s and batch-1 generation ms/token")
     args = ap.parse_args(list(argv))
+    check_max_rows(args.max_rows)
     out = check_output_file(args.out, "--out") if args.out else None
     res = evaluate(args.model_dir, args.data, args.split, args.max_rows, args.speed)
     for r in res["results"]:

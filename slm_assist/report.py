@@ -23,30 +23,20 @@ from slm_assist.compress.report import compress_figures, compress_section, compr
 from slm_assist.core.dataset import read_manifest
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.files import atomic_write_text, check_output_file
-from slm_assist.core.model_dir import META, ModelDir
+from slm_assist.core.run_dir import RunDir
 from slm_assist.core.selection import INDEX, SUMMARY, read_summary
 from slm_assist.salt.recipe import describe
-from slm_assist.training.metrics import read_eval, read_metrics
-
-RUN_META_FIELDS = ("run_config", "params", "step", "tokens_seen")
 
 
 def run_summary(run_dir: Path) -> dict:
     """A finished run's figures; without metrics.jsonl (logging off, or lost) its val_loss is None."""
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: " + ("not a run directory (a file)" if run_dir.exists() else "no such directory"))
-    meta = ModelDir(run_dir / "final").meta()
-    if meta is None:
-        raise UserError(f"{run_dir}: no final/{META}; the run has not finished")
-    missing = [k for k in RUN_META_FIELDS if k not in meta] if isinstance(meta, dict) else list(RUN_META_FIELDS)
-    if missing or not isinstance(meta["run_config"], dict):
-        raise UserError(f"{run_dir / 'final' / META}: not slm_assist run metadata (missing or bad field(s) "
-                        f"{missing or ['run_config']})")
-    vals = [r["val_loss"] for r in read_metrics(run_dir) if isinstance(r.get("val_loss"), float)]
-    evals = {r["task"]: r for r in read_eval(run_dir)}
+    run = RunDir.open(run_dir, "RUN_DIR")
+    meta = run.meta()
+    vals = run.val_losses()
+    evals = {r["task"]: r for r in run.eval_results()}
     return {"run": str(run_dir), "name": run_dir.name, "params": meta["params"], "steps": meta["step"],
-            "tokens": meta["tokens_seen"], "val_loss": vals[-1] if vals else None, "model": str(run_dir / "final"),
-            "recipe": describe(meta["run_config"]).short, "eval": evals}
+            "tokens": meta["tokens_seen"], "val_loss": vals[-1] if vals else None, "model": str(run.final),
+            "recipe": describe(meta["run_config"], run.path).short, "eval": evals}
 
 
 def _section_markers(name: str) -> tuple[str, str]:
@@ -71,7 +61,7 @@ def plot_curves(runs: Sequence[Path], path: Path) -> None:
 
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
-        recs = read_metrics(run)  # [] for a run without metrics.jsonl: not drawn
+        recs = RunDir(run).metrics()  # [] for a run without metrics.jsonl: not drawn
         train = [(r["step"], r["ce"] if "ce" in r else r["loss"]) for r in recs
                  if "loss" in r and _number(r["ce"] if "ce" in r else r["loss"])]
         val = [(r["step"], r["val_loss"]) for r in recs if _number(r.get("val_loss"))]

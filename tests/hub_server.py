@@ -1,5 +1,6 @@
 """A local stand-in for the Hugging Face hub: the HTTP calls `huggingface_hub.upload_folder` makes (repo create,
-validate-yaml, preupload, commit), on 127.0.0.1. It records what it received, and can be told to reject."""
+validate-yaml, preupload, commit), on 127.0.0.1. It records what it received, and can be told to reject. It takes
+a bearer token, or the basic auth that an endpoint URL with userinfo (`http://user:pw@127.0.0.1:port`) makes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class FakeHub:
         self.repos: dict[str, dict] = {}
         self.commits: list[dict] = []
         self.reject_commit: int | None = None  # HTTP status to answer commits with
+        self.fail_preupload: list[int] = []  # HTTP statuses to answer the next preupload calls with, one each
         self.calls: list[str] = []
         self.prs: list[str] = []
         hub = self
@@ -34,7 +36,7 @@ class FakeHub:
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 hub.calls.append(self.path)
-                if not self.headers.get("Authorization", "").startswith("Bearer "):
+                if not self.headers.get("Authorization", "").startswith(("Bearer ", "Basic ")):  # Basic: URL userinfo
                     return self._reply(401, {"error": "Invalid credentials"})
                 parts = self.path.split("?")[0].strip("/").split("/")
                 if parts[:3] == ["api", "repos", "create"]:
@@ -44,14 +46,16 @@ class FakeHub:
                     return self._reply(200, {"url": f"{hub.url}/{repo}"})
                 if parts[:2] == ["api", "validate-yaml"]:
                     return self._reply(200, {"errors": [], "warnings": []})
-                if parts[:2] == ["api", "models"] and parts[4] == "preupload":
+                if parts[:2] == ["api", "models"] and parts[4:5] == ["preupload"]:
+                    if hub.fail_preupload:  # e.g. a 503, which huggingface_hub retries (and logs)
+                        return self._reply(hub.fail_preupload.pop(0), {"error": "try again later"})
                     files = json.loads(body)["files"]
                     return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
                                                         "shouldIgnore": False} for f in files]})
-                if parts[:2] == ["api", "models"] and parts[4] == "discussions":  # a pull request
+                if parts[:2] == ["api", "models"] and parts[4:5] == ["discussions"]:  # a pull request
                     hub.prs.append(json.loads(body)["title"])
                     return self._reply(200, {"num": len(hub.prs)})
-                if parts[:2] == ["api", "models"] and parts[4] == "commit":
+                if parts[:2] == ["api", "models"] and parts[4:5] == ["commit"]:
                     if hub.reject_commit:
                         return self._reply(hub.reject_commit, {"error": "commit rejected by the test hub"})
                     lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
@@ -68,7 +72,7 @@ class FakeHub:
 
             def do_GET(self) -> None:  # noqa: N802
                 parts = self.path.split("?")[0].strip("/").split("/")
-                if parts[:2] == ["api", "models"] and parts[4] == "discussions":
+                if parts[:2] == ["api", "models"] and parts[4:5] == ["discussions"]:
                     num = int(parts[5])
                     return self._reply(200, {
                         "num": num, "title": hub.prs[num - 1], "isPullRequest": True, "status": "draft",

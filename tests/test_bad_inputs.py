@@ -50,6 +50,19 @@ def world(tiny_data, tiny_slm, slm_other_tokenizer, tmp_path_factory) -> dict[st
     score_main([str(REPO / "configs/demo/score.yaml"), f"model={tiny_slm}", f"data={tiny_data}",
                 f"out_dir={w['cache']}", "dtype=fp32", "torch_threads=1", "cache.mode=top_k", "cache.k=4",
                 f"cache.indices={w['select'] / 'index.npy'}"])
+    w["damaged"] = root / "damaged_scores"  # its Arrow file cut short (a full disk, an interrupted copy)
+    shutil.copytree(w["scores"], w["damaged"])
+    arrow = next((w["damaged"] / "scores").glob("data-*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    w["unmerged"] = root / "unmerged"  # the finished shard of a run stopped before its merge
+    score_main([str(REPO / "configs/demo/score.yaml"), f"model={tiny_slm}", f"data={tiny_data}",
+                f"out_dir={w['unmerged']}", "dtype=fp32", "torch_threads=1", "num_shards=1", "shard=0"])
+    from data_tools.pack import PrepareConfig, prepare
+    from slm_assist.core.config import load_config
+
+    w["other_data"] = root / "other_data"  # a task corpus packed with another tokenizer
+    prepare(load_config(PrepareConfig, None, [f"out_dir={w['other_data']}", f"tokenizer.path={slm_other_tokenizer}",
+                                              "corpus.max_docs=10", "pack.seq_len=32", "pack.val_fraction=0"]))
     other = np.setdiff1d(np.arange(200), np.load(w["select"] / "index.npy"))[:50]
     np.save(root / "other.npy", other)
     w["file"] = root / "a_file.txt"
@@ -115,6 +128,17 @@ def _cases(w) -> dict[str, Case]:
                                                                       "merge_only=true"],
                                                  [f"out_dir={w['scores']}", "already holds merged scores"],
                                                  [w["scores"]]),
+        "select over a selection, scores cut short": Case("data_tools.select",
+                                                          [select_yaml, f"scores={w['damaged']}",
+                                                           f"out_dir={w['select']}", "overwrite=true"],
+                                                          [f"scores={w['damaged']}", "data-00000-of-00001.arrow",
+                                                           "is damaged", "score the data again"],
+                                                          [w["select"], w["damaged"]]),
+        "score over another run's shards": Case("data_tools.score", [score_yaml, f"data={w['data']}",
+                                                                     f"model={w['slm']}", f"out_dir={w['unmerged']}",
+                                                                     "num_shards=1", "topk=5"],
+                                                [f"out_dir={w['unmerged']}", "shards of another scoring run",
+                                                 "topk: 10 there, 5 here", "overwrite=true"], [w["unmerged"]]),
         "pack overwrite, a .git folder": Case("data_tools.pack", [data_yaml, f"out_dir={r / 'dotgit'}",
                                                                   "overwrite=true"], [".git"], [r / "dotgit"]),
         "eval context shorter than seq_len": Case("slm_assist.eval", [str(w["short_ctx"]), str(w["data"])],
@@ -171,6 +195,10 @@ def _cases(w) -> dict[str, Case]:
             "slm_assist.compress", _compress(w, f"finetuned_teacher={w['other_tok']}",
                                              "stages=[{name: gd, teacher: finetuned, loss: {hidden: 1}}]"),
             ["finetuned_teacher=", "tokenizer fingerprint"]),
+        "compress task data of another vocabulary": Case(  # each fingerprint next to the data it belongs to
+            "slm_assist.compress", _compress(w, f"task_data={w['other_data']}"),
+            [f"task_data={w['other_data']}: tokenizer fingerprint {_fingerprint(w['other_data'])} differs from the "
+             f"data's {_fingerprint(w['data'])} ({w['data']})"]),
         "compress layer map outside the teacher": Case("slm_assist.compress",
                                                        _compress(w, "stages=[{name: gd, loss: {hidden: 1, "
                                                                     "layer_map: [3]}}]"),
@@ -189,6 +217,8 @@ def _cases(w) -> dict[str, Case]:
         "compress attention under sdpa": Case("slm_assist.compress", _compress(w, "model.attn_implementation=sdpa"),
                                               ["model.attn_implementation", "sdpa", "eager"]),
         "eval without data": Case("slm_assist.eval", [str(w["slm"])], ["DATA"]),
+        "eval --max-rows 0": Case("slm_assist.eval", [str(w["slm"]), str(w["data"]), "--max-rows", "0"],
+                                  ["--max-rows 0", "positive number", "-1 for all"]),
         "eval latin-1 jsonl": Case("slm_assist.eval", [str(w["slm"]), str(w["latin1"])], [str(w["latin1"]), "UTF-8"]),
         "cloze out unwritable": Case("data_tools.cloze", [str(w["data"]), str(UNWRITABLE / "cloze.jsonl")],
                                      [f"out={UNWRITABLE / 'cloze.jsonl'}", "cannot write"]),
@@ -196,6 +226,10 @@ def _cases(w) -> dict[str, Case]:
         "hub push without token": Case("slm_assist.hub", ["push", str(w["slm"]), "--repo-id", "me/x"], ["HF_TOKEN"],
                                        [w["slm"]], env={"HF_TOKEN": "", "HF_HOME": str(r / "hf_home")}),
     }
+
+
+def _fingerprint(data: Path) -> str:
+    return json.loads((data / "manifest.json").read_text())["tokenizer_fingerprint"]
 
 
 def _snapshot(paths: list[Path]) -> dict[str, tuple[bytes, int]]:

@@ -7,9 +7,9 @@ import threading
 import pytest
 
 from slm_assist.core.errors import ConfigError, UserError
+from slm_assist.core.run_dir import read_metrics
 from slm_assist.kd.sources import CachedSoftLabels
 from slm_assist.train import main
-from slm_assist.training.metrics import read_metrics
 
 from .conftest import run_overrides
 
@@ -67,6 +67,21 @@ def trained(tiny_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "trained"
     main(run_overrides(tiny_data, run, "train.max_steps=12", "checkpoint.every=0", "optim.lr=0.01"))
     return run / "final"
+
+
+@pytest.fixture(scope="module")
+def trained_fp32(trained, tmp_path_factory):
+    """`trained` (exported in bf16) saved in fp32: a teacher far from uniform, unlike the random-init tiny_slm,
+    that runs in fp32 online as the fp32 scorer runs it for a cache. KD comparisons then compare fp32 paths on
+    well-conditioned values: between two almost uniform models the KD is ~0.01, a difference of log-probs ~-6
+    whose rounding (fp32, or fp16 in a cache, rounded alike for values that close) is a sizeable part of it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("runs") / "trained_fp32"
+    AutoModelForCausalLM.from_pretrained(str(trained), dtype=torch.float32).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(trained)).save_pretrained(str(out))
+    return out
 
 
 def test_token_gating_matches_its_definition(tiny_data, tiny_slm, trained):
@@ -192,7 +207,7 @@ def test_zero3_student_with_teacher_on_two_processes(tiny_data, tiny_slm, tmp_pa
     assert all(r["kd"] > 0 for r in recs[:6])
 
 
-def test_cached_top_k_with_full_vocab_matches_online_kd(tiny_data, tiny_slm, tmp_path, monkeypatch):
+def test_cached_top_k_with_full_vocab_matches_online_kd(tiny_data, trained_fp32, tmp_path, monkeypatch):
     """KD from a top-k cache with k = vocabulary trains like the online teacher (fp16 log-probs aside); with the
     labels read ahead with their batches (the stream's prefetch thread, as on a GPU) it trains bit for bit the
     same as with the labels read at the step."""
@@ -200,16 +215,19 @@ def test_cached_top_k_with_full_vocab_matches_online_kd(tiny_data, tiny_slm, tmp
 
     from .conftest import REPO
 
+    # a teacher far from uniform (KD ~1): with tiny_slm (KD ~0.01) the fp16 rounding of the cached log-probs moved
+    # the KD by ~2e-5, all of the 2e-3 relative tolerance
+    teacher = trained_fp32
     scores = tmp_path / "scores"
-    score_main([str(REPO / "configs/demo/score.yaml"), f"model={tiny_slm}", f"data={tiny_data}", f"out_dir={scores}",
+    score_main([str(REPO / "configs/demo/score.yaml"), f"model={teacher}", f"data={tiny_data}", f"out_dir={scores}",
                 "batch_size=16", "dtype=fp32", "cache.mode=top_k", "cache.k=400", "torch_threads=1"])
     common = ("train.max_steps=3", "checkpoint.every=0", "train.dtype=fp32", "distill.schedule.kind=constant",
               "distill.gate_topk=10", "seed=1")  # seed 1: a student that differs from the teacher
-    main(run_overrides(tiny_data, tmp_path / "online", *common, f"distill.teacher={tiny_slm}"))
+    main(run_overrides(tiny_data, tmp_path / "online", *common, f"distill.teacher={teacher}"))
     main(run_overrides(tiny_data, tmp_path / "cached", *common, f"distill.cache={scores}"))
     online, cached = read_metrics(tmp_path / "online"), read_metrics(tmp_path / "cached")
     for a, b in zip(online, cached):
-        assert a["kd"] > 0.005 and b["kd"] == pytest.approx(a["kd"], rel=2e-3)
+        assert a["kd"] > 0.2 and b["kd"] == pytest.approx(a["kd"], rel=2e-3)
         assert b["gate_frac"] == a["gate_frac"]
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
     monkeypatch.setattr("slm_assist.training.batches.PREFETCH", True)
@@ -249,7 +267,7 @@ def test_cache_for_other_data_is_refused(tiny_data, tiny_slm, tmp_path):
         main(run_overrides(tiny_data, tmp_path / "r", "train.max_steps=1", f"distill.cache={scores}"))
 
 
-def test_levers_online_ensemble_matches_cached_ensemble(tiny_data, tiny_slm, trained, tmp_path):
+def test_levers_online_ensemble_matches_cached_ensemble(tiny_data, tiny_slm, trained_fp32, tmp_path):
     """Every issue-13 lever on at once: a voted two-SLM ensemble with confidence gating, an easy-to-hard curriculum
     and the z-loss. From full-vocabulary top-k caches it trains like the online teachers (fp16 log-probs aside)."""
     from data_tools.score import main as score_main
@@ -258,8 +276,10 @@ def test_levers_online_ensemble_matches_cached_ensemble(tiny_data, tiny_slm, tra
 
     from .conftest import REPO
 
+    # member b in fp32 (scored in fp32 for its cache): a bf16 teacher online would differ from its cache by bf16
+    # rounding, ties included (top-1 votes, gates), not only by the fp16 log-probs
     scores = {}
-    for name, model in (("a", tiny_slm), ("b", trained)):
+    for name, model in (("a", tiny_slm), ("b", trained_fp32)):
         scores[name] = tmp_path / f"scores_{name}"
         score_main([str(REPO / "configs/demo/score.yaml"), f"model={model}", f"data={tiny_data}",
                     f"out_dir={scores[name]}", "batch_size=16", "dtype=fp32", "cache.mode=top_k", "cache.k=400",
@@ -269,7 +289,7 @@ def test_levers_online_ensemble_matches_cached_ensemble(tiny_data, tiny_slm, tra
               "distill.curriculum=mean_loss", f"distill.curriculum_scores={scores['a']}", "train.z_loss=1e-3",
               "seed=1")
     online = run_overrides(tiny_data, tmp_path / "online", *common, f"distill.teacher={tiny_slm}",
-                           f"distill.ensemble_teachers=[{trained}]")
+                           f"distill.ensemble_teachers=[{trained_fp32}]")
     path, overrides = split_argv(online, "")
     trainer = build_trainer(load_config(RunConfig, path, overrides))
     assert trainer.streams["main"].ordered_until == 2 * 4  # n_KD steps x micro-batch
@@ -287,18 +307,19 @@ def test_levers_online_ensemble_matches_cached_ensemble(tiny_data, tiny_slm, tra
         assert y["loss"] == pytest.approx(x["loss"], rel=2e-3)
     for x, y in zip(a[:2], b[:2]):
         assert 0 < x["gate_frac"] < 1 and y["gate_frac"] == x["gate_frac"]
-        assert x["kd"] > 0.005 and y["kd"] == pytest.approx(x["kd"], rel=2e-3)
+        assert x["kd"] > 0.1 and y["kd"] == pytest.approx(x["kd"], rel=2e-3)
 
 
-def test_fused_linear_kd_trains_like_the_materialised_loss(tiny_data, tiny_slm, tmp_path):
+def test_fused_linear_kd_trains_like_the_materialised_loss(tiny_data, trained_fp32, tmp_path):
     """distill.fused_linear computes the KD phase's loss from hidden states, chunk by chunk: the same losses, gate
     and z-loss as the path through full logits (fp32), and the same weights after the run."""
     import torch
     from safetensors.torch import load_file
 
+    # a teacher far from uniform: KD ~1, not ~0.01 (tiny_slm), so rel=1e-4 is far above the fp32 rounding
     common = ("train.max_steps=3", "checkpoint.every=0", "train.dtype=fp32", "distill.schedule.kind=step",
               "distill.schedule.n_kd_steps=2", "distill.gate_topk=10", "distill.chunk_tokens=16",
-              "train.z_loss=1e-3", "seed=1", f"distill.teacher={tiny_slm}", "model.pad_vocab_to=64")
+              "train.z_loss=1e-3", "seed=1", f"distill.teacher={trained_fp32}", "model.pad_vocab_to=64")
     main(run_overrides(tiny_data, tmp_path / "plain", *common))
     main(run_overrides(tiny_data, tmp_path / "fused", *common, "distill.fused_linear=true"))
     plain, fused = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fused")
@@ -306,7 +327,7 @@ def test_fused_linear_kd_trains_like_the_materialised_loss(tiny_data, tiny_slm, 
         for k in ("loss", "ce", "kd", "z", "gate_frac"):
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
-    assert plain[0]["kd"] > 0 and 0 < plain[0]["gate_frac"] < 1
+    assert plain[0]["kd"] > 0.2 and 0 < plain[0]["gate_frac"] < 1
     wa, wb = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in ("plain", "fused"))
     # Adam divides by the gradient's RMS, so rounding-level gradient differences reach the weights at ~1e-5
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=5e-5) for k in wa)

@@ -13,6 +13,7 @@ from slm_assist.core.config import load_config, split_argv
 from slm_assist.core.errors import UserError
 from slm_assist.salt.recipe import RunConfig
 from slm_assist.training.batches import Batch
+from slm_assist.training.checkpoint import read_deepspeed_file
 from slm_assist.training.objective import CausalLMObjective
 from slm_assist.training.trainer import Trainer
 
@@ -35,7 +36,7 @@ def test_objective_heads_are_trained_cast_checkpointed_and_not_exported(tiny_dat
     before = head.weight.detach().clone()
     a.fit()
     assert not torch.equal(head.weight.detach(), before)  # optimised
-    ckpt = torch.load(tmp_path / "A/checkpoints/step_00000003/mp_rank_00_model_states.pt", weights_only=False)
+    ckpt = read_deepspeed_file(tmp_path / "A/checkpoints/step_00000003/mp_rank_00_model_states.pt")
     assert "heads.0.weight" in ckpt["module"]  # checkpointed
     exported = load_file(str(tmp_path / "A/final/model.safetensors"))
     assert not any(k.startswith("heads") for k in exported)

@@ -70,7 +70,7 @@ def test_sbatch_script_outside_slurm_fails_clearly():
 @pytest.mark.slow
 def test_two_process_pretrain_and_score_through_make(tiny_data, tiny_slm, tmp_path):
     """NUM_GPUS=2 on a CPU machine: the deepspeed launcher starts two CPU processes (gloo)."""
-    from slm_assist.training.metrics import read_metrics
+    from slm_assist.core.run_dir import read_metrics
 
     run = tmp_path / "run"
     args = " ".join([f"data.path={tiny_data}", f"run_dir={run}", *TINY_MODEL, "train.max_steps=4",

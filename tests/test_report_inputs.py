@@ -11,7 +11,7 @@ import pytest
 
 from slm_assist.core.errors import UserError
 from slm_assist.core.model_dir import META
-from slm_assist.training.metrics import METRICS, read_metrics
+from slm_assist.core.run_dir import METRICS, read_metrics
 
 from .conftest import error_line, run_module
 

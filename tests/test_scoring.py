@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch
 
 from data_tools.score import ScoreConfig, main, shard_rows
 from data_tools.score_math import SCORE_COLUMNS, score_logits, token_stats
+from data_tools.score_output import LOCK
 from data_tools.softlabels import sampled_labels, sequence_generator
 from slm_assist.core.config import load_config
 from slm_assist.core.errors import ConfigError, UserError
@@ -206,7 +210,7 @@ def test_kill_mid_run_then_relaunch_redoes_only_unfinished_shards(tiny_data, tin
     args = _score_args(tiny_data, tiny_slm, out, "num_shards=3")
     res = run_module("data_tools.score", args, env={FAULT_ENV: "kill_after_shard:0"})
     assert res.returncode == -9, res.stderr[-2000:]
-    shards = sorted(p.name for p in (out / "shards").iterdir())
+    shards = sorted(p.name for p in (out / "shards").iterdir() if p.name != LOCK)  # the lock a kill leaves
     assert shards == ["shard_00000-of-00003"]  # only the finished shard; no temp dirs
     done_before = (out / "shards" / shards[0] / "DONE").read_text()
     res = run_module("data_tools.score", [*args, "merge_only=true"])
@@ -378,3 +382,117 @@ def test_logit_chunks_equal_the_models_logits():
     with torch.inference_mode():
         (rows, whole), = logit_chunks(model, ids)
     assert rows == slice(None) and whole.shape == want.shape
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("damage", ["scores arrow", "DONE marker"])
+def test_a_damaged_shard_is_scored_again(tiny_data, tiny_slm, single, tmp_path, capsys, damage):
+    """A finished shard whose files do not read back (cut short) is not done: merge_only names it, and a plain
+    run scores it again (it is ours, made the same way from checked inputs) and says so."""
+    out = tmp_path / "damaged"
+    args = _score_args(tiny_data, tiny_slm, out, "num_shards=2")
+    main([*args, "shard=0"])
+    main([*args, "shard=1"])
+    shard = out / "shards" / "shard_00001-of-00002"
+    victim = next((shard / "scores").glob("data-*.arrow")) if damage == "scores arrow" else shard / "DONE"
+    _truncate(victim)
+    with pytest.raises(UserError, match=rf"{re.escape(str(out))}: cannot merge, 1 of 2 shards are not done "
+                                        rf"\(missing: \[1\]\); shard 1 is damaged: .*{victim.name}.*; score them "
+                                        r"first \(shard=i\)"):
+        main([*args, "merge_only=true"])
+    capsys.readouterr()
+    main(args)
+    printed = capsys.readouterr().out
+    assert f"{shard}: damaged, " in printed and "scoring it again" in printed, printed
+    assert "skipping 1 finished shard(s)" in printed
+    assert _scores(out).equals(_scores(single))
+
+
+def test_a_damaged_soft_label_cache_is_named(tiny_data, tiny_slm, tmp_path):
+    out = tmp_path / "cached"
+    np.save(tmp_path / "sel.npy", np.array([1, 5]))
+    main(_score_args(tiny_data, tiny_slm, out, "cache.mode=top_k", "cache.k=4", f"cache.indices={tmp_path / 'sel.npy'}"))
+    arrow = next((out / "cache").glob("data-*.arrow"))
+    _truncate(arrow)
+    with pytest.raises(UserError, match=rf"soft-label cache {re.escape(str(out / 'cache'))}: {re.escape(str(arrow))} "
+                                        r"is damaged and cannot be read \(.*\); score the data again with the cache"):
+        SoftLabelCache(out / "cache")
+
+
+def test_shards_of_another_scoring_run_say_what_differs(tiny_data, tiny_slm, tmp_path):
+    """Two plain runs on one out_dir with other settings (the first stopped before its merge): the second is told
+    that out_dir holds another run's shards, what differs, and what to do; nothing about shard=."""
+    import json
+    import shutil
+
+    out = tmp_path / "two"
+    other = tmp_path / "other_slm"  # the same weights under another config file: another model fingerprint
+    shutil.copytree(tiny_slm, other)
+    (other / "config.json").write_text(json.dumps(json.loads((tiny_slm / "config.json").read_text()), indent=1))
+    main(_score_args(tiny_data, tiny_slm, out, "num_shards=1", "shard=0"))  # what a run killed before its merge leaves
+    with pytest.raises(UserError) as e:
+        main(_score_args(tiny_data, tiny_slm, out, "num_shards=1", "topk=5", "confident_threshold=0.3"))
+    assert str(e.value) == (f"out_dir={out} holds finished shards of another scoring run that was not merged "
+                            "(confident_threshold: 0.5 there, 0.3 here; topk: 10 there, 5 here); set overwrite=true "
+                            "to score again over them, or choose another out_dir")
+    with pytest.raises(UserError, match=rf"\(model: '{re.escape(str(tiny_slm))}' there, '{re.escape(str(other))}' "
+                                        r"here; model_fingerprint: '\w+' there, '\w+' here\)"):
+        main(_score_args(tiny_data, other, out, "num_shards=1"))
+    main(_score_args(tiny_data, other, out, "num_shards=1", "overwrite=true"))
+    assert json.loads((out / "manifest.json").read_text())["model"] == str(other)
+
+
+def test_a_second_process_on_the_same_out_dir_is_refused(tiny_data, tiny_slm, single, tmp_path):
+    """While one plain process scores into out_dir, another is refused, naming the first; `shard=` jobs share the
+    lock with each other, not with a whole run. The lock goes when its holders do."""
+    from data_tools.score_output import out_dir_lock
+
+    out = tmp_path / "busy"
+    busy = rf"out_dir={re.escape(str(out))} is being written by another data_tools.score process \(pid {os.getpid()} on "
+    with out_dir_lock(out, exclusive=True):  # as a running `python -m data_tools.score` holds it
+        with pytest.raises(UserError, match=busy):
+            main(_score_args(tiny_data, tiny_slm, out, "num_shards=2"))
+        with pytest.raises(UserError, match=busy):
+            main(_score_args(tiny_data, tiny_slm, out, "num_shards=2", "shard=1"))
+    assert not out.exists()  # made for the lock alone, and removed with it
+    with out_dir_lock(out, exclusive=False):  # a shard job is running
+        main(_score_args(tiny_data, tiny_slm, out, "num_shards=2", "shard=0"))  # another shard job: fine
+        with pytest.raises(UserError, match=busy):
+            main(_score_args(tiny_data, tiny_slm, out, "num_shards=2"))
+    main(_score_args(tiny_data, tiny_slm, out, "num_shards=2"))
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "scores"]
+    assert _scores(out).equals(_scores(single))
+
+
+def test_links_in_out_dir_are_never_followed_out_of_it(tiny_data, tiny_slm, single, tmp_path):
+    """out_dir/cache and out_dir/shards are links to the user's own folders: scoring replaces, and drops, only our
+    entries there; the user's files and the links stay."""
+    from slm_assist.core.dataset import PackedDataset
+    from slm_assist.core.scores import ScoresDir
+
+    out, cache_disk, shard_disk = tmp_path / "linked", tmp_path / "big_disk", tmp_path / "scratch"
+    for d in (out, cache_disk, shard_disk):
+        d.mkdir()
+    (cache_disk / "notes.txt").write_text("mine\n")
+    (shard_disk / "keep.txt").write_text("also mine\n")
+    (out / "cache").symlink_to(cache_disk)
+    (out / "shards").symlink_to(shard_disk)
+    np.save(tmp_path / "sel.npy", np.array([1, 5, 6]))
+    cached = ["cache.mode=top_k", "cache.k=4", f"cache.indices={tmp_path / 'sel.npy'}"]
+    for extra in ([], ["overwrite=true"]):  # written, then replaced, through the link
+        main(_score_args(tiny_data, tiny_slm, out, *cached, *extra))
+        assert (out / "cache").is_symlink() and (out / "shards").is_symlink()
+        assert len(SoftLabelCache(out / "cache")) == 3
+        assert (cache_disk / "notes.txt").read_text() == "mine\n"
+        assert sorted(p.name for p in shard_disk.iterdir()) == ["keep.txt"]
+    main(_score_args(tiny_data, tiny_slm, out, "overwrite=true"))  # no cache now: the old one is dropped
+    assert (out / "cache").is_symlink() and (out / "shards").is_symlink()
+    assert sorted(p.name for p in cache_disk.iterdir()) == ["notes.txt"]
+    assert (cache_disk / "notes.txt").read_text() == "mine\n"
+    assert sorted(p.name for p in shard_disk.iterdir()) == ["keep.txt"]
+    assert _scores(out).equals(_scores(single))
+    with pytest.raises(UserError, match="no finished data_tools.score output with a cache/"):
+        ScoresDir.open(out, "distill.cache").soft_labels(PackedDataset.open(tiny_data))

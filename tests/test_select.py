@@ -209,3 +209,22 @@ def test_report_says_when_the_scored_dataset_is_gone(tiny_data, tmp_path):
     assert f"Sequence text not shown: scores={scores}: {gone}" in report
     assert "- flagged among all: 4 of 10 (40.0%)" in report and "0.1, a display threshold only" in report
     assert gone in card and "tokens kept: unknown" in card
+
+
+@pytest.mark.parametrize("damage", ["arrow cut short", "state.json gone"])
+def test_damaged_scores_name_the_file(tmp_path, damage):
+    """A scores/ file cut short (a full disk, an interrupted copy) or missing: an error that names it and says to
+    score again, not pyarrow's own message without a file name; nothing is written."""
+    scores = write_scores(tmp_path / "scores")
+    if damage == "arrow cut short":
+        victim = next((scores / "scores").glob("data-*.arrow"))
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    else:
+        victim = scores / "scores" / "state.json"
+        victim.unlink()
+    out = tmp_path / "sel"
+    with pytest.raises(UserError, match=rf"^scores={re.escape(str(scores))}: {re.escape(str(victim))} is damaged and "
+                                        r"cannot be read \(.+\); score the data again into it \(python -m "
+                                        r"data_tools.score ... overwrite=true\)$"):
+        run(load_config(SelectConfig, None, [f"scores={scores}", f"out_dir={out}"]))
+    assert not out.exists()

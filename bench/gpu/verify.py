@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from slm_assist.core.files import atomic_write_text
-from slm_assist.training.metrics import read_metrics
+from slm_assist.core.run_dir import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts (the PCIe H100 is 756)

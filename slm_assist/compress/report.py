@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from slm_assist.compress.stages import CONFIG, CompressConfig
-from slm_assist.core.config import load_config
 from slm_assist.core.errors import UserError
 from slm_assist.core.model_dir import ModelDir
-from slm_assist.training.metrics import read_eval, read_metrics
+from slm_assist.core.run_dir import RunDir
 
 
 def gap_recovered(scratch: float | None, student: float | None, teacher: float | None) -> float | None:
@@ -34,7 +33,7 @@ def _same_path(a: str, b: str) -> bool:
 def model_figures(label: str, model_dir: Path, task: str, general: str) -> dict[str, Any]:
     """One model's row: its size and what `slm_assist.eval --out <run>/eval.json` measured for it."""
     meta = ModelDir(model_dir).meta() or {}
-    results = read_eval(model_dir.parent)
+    results = RunDir(model_dir.parent).eval_results()
     loss = {r["data"]: r["loss"] for r in results if r.get("task") == "loss" and r.get("split") == "validation"}
     speed = next((r for r in results if r.get("task") == "speed"), {})
     return {"label": label, "model": str(model_dir), "params": meta.get("params"), "steps": meta.get("step"),
@@ -47,7 +46,7 @@ def compress_figures(run_dir: Path, scratch: Path | None) -> dict[str, Any]:
     """Teacher, scratch and student figures of a compress run, and the stages it ran."""
     if not (run_dir / CONFIG).is_file():
         raise UserError(f"--compress {run_dir}: no {CONFIG}; not a slm_assist.compress run directory")
-    cfg = load_config(CompressConfig, run_dir / CONFIG)
+    cfg = RunDir(run_dir, "--compress").read_config(CompressConfig)
     fine = [s for s in cfg.stages if s.trains == "teacher" and (run_dir / s.name / "final").is_dir()]
     done = [s for s in cfg.stages if s.trains == "student" and (run_dir / s.name / "final").is_dir()]
     if not done:
@@ -73,7 +72,7 @@ def compress_figures(run_dir: Path, scratch: Path | None) -> dict[str, Any]:
     stages = []
     for s in cfg.stages:
         final = run_dir / s.name / "final"
-        vals = [r["val_loss"] for r in read_metrics(run_dir / s.name) if isinstance(r.get("val_loss"), float)]
+        vals = RunDir(run_dir / s.name).val_losses()
         stages.append({"name": s.name, "trains": s.trains, "teacher": s.teacher, "data": s.data,
                        "loss": {k: getattr(s.loss, k) for k in ("ce", "kd", "hidden", "attention")
                                 if getattr(s.loss, k)},
@@ -100,7 +99,7 @@ def plot_stages(run_dir: Path, figures: dict[str, Any], path: Path) -> None:
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
     offset = {"student": 0, "teacher": 0}
     for s in figures["stages"]:
-        recs = read_metrics(run_dir / s["name"])
+        recs = RunDir(run_dir / s["name"]).metrics()
         x0 = offset[s["trains"]]
         style = "--" if s["trains"] == "teacher" else "-"
         train = [(x0 + r["step"], r["loss"]) for r in recs if isinstance(r.get("loss"), float)]

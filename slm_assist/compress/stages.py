@@ -8,28 +8,32 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 
 from slm_assist.compress.init import InitConfig, chosen_layers, make_student, prune_targets
 from slm_assist.compress.latent import layer_map
 from slm_assist.compress.objective import CompressObjective, LossConfig
 from slm_assist.compress.prune import check_prune_targets
 from slm_assist.core import dist
-from slm_assist.core.config import check, check_no_effect, record_diff, save_config, to_dict
+from slm_assist.core.config import check, check_no_effect, record_diff, to_dict
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import ConfigError, UserError
 from slm_assist.core.files import atomic_output_dir, check_writable
 from slm_assist.core.model_dir import META, MODEL_FILES, ModelDir, append_stage
+from slm_assist.core.relaunch import input_fingerprints
+from slm_assist.core.run_dir import FINAL, RunDir
 from slm_assist.kd.teacher import load_teacher
 from slm_assist.training.batches import DataConfig
 from slm_assist.training.checkpoint import CheckpointConfig
 from slm_assist.training.models import ModelConfig
 from slm_assist.training.optim import OptimConfig, ScheduleConfig
-from slm_assist.training.trainer import RunData, TrainConfig, Trainer, TrainerConfig
+from slm_assist.training.trainer import RELAUNCH_RULES, RunData, TrainConfig, Trainer, TrainerConfig
 
 
 @dataclass
@@ -147,8 +151,8 @@ def _open_data(cfg: CompressConfig) -> dict[str, PackedDataset]:
     data = {"general": PackedDataset.open(cfg.general_data)}
     if cfg.task_data:
         data["task"] = PackedDataset.open(cfg.task_data)
-        data["task"].check_tokenizer(data["general"].tokenizer_fingerprint, f"task_data={cfg.task_data}",
-                                     f"general_data={cfg.general_data} and the task data must share one tokenizer")
+        data["general"].check_tokenizer(data["task"].tokenizer_fingerprint, f"task_data={cfg.task_data}",
+                                        "the general and the task data must share one tokenizer")
     return data
 
 
@@ -165,14 +169,33 @@ def stage_config(cfg: CompressConfig, stage: StageConfig, start: Path, data: Pac
 
 
 CONFIG = "config.yaml"
-"""In run_dir: the resolved config of the latest launch (reports read the stages and data from it)."""
+"""In run_dir: the resolved config of the latest accepted launch."""
 INIT_RECORD = "slm_assist_init.json"
 """In run_dir/init: the settings the initial student was made with, and the teacher blocks it came from."""
 
 
+@dataclass
+class _Step:
+    """One stage of a launch: where it runs, what it starts from, whom it distils from, and its Trainer config."""
+
+    stage: StageConfig
+    start: Path
+    teacher: Path | None
+    tcfg: TrainerConfig
+
+    @property
+    def final(self) -> Path:
+        return Path(self.tcfg.run_dir) / FINAL
+
+    @property
+    def finished(self) -> bool:
+        return (self.final / META).is_file()
+
+
 def run(cfg: CompressConfig) -> Path:
     """Run every unfinished stage in order; returns the final student's model directory. Everything is checked
-    before the first stage starts; a finished stage is skipped only if it ran with the same settings."""
+    before anything is written: the inputs, the init, every finished stage against the settings it ran with, and
+    an interrupted stage against the config of its checkpoint. Only then is config.yaml written and a stage run."""
     root = Path(cfg.run_dir)
     check_writable(root, "run_dir")
     dist.init()  # before anything rank-dependent: the init is made once, on rank 0
@@ -180,74 +203,130 @@ def run(cfg: CompressConfig) -> Path:
     pretrained = ModelDir.open(cfg.teacher, "teacher")
     finetuned_dir = ModelDir.open(cfg.finetuned_teacher, "finetuned_teacher") if cfg.finetuned_teacher else None
     _check_plan(cfg, data, [pretrained] + ([finetuned_dir] if finetuned_dir else []))
+    owner = RunDir(root)
+    dist.on_main(owner.lock)
+    steps = _plan(cfg, root, pretrained.path, finetuned_dir.path if finetuned_dir else None, data)
+    dist.on_main(lambda: _check_launch(cfg, pretrained, steps, root / "init"))
     if dist.is_main():
-        save_config(cfg, root / CONFIG)
+        owner.write_config(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     origin = _prepare_init(cfg, pretrained, data["general"], root / "init")
-    student = root / "init"
-    finetuned = finetuned_dir.path if finetuned_dir else None
+    for step in steps:
+        if step.finished:
+            if dist.is_main():
+                print(f"[{step.stage.name}] finished: {step.final}", flush=True)
+        else:
+            _run_stage(cfg, step, data[step.stage.data], origin)
+    if dist.is_main():
+        owner.unlock()
+    return next((s.final for s in reversed(steps) if s.stage.trains == "student"), root / "init")
+
+
+def _plan(cfg: CompressConfig, root: Path, pretrained: Path, finetuned: Path | None,
+          data: dict[str, PackedDataset]) -> list[_Step]:
+    """Every stage's start, teacher, Trainer config and record, from the stage list alone (a stage's start is the
+    previous student stage's final/, whether it exists yet or not)."""
+    steps, student = [], root / "init"
     for stage in cfg.stages:
-        final = root / stage.name / "final"
-        start = pretrained.path if stage.trains == "teacher" else student
-        teachers = {"pretrained": pretrained.path, "finetuned": finetuned}
-        record = _stage_record(cfg, stage, start, teachers)
-        if (final / META).is_file():
-            _check_finished(final, record)
-        else:
-            _run_stage(cfg, stage, start, teachers, data[stage.data], record, origin)
+        start = pretrained if stage.trains == "teacher" else student
+        teacher = {"none": None, "pretrained": pretrained, "finetuned": finetuned}[stage.teacher]
+        tcfg = stage_config(cfg, stage, start, data[stage.data])
+        steps.append(_Step(stage, start, teacher, tcfg))
         if stage.trains == "teacher":
-            finetuned = final
+            finetuned = steps[-1].final
         else:
-            student = final
-    return student
+            student = steps[-1].final
+    return steps
+
+
+def _check_launch(cfg: CompressConfig, pretrained: ModelDir, steps: list[_Step], init: Path) -> None:
+    """The checks of a relaunch, all before anything is written: the init's settings, every finished stage's
+    record and Trainer config against this launch, no new stage before a finished one, and an interrupted stage's
+    config against its checkpoint."""
+    _check_init(cfg, pretrained, init)
+    for i, step in enumerate(steps):
+        later = [s.stage.name for s in steps[i + 1:] if s.finished]
+        if not step.finished and later:
+            raise UserError(f"run_dir={cfg.run_dir}: stage {step.stage.name!r} has not run, but the later stage(s) "
+                            f"{later} finished without it; a stage cannot be put before finished ones. Use another "
+                            f"run_dir, or delete {', '.join(str(Path(cfg.run_dir) / n) for n in later)} to run them "
+                            "again")
+        where = f"stage {step.stage.name!r} ({Path(step.tcfg.run_dir)})"
+        stage_run = RunDir(step.tcfg.run_dir)
+        inputs = input_fingerprints(to_dict(step.tcfg), _extra_inputs(step))
+        if step.finished:
+            _check_finished(step, _stage_record(cfg, step), where)
+        checkpoints = stage_run.checkpoints() if cfg.checkpoint.resume else []
+        if checkpoints:  # finished or interrupted: this launch against the config that made its last checkpoint
+            state = "finished" if step.finished else f"interrupted at {checkpoints[-1].name}"
+            stage_run.check_relaunch(to_dict(step.tcfg), inputs, RELAUNCH_RULES, checkpoints[-1],
+                                     where=f"{where}, {state},")
+
+
+def _extra_inputs(step: _Step) -> dict[str, str]:
+    """What a stage reads besides its Trainer config's paths: its teacher (a resume checks its content)."""
+    return {"teacher": str(step.teacher)} if step.teacher is not None and step.stage.teacher != "none" else {}
+
+
+def _init_identity(cfg: CompressConfig, pretrained: ModelDir) -> dict[str, Any]:
+    return {"init": to_dict(cfg.init), "teacher": pretrained.fingerprint(),
+            "shape": {k: getattr(cfg.model, k) for k in _SHAPE} if cfg.init.kind in ("random", "prune") else None}
+
+
+def _check_init(cfg: CompressConfig, pretrained: ModelDir, out: Path) -> None:
+    """run_dir/init, when it exists, was made by this tool with this launch's settings (the stages after it
+    would otherwise resume on another student)."""
+    record = out / INIT_RECORD
+    if out.exists() and not record.is_file():
+        raise UserError(f"run_dir={cfg.run_dir}: {out} has no {INIT_RECORD}; it was not made by this tool's "
+                        "init. Use another run_dir")
+    if record.is_file():
+        made = json.loads(record.read_text(encoding="utf-8"))
+        diff = record_diff(made["identity"], _init_identity(cfg, pretrained))
+        if diff:
+            raise UserError(f"run_dir={cfg.run_dir}: its init/ was made with other settings ({'; '.join(diff[:3])});"
+                            " use another run_dir, or delete it to start over")
 
 
 def _prepare_init(cfg: CompressConfig, pretrained: ModelDir, data: PackedDataset, out: Path) -> dict[str, Any]:
-    """Make run_dir/init on rank 0, or reuse it when the same settings made it (an error otherwise: the stages
-    after it would resume on another student). Returns where its blocks and heads came from (make_student)."""
-    identity = {"init": to_dict(cfg.init), "teacher": pretrained.fingerprint(),
-                "shape": {k: getattr(cfg.model, k) for k in _SHAPE} if cfg.init.kind in ("random", "prune") else None}
+    """Make run_dir/init on rank 0 unless it exists (checked by `_check_init`). Returns where its blocks and heads
+    came from (make_student)."""
     record = out / INIT_RECORD
-    if out.exists() and not record.is_file():  # every rank checks: none may wait at the barrier for a failed one
-        raise UserError(f"run_dir={cfg.run_dir}: {out} has no {INIT_RECORD}; it was not made by this tool's "
-                        "init. Use another run_dir")
     if not record.is_file() and dist.is_main():
         torch.manual_seed(cfg.seed)  # a random init (and pruning's calibration) must not depend on the process
         with atomic_output_dir(out, (*MODEL_FILES, INIT_RECORD), field="run_dir/init") as tmp:
             origin = make_student(cfg.init, cfg.model, pretrained, data, tmp)
-            (tmp / INIT_RECORD).write_text(json.dumps({"identity": identity, **origin}, indent=2))
+            (tmp / INIT_RECORD).write_text(json.dumps({"identity": _init_identity(cfg, pretrained), **origin},
+                                                      indent=2))
     dist.barrier()
     made = json.loads(record.read_text(encoding="utf-8"))
-    diff = record_diff(made["identity"], identity)
-    if diff:
-        raise UserError(f"run_dir={cfg.run_dir}: its init/ was made with other settings ({'; '.join(diff[:3])}); "
-                        "use another run_dir, or delete it to start over")
     return {"teacher_blocks": made.get("teacher_blocks"), "teacher_heads": made.get("teacher_heads")}
 
 
-def _stage_record(cfg: CompressConfig, stage: StageConfig, start: Path, teachers: dict[str, Path | None]) -> dict:
-    """What a stage's model card entry says, and what a relaunch compares before skipping the stage."""
-    return {"name": stage.name, "trains": stage.trains, "summary": _summary(stage, start, teachers, cfg.init.kind),
-            "config": to_dict(stage), "start": str(start), "teacher": str(teachers.get(stage.teacher) or "")}
+def _stage_record(cfg: CompressConfig, step: _Step) -> dict:
+    """What a stage's model card entry says, and what a relaunch compares before skipping the stage (made when the
+    stage runs or is checked: its teacher may be an earlier stage's output). Paths are relative to the stage's run
+    directory (the record travels with the model), the teacher also by content."""
+    stage, start, teacher = step.stage, step.start, step.teacher
+    here = Path(step.tcfg.run_dir).absolute()
+    return {"name": stage.name, "trains": stage.trains, "summary": _summary(stage, start, teacher, cfg.init.kind),
+            "config": to_dict(stage), "start": os.path.relpath(start.absolute(), here),
+            "teacher": os.path.relpath(teacher.absolute(), here) if teacher is not None else "",
+            "teacher_fingerprint": ModelDir(teacher).fingerprint() if teacher is not None and teacher.is_dir() else None}
 
 
-def _check_finished(final: Path, record: dict) -> None:
-    """A finished stage is skipped only if it ran with this stage's settings from the same start; one killed
-    between its export and its record gets the record now."""
-    meta = ModelDir(final).meta() or {}
-    done = next((r for r in reversed(meta.get("stages", [])) if r.get("name") == record["name"]), None)
+def _check_finished(step: _Step, record: dict[str, Any], where: str) -> None:
+    """A finished stage is skipped only if it ran with this stage's settings, from the same start, with the same
+    teacher (by content); one killed between its export and its record gets the record now."""
+    meta = ModelDir(step.final).meta() or {}
+    done = next((r for r in reversed(meta.get("stages", [])) if r.get("name") == step.stage.name), None)
     if done is None:
-        if dist.is_main():
-            append_stage(final, {**record, "metrics": {"steps": meta.get("step")}})
-        dist.barrier()
-    else:
-        diff = record_diff({k: done.get(k) for k in ("config", "start", "teacher")},
-                     {k: record[k] for k in ("config", "start", "teacher")})
-        if diff:
-            raise UserError(f"stage {record['name']!r} finished in {final.parent} with other settings "
-                            f"({'; '.join(diff[:3])}); delete {final.parent} (and the later stages) to run it again, "
-                            "or use another run_dir")
-    if dist.is_main():
-        print(f"[{record['name']}] finished: {final}", flush=True)
+        append_stage(step.final, {**record, "metrics": {"steps": meta.get("step")}})
+        return
+    keys = ("config", "start", "teacher", "teacher_fingerprint")
+    diff = record_diff({k: done.get(k) for k in keys}, {k: record[k] for k in keys})
+    if diff:
+        raise UserError(f"{where} finished with other settings ({'; '.join(diff[:3])}); delete {step.final.parent} "
+                        "(and the later stages) to run it again, or use another run_dir. Nothing was changed on disk")
 
 
 def _check_plan(cfg: CompressConfig, data: dict[str, PackedDataset], teachers: list[ModelDir]) -> None:
@@ -287,44 +366,48 @@ def _check_plan(cfg: CompressConfig, data: dict[str, PackedDataset], teachers: l
                             "has no validation split")
 
 
-def _run_stage(cfg: CompressConfig, stage: StageConfig, start: Path, teachers: dict[str, Path | None],
-               data: PackedDataset, record: dict, origin: dict[str, Any]) -> None:
-    tcfg = stage_config(cfg, stage, start, data)
-    run_data = RunData(tcfg)
+def _run_stage(cfg: CompressConfig, step: _Step, data: PackedDataset, origin: dict[str, Any]) -> None:
+    stage = step.stage
+    run_data = RunData(step.tcfg, inputs=_extra_inputs(step))
     teacher = None
-    if stage.teacher != "none":
+    if step.teacher is not None:
         dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32  # bf16 halves its memory
-        teacher = load_teacher(teachers[stage.teacher], data, run_data.device, f"{stage.teacher} teacher",
+        teacher = load_teacher(step.teacher, data, run_data.device, f"{stage.teacher} teacher",
                                dtype=dtype, attn_implementation="eager" if stage.loss.attention else None)
         if dist.is_main():
             gib = sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**30
-            print(f"[{stage.name}] teacher {teachers[stage.teacher]}: {gib:.2f} GiB of weights per rank ({dtype})",
-                  flush=True)
-    student_config = ModelDir.open(start).config()
+            print(f"[{stage.name}] teacher {step.teacher}: {gib:.2f} GiB of weights per rank ({dtype})", flush=True)
+    student_config = ModelDir.open(step.start).config()
     # a student copied or pruned from the teacher learns each block (and head) from the one it came from
     blocks = origin["teacher_blocks"]
     mapped = stage.trains == "student" and blocks and len(blocks) == student_config.num_hidden_layers
     objective = CompressObjective(stage.loss, teacher, student_config, len(data.tokenizer), f"stages.{stage.name}.loss",
                                   default_map=blocks if mapped else None,
                                   head_map=origin["teacher_heads"] if mapped else None)
-    trainer = Trainer(tcfg, objective, data=run_data)
+    trainer = Trainer(step.tcfg, objective, data=run_data)
     result = trainer.fit()
     if dist.is_main():
-        append_stage(Path(tcfg.run_dir) / "final",
-                     {**record, "metrics": {"val_loss": result["val_loss"], "steps": result["step"]}})
+        append_stage(step.final, {**_stage_record(cfg, step),
+                                  "metrics": {"val_loss": result["val_loss"], "steps": result["step"]}})
     dist.barrier()
     del trainer, objective, teacher
     gc.collect()
 
 
-def _summary(stage: StageConfig, start: Path, teachers: dict[str, Path | None], init: str) -> str:
+def _name(path: Path) -> str:
+    """A model directory by its name, not its local path: `llm/final` for a run's export, else the last part."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.name == FINAL else path.name
+
+
+def _summary(stage: StageConfig, start: Path, teacher: Path | None, init: str) -> str:
     loss = stage.loss
     terms = [f"{w}·{name}" for name, w in (("CE", loss.ce), (f"KD[{loss.kind}, τ={loss.tau}]", loss.kd),
                                            (f"hidden[{loss.hidden_kind}]", loss.hidden),
                                            ("attention-KL", loss.attention)) if w]
-    teacher = "no teacher" if stage.teacher == "none" else f"teacher `{teachers[stage.teacher]}` ({stage.teacher})"
     who = "fine-tunes the teacher" if stage.trains == "teacher" else "trains the student"
     if start.name == "init":
         who += f" (init: {init})"
-    return (f"{who} from `{start}` on the {stage.data} data for {stage.max_steps} steps; {teacher}; "
+    source = "no teacher" if teacher is None else f"teacher `{_name(teacher)}` ({stage.teacher})"
+    return (f"{who} from `{_name(start)}` on the {stage.data} data for {stage.max_steps} steps; {source}; "
             f"loss {' + '.join(terms)}")

@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as torch_dist
+
+from slm_assist.core.errors import UserError
+
+T = TypeVar("T")
 
 
 def _free_port() -> int:
@@ -78,3 +84,27 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device())
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every rank (a picklable value: what one rank decided, e.g. which checkpoint to resume)."""
+    if not torch_dist.is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 only (a decision that reads or changes shared files once); every rank gets its result,
+    or raises the UserError it raised, so no rank waits at a barrier for one that failed."""
+    outcome: tuple[bool, object] | None = None
+    if is_main():
+        try:
+            outcome = (True, fn())
+        except UserError as e:
+            outcome = (False, e)
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        raise value
+    return value

@@ -14,6 +14,12 @@ class ConfigError(UserError):
     """An unknown config key or a bad config value."""
 
 
+def brief(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's text, cut to `limit` characters: the cause inside one error line."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> None:
     """Run an entry point: a UserError prints `error: ...` on stderr and exits 2."""
     try:

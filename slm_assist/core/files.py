@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import fnmatch
+import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -42,8 +46,8 @@ def plain_mode(is_dir: bool) -> int:
 
 
 _LOW_SPACE = 64 << 20
-"""Below this many free bytes a failed write is put down to a full disk (torch's zip writer reports a short write
-only as "unexpected pos", without the errno)."""
+"""Below this many free bytes a failed write is put down to a full disk: torch's writers report a short write only
+as "unexpected pos ..." or "basic_ios::clear: iostream error", without the errno."""
 
 
 def out_of_space(e: BaseException, where: Path) -> bool:
@@ -51,7 +55,7 @@ def out_of_space(e: BaseException, where: Path) -> bool:
     before removing the partial output: its bytes are part of what filled the disk."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    if isinstance(e, RuntimeError) and any(s in str(e) for s in ("unexpected pos", "file write failed")):
+    if isinstance(e, (OSError, RuntimeError)):
         try:
             return shutil.disk_usage(_nearest_existing(where)).free < _LOW_SPACE
         except OSError:
@@ -59,14 +63,31 @@ def out_of_space(e: BaseException, where: Path) -> bool:
     return False
 
 
-def no_space_error(where: Path, what: str, kept: str) -> UserError:
+class NoSpaceError(UserError):
+    """A write ran out of space (its message names the directory `where` and what was kept)."""
+
+    def __init__(self, message: str, where: Path) -> None:
+        super().__init__(message)
+        self.where = Path(where)
+
+
+def no_space_error(where: Path, what: str, kept: str) -> NoSpaceError:
     """The message for a write that ran out of space: which directory, what was being written, what was kept."""
     try:
         free = f" ({shutil.disk_usage(_nearest_existing(where)).free / 2**20:.1f} MiB free now)"
     except OSError:
         free = ""
-    return UserError(f"no space left on {where}{free} while writing {what}; {kept}. Free some space (or choose "
-                     "another location) and run the same command again")
+    return NoSpaceError(f"no space left on {where}{free} while writing {what}; {kept}. Free some space (or choose "
+                        "another location) and run the same command again", where)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read a MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -129,7 +150,7 @@ def check_output_file(path: str | Path, field: str) -> Path:
     return path
 
 
-_OUR_HIDDEN = (".*.tmp-*", ".*.old-*", ".*.trash-*", ".slm_assist-probe-*")
+_OUR_HIDDEN = (".*.tmp-*", ".*.old-*", ".*.trash-*", ".slm_assist-probe-*", ".*.lock")
 """Hidden names we create ourselves (temp copies, old copies moved aside, probes); other hidden entries (.git,
 .env...) are the user's."""
 
@@ -229,7 +250,9 @@ def atomic_output_dir(path: Path, own: Sequence[str], overwrite: bool = False, f
             print(f"{field}={path}: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} this command did not "
                   f"write ({', '.join(kept[:5])})", flush=True)
     except BaseException as e:
-        full = out_of_space(e, path.parent)
+        # a file written inside (atomic_write_text) that ran out of space names the temp copy: say it of `path`
+        inside = isinstance(e, NoSpaceError) and (e.where == tmp or tmp in e.where.parents)
+        full = inside or (not isinstance(e, UserError) and out_of_space(e, path.parent))
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
             kept = f"{path} was left as it was" if path.exists() else f"nothing was written to {path}"
@@ -275,3 +298,60 @@ def _swap_in(new: Path, path: Path, field: str) -> None:
     trash = path.with_name(f".{path.name}.trash-{os.getpid()}")
     os.replace(old, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+class LockBusy(Exception):
+    """Another process holds the lock; `holders` says who (pid, host, since when)."""
+
+    def __init__(self, holders: str) -> None:
+        super().__init__(holders)
+        self.holders = holders
+
+
+@contextlib.contextmanager
+def lock_file(path: Path, exclusive: bool = True, remove: bool = False) -> Iterator[bool]:
+    """Hold an advisory lock (flock) on `path`, created if missing, while the block runs: exclusive, or shared
+    with other shared holders. The kernel drops it when the process ends, `kill -9` included, so a lock is never
+    stale. The file lists its holders (pid, host, time) for the message of a process that is refused (`LockBusy`).
+    `remove`: the last holder deletes the file. Yields False on a filesystem without locks (nothing is held)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, plain_mode(is_dir=False))
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holders = _holders(fd)
+            os.close(fd)
+            raise LockBusy(holders) from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            yield False
+            return
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the last holder removed it as we opened it: take the new one
+    try:
+        if exclusive:
+            os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+        yield True
+    finally:
+        if remove:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only the last holder gets it
+                path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _holders(fd: int) -> str:
+    try:
+        lines = [line for line in os.pread(fd, 4096, 0).decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    return ", ".join(dict.fromkeys(lines[-3:])) if lines else "a process whose pid is not recorded"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from slm_assist.core.dataset import PackedDataset
-from slm_assist.core.errors import UserError
+from slm_assist.core.errors import UserError, brief
 
 MANIFEST = "manifest.json"
 SCORES = "scores"
@@ -31,6 +31,45 @@ CACHE_INFO = "cache_info.json"
 def is_scores_manifest(manifest: Any) -> bool:
     """Whether a parsed manifest.json is data_tools.score's (a packed dataset's has the same file name)."""
     return isinstance(manifest, dict) and "model_fingerprint" in manifest
+
+
+def _damaged_file(path: Path) -> str | None:
+    """The first file of the Arrow dataset saved in `path` that does not read back (missing, cut short, not
+    JSON), or None when none is found. Only called on a failure: it reads every record batch's header."""
+    import pyarrow as pa
+
+    for name in ("state.json", "dataset_info.json"):
+        try:
+            json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return name
+    try:
+        listed = [f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]]
+    except (KeyError, TypeError, ValueError, OSError):
+        listed = sorted(p.name for p in path.glob("data-*.arrow"))
+    for name in listed:
+        try:
+            with pa.memory_map(str(path / name)) as m:
+                for _ in pa.ipc.open_stream(m):
+                    pass
+        except (OSError, ValueError, pa.ArrowException):
+            return name
+    return None
+
+
+def load_arrow(path: str | Path, what: str, remedy: str):
+    """The `datasets` Arrow dataset saved in directory `path`. One that does not read back (a file cut short by a
+    full disk or an interrupted copy, a missing file) is a UserError that starts with `what`, names the damaged
+    file and ends with `remedy`."""
+    import datasets
+
+    path = Path(path)
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as e:  # OSError from pyarrow (truncated), FileNotFoundError, JSON and Arrow errors
+        bad = _damaged_file(path)
+        where = path / bad if bad else path
+        raise UserError(f"{what}: {where} is damaged and cannot be read ({brief(e)}); {remedy}") from None
 
 
 class ScoresDir:
@@ -55,9 +94,8 @@ class ScoresDir:
 
     def columns(self) -> dict[str, np.ndarray]:
         """Every score column (and `index`) as numpy arrays."""
-        import datasets
-
-        ds = datasets.load_from_disk(str(self.path / SCORES))
+        ds = load_arrow(self.path / SCORES, f"{self.field}={self.path}",
+                        "score the data again into it (python -m data_tools.score ... overwrite=true)")
         return {c: np.asarray(ds[c]) for c in ds.column_names}
 
     def dataset(self) -> PackedDataset:
@@ -77,7 +115,9 @@ class ScoresDir:
 
     def soft_labels(self, data: PackedDataset) -> SoftLabelCache:
         """The soft-label cache, which must have been made over exactly `data`'s train split."""
-        if not (self.path / CACHE).is_dir():
+        cache_cfg = self.manifest.get("cache")
+        no_cache = isinstance(cache_cfg, dict) and cache_cfg.get("mode") == "none"  # a cache/ left there is not ours
+        if no_cache or not (self.path / CACHE).is_dir():
             raise UserError(f"{self.field}={self.path}: no finished data_tools.score output with a cache/ "
                             "(score with cache.mode=top_k or sampled)")
         self.check_train_split(data)
@@ -128,18 +168,18 @@ class SoftLabelCache:
     """
 
     def __init__(self, path: str | Path) -> None:
-        import datasets
-
         path = Path(path)
-        try:
-            self.ds = datasets.load_from_disk(str(path)).with_format("numpy")
-        except Exception as e:
-            raise UserError(f"{path}: not a soft-label cache: {e}") from None
         info_path = path / CACHE_INFO
         if not info_path.is_file():
             raise UserError(f"{path}: no {CACHE_INFO}; not a soft-label cache written by data_tools.score")
-        info = json.loads(info_path.read_text())
-        self.mode, self.shape = info["mode"], (info["positions"], info["width"])
+        remedy = "score the data again with the cache (python -m data_tools.score ... cache.mode=... overwrite=true)"
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+            self.mode, self.shape = info["mode"], (int(info["positions"]), int(info["width"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"soft-label cache {path}: {info_path} is damaged and cannot be read ({brief(e)}); "
+                            f"{remedy}") from None
+        self.ds = load_arrow(path, f"soft-label cache {path}", remedy).with_format("numpy")
         self.index = np.asarray(self.ds["index"])
         self.row_of = {int(i): r for r, i in enumerate(self.index)}
         self.path = path

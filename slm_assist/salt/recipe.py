@@ -105,18 +105,27 @@ class RecipeSummary:
     tags: list[str] = field(default_factory=list)
 
 
-def describe(run_config: dict[str, Any]) -> RecipeSummary:
+def _name(path: str) -> str:
+    """A path setting by its name only (a model card travels; local paths stay home): `slm/final` for a run's
+    export, else the last part."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.name == "final" else p.name
+
+
+def describe(run_config: dict[str, Any], run_dir: str | Path | None = None) -> RecipeSummary:
     """The recipe of a finished run, from its saved config (`slm_assist.json` or config.yaml): the one rendering
-    that reports and model cards share."""
+    that reports and model cards share. Paths in exported metadata are relative to `run_dir`; they are read from
+    there and shown by name."""
     d = run_config.get("distill") or {}
     if not (d.get("teacher") or d.get("cache") or d.get("label_smoothing")):
         return RecipeSummary("CE")
     s = d["schedule"]
     n_kd = KDScheduleConfig(**s).n_kd(run_config["train"]["max_steps"])
     span = f"{s['n_kd_fraction']:.0%} of steps" if s["n_kd_steps"] < 0 else f"{n_kd} steps"
-    summary = read_summary(d["selection"]) if d.get("selection") else None
+    selection = Path(run_dir or ".") / d["selection"] if d.get("selection") else None
+    summary = read_summary(selection) if selection else None
     policy = (summary or {}).get("policy")
-    subset = ("" if not d.get("selection") else ", SALT_DS subset" if policy == "salt_ds"
+    subset = ("" if not selection else ", SALT_DS subset" if policy == "salt_ds"
               else f", {policy} subset" if policy else ", selected subset")
     if d.get("label_smoothing"):
         short = f"control: label smoothing ε={d['label_smoothing']}, {s['kind']} w={s['weight']} for {span}{subset}"
@@ -124,14 +133,14 @@ def describe(run_config: dict[str, Any]) -> RecipeSummary:
         source = f"the cache {Path(d['cache']).name}" if d.get("cache") else Path(d["teacher"]).parent.name
         short = f"SALT: KD from {source}, {s['kind']} w={s['weight']} for {span}{subset}"
     lines = ["Loss `(1 - w_t)·CE + w_t·KD(student, SLM teacher; τ)`:", "",
-             f"- teacher: `{d['teacher'] or '(cached soft labels)'}`"
-             + (f", soft labels from the cache `{d['cache']}`" if d.get("cache") else ""),
+             f"- teacher: `{_name(d['teacher']) if d['teacher'] else '(cached soft labels)'}`"
+             + (f", soft labels from the cache `{_name(d['cache'])}`" if d.get("cache") else ""),
              f"- KD: {d['kind']}, τ = {d['tau']}",
              f"- schedule: {s['kind']}, w = {s['weight']}, n_KD = {n_kd} steps"]
-    if d.get("selection"):
+    if selection:
         summary = summary or {}
         lines.append(f"- KD-phase data: the `{policy or '?'}` subset ({summary.get('kept', '?')} of "
-                     f"{summary.get('total', '?')} sequences, `{d['selection']}`)")
+                     f"{summary.get('total', '?')} sequences, `{_name(d['selection'])}`)")
     members = d.get("ensemble_teachers") or d.get("ensemble_caches") or []
     if members:
         lines.append(f"- teacher ensemble: {1 + len(members)} SLMs combined by {d.get('ensemble_combine', 'mean')}")

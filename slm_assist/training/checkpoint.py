@@ -1,30 +1,36 @@
 """Atomic, resumable checkpoints: the DeepSpeed engine state plus one TrainState, complete or absent.
 
-Layout: `<run_dir>/checkpoints/step_00000100/` holds DeepSpeed's files (model, optimizer, LR scheduler) and
-`train_state_rank{r}.pt` (step, data position, objective state, RNG). Everything is written under a
-`.tmp-step_*` name and renamed when every rank has finished, so a crash or `kill -9` mid-write leaves only a
-temp directory, which the next start removes.
+Layout (core/run_dir.py owns it): `<run_dir>/checkpoints/step_00000100/` holds DeepSpeed's files (model,
+optimizer, LR scheduler), `train_state_rank{r}.json` (step, data position, objective state, Python and NumPy RNG)
+with `rng_rank{r}.safetensors` (torch's RNG), and the record RunDir.commit writes last (the config that made it, a
+checksum of every file). Everything is written under a `.tmp-step_*` name and renamed when every rank has
+finished, so a crash or `kill -9` mid-write leaves only a temp directory, which the next start removes.
+
+Nothing here unpickles: the train state is JSON + safetensors, and DeepSpeed's own files are read with
+`torch.load(weights_only=True)`, so a run directory copied from elsewhere cannot run code on resume.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
 import re
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from slm_assist.core import dist
 from slm_assist.core.config import check
-from slm_assist.core.errors import UserError
+from slm_assist.core.errors import UserError, brief
 from slm_assist.core.faults import fault
-
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+from slm_assist.core.files import no_space_error, out_of_space, plain_mode
+from slm_assist.core.run_dir import RunDir
 
 
 @dataclass
@@ -34,7 +40,12 @@ class CheckpointConfig:
     keep_last: int = 2
     """Keep the newest K checkpoints, delete older ones."""
     resume: bool = True
-    """Resume from the newest complete checkpoint in run_dir when there is one."""
+    """Resume from the newest intact checkpoint in run_dir when there is one."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Settings (dotted keys, or whole sections such as `optim`) that may differ from the config that made the
+    checkpoint being resumed: a resume that changes the math is refused without them. With them the run resumes
+    its state from the checkpoint (weights, optimizer moments, data position, RNG), the optimizer's settings take
+    their new values, and the run's history (in the exported metadata) records the old and the new. [] = none."""
 
     def __post_init__(self) -> None:
         check(self.every >= 0, "every", self.every, ">= 0 (0 = only at the end)")
@@ -57,88 +68,133 @@ class TrainState:
     """The latest validation loss (a run resumed at its end still reports it)."""
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+STATE = "train_state_rank{}.json"
+RNG = "rng_rank{}.safetensors"
+
+
+def _host_rng() -> dict[str, Any]:
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+
+
+def _set_host_rng(state: dict[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _device_rng() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _safe_deepspeed_globals() -> list:
+    """The classes DeepSpeed pickles into its checkpoints besides tensors and containers: plain data types,
+    allowed by name so that `weights_only=True` can read them."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def read_deepspeed_file(path: str | Path, map_location=None) -> Any:
+    """One of DeepSpeed's checkpoint files, read with `torch.load(weights_only=True)`: tensors, containers and the
+    few plain classes above, never arbitrary pickled code."""
+    try:
+        with torch.serialization.safe_globals(_safe_deepspeed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise UserError(f"{path}: holds pickled objects other than tensors and plain data"
+                        + (f" ({found.group(1)})" if found else "") + "; it was not written by this tool or was "
+                        "altered, and it is not loaded (unpickling it could run code)") from None
+
+
+def load_safely(engine) -> None:
+    """Make the engine read its checkpoint files with `read_deepspeed_file` (DeepSpeed's own loader unpickles
+    anything: a planted file would run code on resume)."""
+    engine.checkpoint_engine.load = read_deepspeed_file
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, cfg: CheckpointConfig) -> None:
-        self.root = Path(run_dir) / "checkpoints"
+    """Saves and loads the engine and the train state; which checkpoints exist, their records and checksums,
+    and what is pruned belong to the run directory's owner (`RunDir`)."""
+
+    def __init__(self, run: RunDir, cfg: CheckpointConfig) -> None:
+        self.run = run
+        self.root = run.checkpoints_root
         self.cfg = cfg
 
     def clean_partial(self) -> None:
         """Remove temp directories of checkpoints that never committed (rank 0; call before any save)."""
-        if dist.is_main() and self.root.is_dir():
-            for p in self.root.glob(".tmp-step_*"):
-                shutil.rmtree(p, ignore_errors=True)
+        if dist.is_main():
+            self.run.clean_partial()
         dist.barrier()
-
-    def complete(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / "train_state_rank0.pt").is_file())
-
-    @staticmethod
-    def step_of(path: Path) -> int:
-        return int(_STEP_DIR.match(path.name).group(1))
 
     def latest(self) -> Path | None:
-        done = self.complete()
-        return done[-1] if done else None
+        ckpts = self.run.checkpoints()
+        return ckpts[-1] if ckpts else None
 
-    def save(self, engine, state: TrainState) -> Path:
-        tag = f"step_{state.step:08d}"
-        tmp_tag = f".tmp-{tag}"
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
-        torch.save({"train_state": state.__dict__, "rng": _rng_state()},
-                   self.root / tmp_tag / f"train_state_rank{dist.rank()}.pt")
+    def save(self, engine, state: TrainState, record: dict[str, Any]) -> Path:
+        """Write a checkpoint and commit it with `record` (the config and inputs that made it, the history). A
+        full disk is one clear error on every rank; the previous checkpoints stay."""
+        tag = self.run.checkpoint_tmp(state.step)
+        error: BaseException | None = None
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+            d = self.root / tag
+            text = json.dumps({"train_state": asdict(state), "rng": _host_rng()})
+            (d / STATE.format(dist.rank())).write_text(text + "\n", encoding="utf-8")
+            save_file(_device_rng(), str(d / RNG.format(dist.rank())))
+            os.chmod(d / RNG.format(dist.rank()), plain_mode(is_dir=False))  # safetensors makes it private (0600)
+        except (OSError, RuntimeError) as e:
+            error = e
+        if dist.any_rank(error is not None):
+            full = error is not None and out_of_space(error, self.root)
+            if dist.is_main():
+                self.run.clean_partial()
+            latest = self.latest()
+            kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint had been written yet"
+            if full or error is None:
+                raise no_space_error(self.root, f"the checkpoint of step {state.step}", kept) if full else \
+                    UserError(f"the checkpoint of step {state.step} failed on another rank; {kept}")
+            raise error
         dist.barrier()
         fault("kill_before_commit", state.step)
-        final = self.root / tag
+        final = self.root / f"step_{state.step:08d}"
         if dist.is_main():
-            if final.exists():  # a re-save of the same step (e.g. final == periodic): replace it
-                shutil.rmtree(final)
-            os.replace(self.root / tmp_tag, final)
-            fd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # make the rename durable before older checkpoints are deleted
-            finally:
-                os.close(fd)
-            # checkpoint.resume=false in an old run_dir: the old run's later checkpoints must not outlive (or,
-            # sorting last, prune) the new run's
-            for old in [p for p in self.complete() if self.step_of(p) > state.step]:
-                shutil.rmtree(old, ignore_errors=True)
-            for old in self.complete()[: -self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            self.run.commit(state.step, record, self.cfg.keep_last)
         dist.barrier()
         fault("kill_after_checkpoint", state.step)
         return final
 
     def load(self, engine, path: Path) -> TrainState:
-        """Restore engine + train state + RNG from a complete checkpoint; a damaged one is a clear error."""
+        """Restore engine + train state + RNG from an intact checkpoint (its checksums verified by RunDir)."""
+        load_safely(engine)
         try:
             load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        except UserError:
+            raise
         except Exception as e:
-            raise UserError(f"checkpoint {path} is corrupt or incompatible with this config: {type(e).__name__}: {e}. "
-                            "Delete it to resume from an older one, or set checkpoint.resume=false") from None
+            raise UserError(f"checkpoint {path} cannot be loaded with this config: {type(e).__name__}: {brief(e)}. "
+                            "Set checkpoint.resume=false to start over, or use another run_dir") from None
         if load_path is None:
             raise UserError(f"checkpoint {path}: DeepSpeed found nothing to load")
-        own = path / f"train_state_rank{dist.rank()}.pt"
+        r = dist.rank() if (path / STATE.format(dist.rank())).is_file() else 0  # another world size: rank 0's
         try:
-            blob = torch.load(own if own.is_file() else path / "train_state_rank0.pt", weights_only=False)
-        except Exception as e:
-            raise UserError(f"checkpoint {path}: corrupt train state: {e}") from None
-        _set_rng_state(blob["rng"])
-        return TrainState(**blob["train_state"])
+            blob = json.loads((path / STATE.format(r)).read_text(encoding="utf-8"))
+            rng = load_file(str(path / RNG.format(r)))
+            _set_host_rng(blob["rng"])
+            state = TrainState(**blob["train_state"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"checkpoint {path}: unreadable train state: {type(e).__name__}: {e}") from None
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        return state

@@ -1,5 +1,5 @@
-"""Run logging on rank 0: `metrics.jsonl` (one JSON object per logged step) and TensorBoard scalars; reading
-them back (curves, steps to reach a loss)."""
+"""Run logging on rank 0: `metrics.jsonl` (one JSON object per logged step; core/run_dir.py reads it back) and
+TensorBoard scalars; the figures benches take from it (curves, steps to reach a loss, seed statistics)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from slm_assist.core.errors import UserError
 from slm_assist.core.files import atomic_write_text
-
-METRICS = "metrics.jsonl"
+from slm_assist.core.run_dir import METRICS, read_metrics
 
 
 class MetricsLogger:
@@ -62,52 +60,6 @@ def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl ([] when it has none). A torn last line (a kill mid-write) is
-    dropped, as the trainer's resume drops it; a corrupt line before it is an error that names it."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
-    lines = [(n, raw) for n, raw in enumerate(path.read_bytes().splitlines(), start=1) if raw.strip()]
-    records = []
-    for i, (lineno, raw) in enumerate(lines):
-        record = _record(raw)
-        if isinstance(record, str):
-            if i == len(lines) - 1:
-                break  # torn by a kill mid-write
-            shown = raw[:60].decode("utf-8", "replace") + ("..." if len(raw) > 60 else "")
-            raise UserError(f"{path}:{lineno}: corrupt metrics record ({record}): {shown!r}")
-        records.append(record)
-    return records
-
-
-def _record(raw: bytes) -> dict[str, Any] | str:
-    """A metrics.jsonl line as a record, or what is wrong with it."""
-    try:
-        record = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return "not UTF-8"
-    except json.JSONDecodeError as e:
-        return f"not JSON: {e}"
-    if not isinstance(record, dict) or isinstance(record.get("step"), bool) or not isinstance(record.get("step"), int):
-        return "not an object with an integer 'step'"
-    return record
-
-
-EVAL = "eval.json"
-
-
-def read_eval(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The results `python -m slm_assist.eval --out RUN_DIR/eval.json` wrote for a run ([] when there are none)."""
-    path = Path(run_dir) / EVAL
-    if not path.is_file():
-        return []
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["results"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: not an slm_assist.eval result: {e}") from None
 
 
 def val_curve(run_dir: str | Path) -> list[tuple[int, float]]:

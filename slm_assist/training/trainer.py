@@ -8,7 +8,6 @@ complete checkpoint in run_dir; and exports the final model with `save_pretraine
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +15,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 
 from slm_assist.core import dist
-from slm_assist.core.config import check, save_config, to_dict
+from slm_assist.core.config import check, to_dict
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import UserError
-from slm_assist.core.files import atomic_output_dir, atomic_write_text, check_writable, clean_stale
-from slm_assist.core.model_dir import MODEL_FILES, ModelDir, write_model_dir
+from slm_assist.core.files import atomic_output_dir, check_writable, clean_stale
+from slm_assist.core.model_dir import CONFIG as MODEL_CONFIG
+from slm_assist.core.model_dir import META, MODEL_FILES, ModelDir, write_model_dir
+from slm_assist.core.relaunch import Relaunch, RelaunchRules, input_fingerprints, relative_to_run
+from slm_assist.core.run_dir import RunDir
 from slm_assist.training.batches import DataConfig, ShardedBatches, validation_batches
 from slm_assist.training.checkpoint import CheckpointConfig, Checkpointer, TrainState
-from slm_assist.training.engine import ModelWithHeads, deepspeed_config, initialize
+from slm_assist.training.engine import ModelWithHeads, deepspeed_config, initialize, reapply_optim
 from slm_assist.training.metrics import MetricsLogger
 from slm_assist.training.models import ModelConfig, build_model, compile_layers, count_params, flops_per_token
 from slm_assist.training.objective import Objective, eval_loss
@@ -107,6 +110,19 @@ class TrainerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
+RELAUNCH_RULES = RelaunchRules(
+    harmless=("run_dir", "checkpoint", "train.log_every", "train.eval_every", "train.torch_threads",
+              "train.peak_tflops", "train.compile", "train.activation_checkpointing", "model.attn_implementation"),
+    extendable=("train.max_steps",),
+    fixed=("model.model_type", "model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "model.num_layers",
+           "model.num_heads", "model.num_kv_heads", "model.ffn_size", "model.max_position_embeddings",
+           "model.tie_word_embeddings", "model.hf_overrides", "train.dtype", "train.zero_stage"),
+)
+"""What a resumed run may change: cadences, threads and kernels freely; its length with a note (the LR schedule,
+and SALT's KD phase when it is a fraction of the run, re-span the new length); everything else only with
+checkpoint.allow_changes, except the settings the checkpoint's tensors are shaped by."""
+
+
 class NonFiniteLossError(UserError):
     pass
 
@@ -116,7 +132,9 @@ class RunData:
     group and CPU threads, the packed dataset (its tokenizer checked against the manifest), the train split, and
     this rank's fixed validation batches."""
 
-    def __init__(self, cfg: TrainerConfig) -> None:
+    def __init__(self, cfg: TrainerConfig, inputs: dict[str, str] | None = None) -> None:
+        """`inputs`: artifacts the run reads that are not settings of `cfg` ({name: path}, e.g. a compress stage's
+        teacher): a resume checks that their content has not changed either."""
         self.cfg = cfg
         check_writable(cfg.run_dir, "run_dir")  # before any expensive work
         dist.init()
@@ -127,7 +145,7 @@ class RunData:
         self.dataset = PackedDataset.open(cfg.data.path)
         self.tokenizer = self.dataset.tokenizer
         _check_model_fits(cfg.model, self.dataset)
-        _check_resumable(cfg)
+        self.run, self.inputs, self.relaunch = open_run(cfg, inputs)
         self.train = self.dataset.split("train")
         self.val_batches = (
             validation_batches(self.dataset.split("validation"), cfg.train.micro_batch_size, cfg.train.eval_batches,
@@ -155,7 +173,8 @@ class Trainer:
         self.device, self.tokenizer = self.data.device, self.data.tokenizer
         self.manifest = self.data.dataset.manifest
         self.streams = {"main": self.data.stream(), **(streams or {})}
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
+        self.run = self.data.run
+        self.checkpointer = Checkpointer(self.run, cfg.checkpoint)
 
         # Seeded here, not only in RunData: the student's init must not depend on what the recipe loaded before.
         torch.manual_seed(cfg.seed)
@@ -247,10 +266,13 @@ class Trainer:
     # ---- run ---------------------------------------------------------------------------------------------
     def resume(self) -> None:
         self.checkpointer.clean_partial()
-        latest = self.checkpointer.latest() if self.cfg.checkpoint.resume else None
+        latest = self.data.relaunch.checkpoint
         if latest is None:
             return
         self.state = self.checkpointer.load(self.engine, latest)
+        overridden = self.data.relaunch.overridden
+        if any(k.startswith("optim") for k in overridden):  # the optimizer's settings came back from the checkpoint
+            reapply_optim(self.engine, self.cfg.optim)
         for name, stream in self.streams.items():
             if name in self.state.data:
                 stream.load_state_dict(self.state.data[name])
@@ -261,18 +283,20 @@ class Trainer:
     def save(self) -> None:
         self.state.data = {name: stream.state_dict() for name, stream in self.streams.items()}
         self.state.objective = self.objective.state_dict()
-        self.checkpointer.save(self.engine, self.state)
+        record = {"config": to_dict(self.cfg), "inputs": self.data.inputs, "history": self.data.relaunch.history}
+        self.checkpointer.save(self.engine, self.state, record)
 
     def fit(self) -> dict[str, float | None]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        if dist.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            clean_stale(self.run_dir / "final")  # an export killed mid-write
-            save_config(cfg, self.run_dir / "config.yaml")
-            atomic_write_text(self.run_dir / "deepspeed_config.json", json.dumps(self.ds_config, indent=2) + "\n")
+        if dist.is_main():  # the launch was accepted (RunData): from here on the run directory says what it is
+            clean_stale(self.run.final)  # an export killed mid-write
+            self.run.write_config(yaml.safe_dump(to_dict(cfg), sort_keys=False), self.ds_config)
+            for line in self.data.relaunch.lines:
+                print(line, flush=True)
         self.resume()
+        start_step = self.state.step
         logger = MetricsLogger(self.run_dir, enabled=dist.is_main())
         logger.truncate_after(self.state.step)
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=not dist.is_main(),
@@ -314,8 +338,21 @@ class Trainer:
         finally:
             bar.close()
             logger.close()
-        self.export()
+        if self.state.step > start_step or not self._final_is_current():
+            self.export()
+        elif dist.is_main():
+            print(f"{self.run.name}: finished at step {self.state.step}; final/ is up to date, not exported again",
+                  flush=True)
+        if dist.is_main():
+            self.run.unlock()
         return {"step": self.state.step, "val_loss": self.state.last_val}
+
+    def _final_is_current(self) -> bool:
+        """final/ holds this run's export at its current step (a finished run relaunched as it was)."""
+        final = self.run.final
+        meta = ModelDir(final).meta() if (final / META).is_file() else None
+        return (isinstance(meta, dict) and meta.get("step") == self.state.step
+                and (final / MODEL_CONFIG).is_file() and any(final.glob("*.safetensors")))
 
     def _stop_early(self, val: float | None) -> bool:
         """train.patience: stop once the validation loss has not improved for that many evaluations in a row
@@ -336,7 +373,7 @@ class Trainer:
     def export(self) -> Path:
         """save_pretrained (safetensors) + tokenizer + run metadata into run_dir/final, atomically, on rank 0.
         The objective's heads are trained with the model but not exported."""
-        final = self.run_dir / "final"
+        final = self.run.final
         state_dict = None
         if self.cfg.train.zero_stage == 3:  # a collective: every rank calls it; rank 0 gets the full weights
             state_dict = self.engine._zero3_consolidated_16bit_state_dict()
@@ -349,22 +386,53 @@ class Trainer:
         return final
 
     def metadata(self) -> dict[str, Any]:
-        """The exported run metadata; `stages` carries over from a pretrained start, for later stages to extend."""
+        """The exported run metadata; `stages` carries over from a pretrained start, for later stages to extend.
+        It goes wherever the model goes (a hub push), so it names no absolute local path: input paths are relative
+        to the run directory (`RunDir.resolve` reads them back) and identified by content in `inputs`."""
         start = ModelDir(self.cfg.model.pretrained).meta() if self.cfg.model.pretrained else None
-        return {"run_config": to_dict(self.cfg), "data_manifest": self.manifest, "params": self.n_params,
+        sources = [Path(s).name if Path(s).is_absolute() else s for s in self.manifest.get("sources", [])]
+        run_config = relative_to_run(to_dict(self.cfg), self.data.inputs, self.run_dir)
+        run_config["run_dir"] = str(Path(*self.run_dir.absolute().parts[-2:]))  # its name (and its parent's)
+        return {"run_config": run_config,
+                "inputs": self.data.inputs, "history": self.data.relaunch.history,
+                "data_manifest": {**self.manifest, "sources": sources}, "params": self.n_params,
                 "step": self.state.step, "tokens_seen": self.state.tokens_seen,
                 "stages": (start or {}).get("stages", [])}
 
 
-def _check_resumable(cfg: TrainerConfig) -> None:
-    """A checkpoint past train.max_steps means run_dir holds a longer run than the config asks for: say so before
-    anything is built, instead of reporting the old run as done."""
-    latest = Checkpointer(Path(cfg.run_dir), cfg.checkpoint).latest() if cfg.checkpoint.resume else None
-    step = Checkpointer.step_of(latest) if latest else 0
-    if step > cfg.train.max_steps:
-        raise UserError(f"run_dir={cfg.run_dir} has a checkpoint at step {step}, past train.max_steps="
-                        f"{cfg.train.max_steps}; use another run_dir, raise train.max_steps, or set "
-                        "checkpoint.resume=false to start over (the old checkpoints go as the new run saves)")
+def open_run(cfg: TrainerConfig, extra: dict[str, str] | None = None) -> tuple[RunDir, dict[str, str], Relaunch]:
+    """Take the run directory for this launch, on rank 0, before anything is written or built: its lock, the
+    newest intact checkpoint (a damaged one set aside), and this launch checked against the config and inputs that
+    made that checkpoint. Every rank gets the outcome, or raises the same error. Returns the run directory, the
+    fingerprints of the run's inputs, and what resuming means."""
+    run = RunDir(cfg.run_dir)
+
+    def take() -> tuple[dict[str, str], Relaunch]:
+        run.lock()
+        try:
+            inputs = input_fingerprints(to_dict(cfg), extra)
+            checkpoint = _checkpoint_to_resume(run, cfg) if cfg.checkpoint.resume else None
+            return inputs, run.check_relaunch(to_dict(cfg), inputs, RELAUNCH_RULES, checkpoint)
+        except UserError:
+            run.unlock()
+            raise
+
+    inputs, relaunch = dist.on_main(take)
+    return run, inputs, relaunch
+
+
+def _checkpoint_to_resume(run: RunDir, cfg: TrainerConfig) -> Path | None:
+    legacy = run.legacy_checkpoints()
+    if legacy:
+        raise UserError(f"run_dir={cfg.run_dir}: {legacy[-1]} was written by an older slm_assist (no integrity "
+                        "record, and a pickled train state, which is not loaded: a pickle can run code); set "
+                        "checkpoint.resume=false to start over, or use another run_dir")
+    had = bool(run.checkpoints())
+    checkpoint = run.latest_intact()
+    if checkpoint is None and had:
+        raise UserError(f"run_dir={cfg.run_dir}: no intact checkpoint is left to resume (the damaged ones were moved "
+                        f"aside in {run.checkpoints_root}); set checkpoint.resume=false to start over")
+    return checkpoint
 
 
 def _check_model_fits(cfg: ModelConfig, data: PackedDataset) -> None:
