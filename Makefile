@@ -4,7 +4,7 @@ PY := .venv/bin/python
 DEMO ?= runs/demo
 ARGS ?=
 
-.PHONY: setup test test-fast demo lint pack score select bench bench-score bench-salt bench-compress clean
+.PHONY: setup setup-numactl test test-fast demo lint pack score select bench bench-score bench-salt bench-compress clean
 
 setup: .venv/.installed
 
@@ -12,12 +12,15 @@ setup: .venv/.installed
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	.venv/bin/pip install -e '.[dev]'
+	touch $@
+
+# Optional, and the one target that changes the system (as root, with apt-get): numactl, which only the deepspeed
+# launcher's --bind_cores_to_rank needs. setup, demo and test never run it.
+setup-numactl:
 	@if command -v numactl >/dev/null; then echo "numactl: present"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  (apt-get update -qq && apt-get install -y -qq numactl >/dev/null && echo "numactl: installed") \
-	  || echo "numactl: apt-get install failed; skipped (only deepspeed --bind_cores_to_rank needs it)"; \
-	else echo "numactl: skipped (not root or no apt-get; only deepspeed --bind_cores_to_rank needs it)"; fi
-	touch $@
+	  apt-get update -qq && apt-get install -y -qq numactl >/dev/null && echo "numactl: installed"; \
+	else echo "numactl: install it with your system's package manager (sudo apt-get install numactl)"; exit 1; fi
 
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
 test: setup
