@@ -21,6 +21,7 @@ first (`shard=` jobs share it with each other, not with a whole run).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -147,6 +148,9 @@ class Scorer:
             "dataset_fingerprint": self.data.fingerprint,
             "split": cfg.split, "topk": cfg.topk, "confident_threshold": cfg.confident_threshold, "dtype": cfg.dtype,
             "batch_size": cfg.batch_size, "num_shards": self.num_shards, "cache": asdict(cfg.cache),
+            # the cached rows by content: cache.indices re-made at the same path is another run
+            "cache_rows": None if self.cache_indices is None else hashlib.sha256(
+                np.asarray(sorted(self.cache_indices), dtype=np.int64).tobytes()).hexdigest()[:16],
         }
         self.output = ScoreOutput(Path(cfg.out_dir), identity, self.num_shards, cfg.model, cfg.overwrite,
                                   separate_jobs=cfg.shard >= 0 or cfg.merge_only)

@@ -35,13 +35,13 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.files import link_or_copy
 from slm_assist.core.model_dir import META, ModelDir
-from slm_assist.core.run_dir import RunDir
+from slm_assist.core.run_dir import RunDir, path_name
 from slm_assist.core.selection import CARD, card_files, read_summary
 from slm_assist.salt.recipe import describe
 
@@ -77,12 +77,7 @@ def redact(text: str) -> str:
 def _shown(path: str) -> str:
     """A path setting as the card shows it: its last component (the last two when that is `final`: `slm/final`),
     never the local directories above; a URL as is, without credentials."""
-    if "://" in path:
-        return redact(path)
-    parts = [p for p in PurePath(path).parts if p not in ("/", ".", "..", "~")]
-    if not parts:
-        return path
-    return "/".join(parts[-2:] if parts[-1] == "final" else parts[-1:])
+    return redact(path) if "://" in path else path_name(path)
 
 
 def _run_path(model_dir: Path, path: str) -> Path:
@@ -210,7 +205,7 @@ def push(model_dir: str | Path, repo_id: str, private: bool = False, revision: s
     """Upload the folder (plus a generated card) to `repo_id`; returns the commit (or PR) URL. `timeout` bounds each
     network operation (connect, each read or write), not the whole upload. Hidden entries (a name starting with '.',
     at any depth) are left out, and listed on stderr, unless `include_hidden`."""
-    from httpx2 import RequestError, TimeoutException, TransportError  # huggingface_hub's HTTP client
+    from httpx2 import InvalidURL, RequestError, TimeoutException, TransportError  # huggingface_hub's client
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -260,7 +255,7 @@ def push(model_dir: str | Path, repo_id: str, private: bool = False, revision: s
     except TransportError as e:  # connection refused, DNS: the hub was never reached
         raise UserError(redact(f"hub endpoint {endpoint} is unreachable ({type(e).__name__}: {_first_line(e)}); "
                                "check HF_ENDPOINT / --endpoint; the local folder is unchanged")) from None
-    except (OSError, ValueError, RequestError) as e:  # RequestError: a bad answer (too many redirects, bad encoding)
+    except (OSError, ValueError, RequestError, InvalidURL) as e:  # a bad answer (too many redirects), a bad port
         raise UserError(redact(f"push of {d} to {repo_id} via {endpoint} failed: {type(e).__name__}: "
                                f"{_first_line(e)}; the local folder is unchanged")) from None
     return info.pr_url or info.commit_url

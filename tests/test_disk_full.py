@@ -51,6 +51,8 @@ def test_out_of_space_knows_a_full_disk(monkeypatch, tmp_path):
     assert out_of_space(_no_space(), tmp_path)
     assert out_of_space(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path)
     assert out_of_space(TORCH_SHORT_WRITE, tmp_path / "not" / "made" / "yet")  # measured where it exists
+    assert not out_of_space(OSError(errno.EROFS, "Read-only file system"), tmp_path)  # an errno is believed
+    assert out_of_space(Exception("IoError: No space left on device (os error 28)"), tmp_path)  # safetensors'
     _free(monkeypatch, 10 << 30)  # plenty of space: a short write, or any other failure, is something else
     assert not out_of_space(TORCH_SHORT_WRITE, tmp_path)
     assert not out_of_space(OSError(errno.EACCES, "Permission denied"), tmp_path)

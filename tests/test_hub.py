@@ -400,6 +400,9 @@ def test_unreachable_or_bad_endpoint_with_credentials_is_redacted(exported, monk
         push(exported, "my-org/tiny")
     with pytest.raises(UserError, match=r"^--endpoint \*\*\*@hub.example: expected an http:// or https:// URL"):
         push(exported, "my-org/tiny", endpoint="bob:arg-SECRET@hub.example")
+    with pytest.raises(UserError, match=r"InvalidURL") as e:  # a port that is not a number: still one line
+        push(exported, "my-org/tiny", endpoint="http://bob:port-SECRET@127.0.0.1:notaport")
+    assert "SECRET" not in str(e.value)
 
 
 def test_rejected_push_with_credentials_in_the_endpoint_is_redacted(exported, monkeypatch, tmp_path):

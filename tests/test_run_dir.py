@@ -50,7 +50,9 @@ def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 def test_a_finished_run_relaunched_is_not_exported_again_and_keeps_the_users_files(tiny_data, finished, tmp_path,
                                                                                    capsys):
     run = _copy(finished, tmp_path)
-    (run / "final" / "README.md").write_text("my notes\n")
+    mine = {"README.md": "my notes\n", "adapter.safetensors": "lora", "tokenizer_notes.md": "x", ".mine.lock": "y"}
+    for name, text in mine.items():  # names close to ours: still not ours
+        (run / "final" / name).write_text(text)
     (run / "final" / "eval").mkdir()
     (run / "final" / "eval" / "mine.json").write_text("{}\n")
     before = _snapshot(run / "final")
@@ -61,8 +63,8 @@ def test_a_finished_run_relaunched_is_not_exported_again_and_keeps_the_users_fil
     # a longer run is exported again: the user's entries are carried into the new export
     main(_args(tiny_data, run, "train.max_steps=6"))
     out = capsys.readouterr().out
-    assert "train.max_steps: 4 -> 6 (extended)" in out and "kept 2 entries this command did not write" in out
-    assert (run / "final" / "README.md").read_text() == "my notes\n"
+    assert "train.max_steps: 4 -> 6 (extended)" in out and "kept 5 entries this command did not write" in out
+    assert all((run / "final" / name).read_text() == text for name, text in mine.items())
     assert (run / "final" / "eval" / "mine.json").read_text() == "{}\n"
     meta = json.loads((run / "final" / "slm_assist.json").read_text())
     assert meta["step"] == 6
@@ -344,3 +346,142 @@ def test_the_cli_names_what_a_foreign_lock_holder_is(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
     assert (run / LOCK).read_text().startswith("pid ")
     RunDir(run).lock()  # the holder is gone: free again
+
+
+def test_a_finished_run_refuses_what_it_cannot_honour(tiny_data, finished, tmp_path):
+    """An override on a finished run (nothing would train with it), fewer steps than it ran, a typo in
+    allow_changes, and a finished model whose checkpoints were deleted: each one error, the run untouched."""
+    run = _copy(finished, tmp_path)
+    before = _snapshot(run)
+    for extra, expect in [(["optim.lr=3e-3", "checkpoint.allow_changes=[optim.lr]"],
+                           r"finished at step 4: checkpoint\.allow_changes=\['optim\.lr'\] would change nothing"),
+                          (["train.max_steps=3"], r"checkpoint at step 4, past train\.max_steps=3"),
+                          (["checkpoint.allow_changes=[optim.lrr]"], r"\['optim\.lrr'\] names no setting")]:
+        with pytest.raises(UserError, match=expect):
+            main(run_overrides(tiny_data, run, "train.max_steps=4", "checkpoint.every=2", *extra))
+        assert _snapshot(run) == before
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(UserError, match=r"holds a finished model in final/ but no checkpoint"):
+        main(run_overrides(tiny_data, run, "train.max_steps=4", "optim.lr=0.5"))
+    assert (run / "final" / "model.safetensors").read_bytes() == (finished / "final" / "model.safetensors").read_bytes()
+
+
+def test_a_shorter_run_is_a_change_of_its_schedule(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    args = run_overrides(tiny_data, run, "train.max_steps=8", "checkpoint.every=2")
+    killed = run_module("slm_assist.train", args, env={"SLM_ASSIST_FAULT": "kill_after_checkpoint:4"})
+    assert killed.returncode == -9
+    with pytest.raises(UserError, match=r"train\.max_steps: 8 there, 6 here"):
+        main(run_overrides(tiny_data, run, "train.max_steps=6", "checkpoint.every=2"))
+
+
+def test_starting_over_drops_the_old_run_before_anything_else(tiny_data, finished, tmp_path):
+    """checkpoint.resume=false, killed before its first checkpoint: the old run is gone, so the next launch can
+    never resume it as if it were the new one."""
+    run = _copy(finished, tmp_path)
+    args = run_overrides(tiny_data, run, "train.max_steps=4", "checkpoint.every=2", "optim.lr=3e-3",
+                         "checkpoint.resume=false")
+    killed = run_module("slm_assist.train", args, env={"SLM_ASSIST_FAULT": "kill_before_commit:2"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert "removed the previous run's 2 checkpoint(s)" in killed.stdout
+    assert RunDir(run).checkpoints() == []
+    with pytest.raises(UserError, match=r"holds a finished model in final/ but no checkpoint"):
+        main(args[:-1])  # resume=true: the old run's final/ is all there is; it is not taken for the new run
+    main(args)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    assert json.loads((run / "final" / "slm_assist.json").read_text())["run_config"]["optim"]["lr"] == 3e-3
+
+
+def test_an_error_in_a_run_gives_its_run_dir_back(tiny_data, finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    shutil.rmtree(run / "final")
+    (run / "checkpoints" / "step_00000004" / "train_state_rank0.json").write_text("{}")  # damaged
+    (run / "checkpoints" / "step_00000002" / "train_state_rank0.json").write_text("{}")
+    for _ in range(2):  # the same command again: the same error, not a silent start from scratch
+        with pytest.raises(UserError, match=r"no intact checkpoint is left to resume \(step_00000004: "
+                                            r"train_state_rank0\.json does not match its checksum; step_00000002"):
+            main(_args(tiny_data, run))
+    code = f"from slm_assist.core.run_dir import RunDir; RunDir({str(run)!r}).lock()"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)  # not held by this process any more
+
+
+def test_a_weight_decay_override_applies_from_zero(tiny_data, tmp_path):
+    from slm_assist.core.config import load_config, split_argv
+    from slm_assist.salt.recipe import RunConfig, build_trainer
+
+    run = tmp_path / "run"
+    main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=2", "optim.weight_decay=0.0"))
+    path, overrides = split_argv(run_overrides(tiny_data, run, "train.max_steps=3", "optim.weight_decay=0.1",
+                                               "checkpoint.allow_changes=[optim.weight_decay]"), "")
+    trainer = build_trainer(load_config(RunConfig, path, overrides))
+    trainer.fit()
+    groups = trainer.engine.lr_scheduler.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+
+
+def test_settings_that_only_look_like_paths_are_not_inputs(tiny_data, tmp_path, monkeypatch):
+    """A working directory holding files named like setting values (cosine, auto): they are values, not inputs."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("cosine", "auto", "none", "llama"):
+        Path(name).write_text("not an input\n")
+    run = tmp_path / "run"
+    main(run_overrides(tiny_data, run, "train.max_steps=1", "checkpoint.every=0"))
+    meta = json.loads((run / "final" / "slm_assist.json").read_text())
+    assert meta["run_config"]["schedule"]["kind"] == "cosine" and set(meta["inputs"]) == {"data.path"}
+    Path("cosine").write_text("changed\n")
+    main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=0"))  # extended, nothing refused
+
+
+def test_world_size_is_compared_as_a_launch_setting():
+    from slm_assist.core.relaunch import compare_launch
+    from slm_assist.training.trainer import RELAUNCH_RULES
+
+    old = {"train": {"max_steps": 4}, "launch": {"world_size": 1}}
+    new = {"train": {"max_steps": 4}, "launch": {"world_size": 2}}
+    assert compare_launch(old, {}, new, {}, RELAUNCH_RULES, "x", "resume") == [
+        {"key": "launch.world_size", "was": 1, "now": 2, "how": "accepted"}]
+
+
+def test_a_full_disk_while_exporting_is_one_error_and_keeps_final(tiny_data, finished, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from slm_assist.training import trainer
+
+    run = _copy(finished, tmp_path)
+    before = _snapshot(run / "final")
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No "
+                              "space left on device\" })")
+
+    monkeypatch.setattr(trainer, "write_model_dir", full)
+    with pytest.raises(UserError, match=r"no space left on .* while writing run_dir/final=.*final was left as it was"):
+        main(_args(tiny_data, run, "train.max_steps=5"))
+    assert _snapshot(run / "final") == before
+
+
+def test_compress_checks_a_stage_against_its_newest_readable_record(compressed, tiny_data, tiny_slm, tmp_path):
+    """The record of a finished stage's newest checkpoint unreadable: the relaunch compares with what is left
+    (nothing here) instead of stopping on it, as a training resume does."""
+    from slm_assist.compress.__main__ import main as compress
+    from slm_assist.core.run_dir import RECORD
+
+    (compressed / "gd" / "checkpoints" / "step_00000002" / RECORD).write_text("{not json")
+    compress(_compress(tmp_path, tiny_data, tiny_slm))
+
+
+def test_a_score_cache_made_for_other_rows_under_the_same_path_is_another_run(tiny_data, tiny_slm, tmp_path):
+    import numpy as np
+
+    from data_tools.score import ScoreConfig, Scorer
+    from slm_assist.core.config import load_config
+
+    index = tmp_path / "index.npy"
+    identity = []
+    for rows in (np.arange(0, 100), np.arange(0, 10)):
+        np.save(index, rows)
+        cfg = load_config(ScoreConfig, REPO / "configs/demo/score.yaml",
+                          [f"model={tiny_slm}", f"data={tiny_data}", f"out_dir={tmp_path / 'out'}",
+                           "cache.mode=top_k", "cache.k=4", f"cache.indices={index}"])
+        identity.append(Scorer(cfg).output.identity)
+    assert identity[0]["cache"] == identity[1]["cache"] and identity[0]["cache_rows"] != identity[1]["cache_rows"]

@@ -20,7 +20,7 @@ import torch
 
 from slm_assist.compress.prune import importance, prune
 from slm_assist.core import dist
-from slm_assist.core.config import check, check_no_effect
+from slm_assist.core.config import PathSetting, check, check_no_effect
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import UserError
 from slm_assist.core.model_dir import ModelDir
@@ -42,7 +42,7 @@ class InitConfig:
     """layers: the teacher blocks to copy (1-based, in order); [] = every `every`-th, ending at the last."""
     every: int = 2
     """layers: with layers=[], copy every k-th teacher block."""
-    path: str = ""
+    path: PathSetting = ""
     """model: a save_pretrained directory sharing the data's tokenizer (e.g. the SALT SLM's final/)."""
     calibration: int = 256
     """prune: calibration sequences (from the general data's train split) that importance is measured on."""

@@ -72,11 +72,14 @@ def compress_figures(run_dir: Path, scratch: Path | None) -> dict[str, Any]:
     stages = []
     for s in cfg.stages:
         final = run_dir / s.name / "final"
-        vals = RunDir(run_dir / s.name).val_losses()
+        stage_run = RunDir(run_dir / s.name)
+        vals = stage_run.val_losses()
+        ckpts = stage_run.checkpoints()
         stages.append({"name": s.name, "trains": s.trains, "teacher": s.teacher, "data": s.data,
                        "loss": {k: getattr(s.loss, k) for k in ("ce", "kd", "hidden", "attention")
                                 if getattr(s.loss, k)},
                        "max_steps": s.max_steps, "steps": (ModelDir(final).meta() or {}).get("step"),
+                       "interrupted_at": RunDir.step_of(ckpts[-1]) if ckpts else None,
                        "val_loss": vals[-1] if vals else None})
     models["student"]["steps"] = sum(s["steps"] or 0 for s in stages if s["trains"] == "student")  # all stages'
     return {"run_dir": str(run_dir), "init": cfg.init.kind, "metric": key, "models": models, "stages": stages,
@@ -153,7 +156,8 @@ def compress_section(f: dict[str, Any], out_dir: Path) -> str:
               "| stage | trains | teacher | data | loss weights | steps | val loss (last) |", "|---|---|---|---|---|---|---|"]
     for s in f["stages"]:
         loss = ", ".join(f"{k} {v:g}" for k, v in s["loss"].items())
-        steps = "not run" if s["steps"] is None else f"{s['steps']} / {s['max_steps']}"
+        steps = (f"{s['steps']} / {s['max_steps']}" if s["steps"] is not None else
+                 f"interrupted at {s['interrupted_at']} / {s['max_steps']}" if s["interrupted_at"] else "not run")
         lines.append(f"| {s['name']} | {s['trains']} | {s['teacher']} | {s['data']} | {loss} | {steps} | "
                      f"{_fmt(s['val_loss'])} |")
     lines += ["", "![compression stages](compress_stages.png)", ""]

@@ -21,19 +21,26 @@ from slm_assist.compress.latent import layer_map
 from slm_assist.compress.objective import CompressObjective, LossConfig
 from slm_assist.compress.prune import check_prune_targets
 from slm_assist.core import dist
-from slm_assist.core.config import check, check_no_effect, record_diff, to_dict
+from slm_assist.core.config import PathSetting, check, check_no_effect, path_settings, record_diff, to_dict
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import ConfigError, UserError
 from slm_assist.core.files import atomic_output_dir, check_writable
 from slm_assist.core.model_dir import META, MODEL_FILES, ModelDir, append_stage
 from slm_assist.core.relaunch import input_fingerprints
-from slm_assist.core.run_dir import FINAL, RunDir
+from slm_assist.core.run_dir import FINAL, RunDir, path_name
 from slm_assist.kd.teacher import load_teacher
 from slm_assist.training.batches import DataConfig
 from slm_assist.training.checkpoint import CheckpointConfig
 from slm_assist.training.models import ModelConfig
 from slm_assist.training.optim import OptimConfig, ScheduleConfig
-from slm_assist.training.trainer import RELAUNCH_RULES, RunData, TrainConfig, Trainer, TrainerConfig
+from slm_assist.training.trainer import (
+    RELAUNCH_RULES,
+    RunData,
+    TrainConfig,
+    Trainer,
+    TrainerConfig,
+    launch_config,
+)
 
 
 @dataclass
@@ -94,14 +101,14 @@ class CompressConfig:
     run_dir: str = "runs/demo/compress"
     """Each stage runs in run_dir/<stage>/; the initial student is written to run_dir/init/."""
     seed: int = 0
-    teacher: str = "runs/demo/llm/final"
+    teacher: PathSetting = "runs/demo/llm/final"
     """The pretrained LLM: a save_pretrained directory with the data's tokenizer."""
-    finetuned_teacher: str = ""
+    finetuned_teacher: PathSetting = ""
     """The teacher already fine-tuned on the task (a save_pretrained directory), for `teacher: finetuned` stages
     when no stage here fine-tunes it: one fine-tune shared by several compress runs."""
-    general_data: str = "runs/demo/data"
+    general_data: PathSetting = "runs/demo/data"
     """Packed dataset of general text (data_tools.pack)."""
-    task_data: str = ""
+    task_data: PathSetting = ""
     """Packed dataset of the task (same tokenizer); needed by stages with data: task."""
     data_seed: int = 0
     """Seeds every stage's shuffle order."""
@@ -205,19 +212,21 @@ def run(cfg: CompressConfig) -> Path:
     _check_plan(cfg, data, [pretrained] + ([finetuned_dir] if finetuned_dir else []))
     owner = RunDir(root)
     dist.on_main(owner.lock)
-    steps = _plan(cfg, root, pretrained.path, finetuned_dir.path if finetuned_dir else None, data)
-    dist.on_main(lambda: _check_launch(cfg, pretrained, steps, root / "init"))
-    if dist.is_main():
-        owner.write_config(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    origin = _prepare_init(cfg, pretrained, data["general"], root / "init")
-    for step in steps:
-        if step.finished:
-            if dist.is_main():
-                print(f"[{step.stage.name}] finished: {step.final}", flush=True)
-        else:
-            _run_stage(cfg, step, data[step.stage.data], origin)
-    if dist.is_main():
-        owner.unlock()
+    try:
+        steps = _plan(cfg, root, pretrained.path, finetuned_dir.path if finetuned_dir else None, data)
+        dist.on_main(lambda: _check_launch(cfg, pretrained, steps, root / "init"))
+        if dist.is_main():
+            owner.write_config(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        origin = _prepare_init(cfg, pretrained, data["general"], root / "init")
+        for step in steps:
+            if step.finished:
+                if dist.is_main():
+                    print(f"[{step.stage.name}] finished: {step.final}", flush=True)
+            else:
+                _run_stage(cfg, step, data[step.stage.data], origin)
+    finally:
+        if dist.is_main():
+            owner.unlock()
     return next((s.final for s in reversed(steps) if s.stage.trains == "student"), root / "init")
 
 
@@ -252,14 +261,17 @@ def _check_launch(cfg: CompressConfig, pretrained: ModelDir, steps: list[_Step],
                             "again")
         where = f"stage {step.stage.name!r} ({Path(step.tcfg.run_dir)})"
         stage_run = RunDir(step.tcfg.run_dir)
-        inputs = input_fingerprints(to_dict(step.tcfg), _extra_inputs(step))
         if step.finished:
             _check_finished(step, _stage_record(cfg, step), where)
-        checkpoints = stage_run.checkpoints() if cfg.checkpoint.resume else []
-        if checkpoints:  # finished or interrupted: this launch against the config that made its last checkpoint
-            state = "finished" if step.finished else f"interrupted at {checkpoints[-1].name}"
-            stage_run.check_relaunch(to_dict(step.tcfg), inputs, RELAUNCH_RULES, checkpoints[-1],
-                                     where=f"{where}, {state},")
+        checkpoint = stage_run.newest_recorded() if cfg.checkpoint.resume else None
+        if checkpoint is not None:  # finished or interrupted: this launch against the config of its last checkpoint
+            state = "finished" if step.finished else f"interrupted at {checkpoint.name}"
+            inputs = input_fingerprints(to_dict(step.tcfg), path_settings(TrainerConfig), _extra_inputs(step))
+            relaunch = stage_run.check_relaunch(launch_config(step.tcfg), inputs, RELAUNCH_RULES, checkpoint,
+                                                where=f"{where}, {state}")
+            if step.finished and relaunch.overridden:
+                raise UserError(f"{where} finished: checkpoint.allow_changes={relaunch.overridden} would change "
+                                "nothing it trained, and the run would then say otherwise; use another run_dir")
 
 
 def _extra_inputs(step: _Step) -> dict[str, str]:
@@ -367,8 +379,26 @@ def _check_plan(cfg: CompressConfig, data: dict[str, PackedDataset], teachers: l
 
 
 def _run_stage(cfg: CompressConfig, step: _Step, data: PackedDataset, origin: dict[str, Any]) -> None:
-    stage = step.stage
     run_data = RunData(step.tcfg, inputs=_extra_inputs(step))
+    try:
+        trainer = _stage_trainer(cfg, step, data, origin, run_data)
+    except BaseException:
+        run_data.release()
+        raise
+    result = trainer.fit()
+    if dist.is_main():
+        append_stage(step.final, {**_stage_record(cfg, step),
+                                  "metrics": {"val_loss": result["val_loss"], "steps": result["step"]}})
+    dist.barrier()
+    del trainer
+    gc.collect()
+
+
+def _stage_trainer(cfg: CompressConfig, step: _Step, data: PackedDataset, origin: dict[str, Any],
+                   run_data: RunData) -> Trainer:
+    """The Trainer of a stage: its teacher loaded, its objective built (the student's blocks and heads mapped to
+    the teacher's they came from)."""
+    stage = step.stage
     teacher = None
     if step.teacher is not None:
         dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32  # bf16 halves its memory
@@ -384,20 +414,7 @@ def _run_stage(cfg: CompressConfig, step: _Step, data: PackedDataset, origin: di
     objective = CompressObjective(stage.loss, teacher, student_config, len(data.tokenizer), f"stages.{stage.name}.loss",
                                   default_map=blocks if mapped else None,
                                   head_map=origin["teacher_heads"] if mapped else None)
-    trainer = Trainer(step.tcfg, objective, data=run_data)
-    result = trainer.fit()
-    if dist.is_main():
-        append_stage(step.final, {**_stage_record(cfg, step),
-                                  "metrics": {"val_loss": result["val_loss"], "steps": result["step"]}})
-    dist.barrier()
-    del trainer, objective, teacher
-    gc.collect()
-
-
-def _name(path: Path) -> str:
-    """A model directory by its name, not its local path: `llm/final` for a run's export, else the last part."""
-    path = Path(path)
-    return f"{path.parent.name}/{path.name}" if path.name == FINAL else path.name
+    return Trainer(step.tcfg, objective, data=run_data)
 
 
 def _summary(stage: StageConfig, start: Path, teacher: Path | None, init: str) -> str:
@@ -408,6 +425,6 @@ def _summary(stage: StageConfig, start: Path, teacher: Path | None, init: str) -
     who = "fine-tunes the teacher" if stage.trains == "teacher" else "trains the student"
     if start.name == "init":
         who += f" (init: {init})"
-    source = "no teacher" if teacher is None else f"teacher `{_name(teacher)}` ({stage.teacher})"
-    return (f"{who} from `{_name(start)}` on the {stage.data} data for {stage.max_steps} steps; {source}; "
+    source = "no teacher" if teacher is None else f"teacher `{path_name(teacher)}` ({stage.teacher})"
+    return (f"{who} from `{path_name(start)}` on the {stage.data} data for {stage.max_steps} steps; {source}; "
             f"loss {' + '.join(terms)}")

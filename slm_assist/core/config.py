@@ -15,7 +15,7 @@ import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -23,6 +23,23 @@ from slm_assist.core.errors import ConfigError
 from slm_assist.core.files import atomic_write_text
 
 T = TypeVar("T")
+
+PATH = "path"
+PathSetting = Annotated[str, PATH]
+"""A setting that names a file or directory the run reads (a dataset, a model, scores, a selection): compared by
+content on resume (core/relaunch.py) and recorded relative to the run in exported metadata."""
+
+
+def path_settings(cls: type, prefix: str = "") -> list[str]:
+    """The dotted names of a config class's PathSetting fields (and lists of them), through its sections."""
+    out = []
+    for name, tp in get_type_hints(cls, include_extras=True).items():
+        item = get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else tp
+        if get_origin(item) is Annotated and PATH in get_args(item)[1:]:
+            out.append(prefix + name)
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            out += path_settings(tp, f"{prefix}{name}.")
+    return out
 
 
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

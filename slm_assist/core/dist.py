@@ -96,15 +96,20 @@ def broadcast_object(obj: object) -> object:
 
 
 def on_main(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0 only (a decision that reads or changes shared files once); every rank gets its result,
-    or raises the UserError it raised, so no rank waits at a barrier for one that failed."""
+    """Run `fn` on rank 0 only (a decision that reads or changes shared files once); every rank gets its result or
+    raises: rank 0 its own exception, the others the same UserError, or a UserError saying what rank 0 hit, so no
+    rank waits at a collective for one that failed."""
     outcome: tuple[bool, object] | None = None
+    error: BaseException | None = None
     if is_main():
         try:
             outcome = (True, fn())
-        except UserError as e:
-            outcome = (False, e)
+        except Exception as e:
+            error = e
+            outcome = (False, e if isinstance(e, UserError) else UserError(f"rank 0 failed: {type(e).__name__}: {e}"))
     ok, value = broadcast_object(outcome)
+    if error is not None:
+        raise error
     if not ok:
         raise value
     return value

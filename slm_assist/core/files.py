@@ -46,16 +46,21 @@ def plain_mode(is_dir: bool) -> int:
 
 
 _LOW_SPACE = 64 << 20
-"""Below this many free bytes a failed write is put down to a full disk: torch's writers report a short write only
-as "unexpected pos ..." or "basic_ios::clear: iostream error", without the errno."""
+"""Below this many free bytes an errno-less write failure is put down to a full disk: torch's writers report a
+short write only as "unexpected pos ..." or "basic_ios::clear: iostream error"."""
 
 
 def out_of_space(e: BaseException, where: Path) -> bool:
-    """Whether the write failure `e` under directory `where` means the disk (or the user's quota) is full. Call it
-    before removing the partial output: its bytes are part of what filled the disk."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    """Whether the write failure `e` under directory `where` means the disk (or the user's quota) is full. An
+    OSError says so by its errno; safetensors' error by its text ("os error 28"); torch's writers say nothing, so
+    for their RuntimeError the free space decides. Call it before removing the partial output: its bytes are part
+    of what filled the disk."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    if any(s in text for s in ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")):
         return True
-    if isinstance(e, (OSError, RuntimeError)):
+    if isinstance(e, RuntimeError):
         try:
             return shutil.disk_usage(_nearest_existing(where)).free < _LOW_SPACE
         except OSError:
@@ -150,7 +155,7 @@ def check_output_file(path: str | Path, field: str) -> Path:
     return path
 
 
-_OUR_HIDDEN = (".*.tmp-*", ".*.old-*", ".*.trash-*", ".slm_assist-probe-*", ".*.lock")
+_OUR_HIDDEN = (".*.tmp-*", ".*.old-*", ".*.trash-*", ".slm_assist-probe-*", ".slm_assist.lock", ".score.lock")
 """Hidden names we create ourselves (temp copies, old copies moved aside, probes); other hidden entries (.git,
 .env...) are the user's."""
 

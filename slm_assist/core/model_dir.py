@@ -24,8 +24,13 @@ from slm_assist.core.tokenizer import TOKENIZER_FILES, load_tokenizer, tokenizer
 
 CONFIG = "config.json"
 META = "slm_assist.json"
-MODEL_FILES = (CONFIG, "generation_config.json", "*.safetensors", "*.safetensors.index.json", META, *TOKENIZER_FILES)
-"""Glob patterns of what `write_model_dir` writes: a model directory holds nothing else of ours."""
+MODEL_FILES = (CONFIG, "generation_config.json", "model.safetensors", "model-[0-9]*-of-[0-9]*.safetensors",
+               "model.safetensors.index.json", META, *TOKENIZER_FILES)
+"""What `write_model_dir` writes (save_pretrained's names): anything else in a model directory (an adapter, notes)
+is not ours."""
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def resolve_attn_implementation(requested: str, device: torch.device) -> str:
@@ -135,14 +140,20 @@ class ModelDir:
             raise UserError(f"{path}: corrupt run metadata: {e}") from None
 
     def fingerprint(self) -> str:
-        """sha256 of the config and weight files: what a scoring run is keyed by."""
-        h = hashlib.sha256()
-        files = [self.path / CONFIG, *self.path.glob("*.safetensors"), *self.path.glob("*.bin")]
-        for path in sorted(f for f in files if f.is_file()):
-            with open(path, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    h.update(block)
-        return h.hexdigest()[:16]
+        """sha256 of the config and weight files: what a scoring run is keyed by and a resume compares. Hashed
+        once per process for the same files (by name, size and modification time): a compress launch asks for
+        its teacher's several times."""
+        files = sorted(f for f in [self.path / CONFIG, *self.path.glob("*.safetensors"), *self.path.glob("*.bin")]
+                       if f.is_file())
+        key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        if key not in _FINGERPRINTS:
+            h = hashlib.sha256()
+            for path in files:
+                with open(path, "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        h.update(block)
+            _FINGERPRINTS[key] = h.hexdigest()[:16]
+        return _FINGERPRINTS[key]
 
 
 def write_model_dir(out: Path, model: torch.nn.Module, tokenizer, meta: dict[str, Any],

@@ -52,17 +52,17 @@ def artifact_fingerprint(path: str | Path) -> str | None:
     return None
 
 
-def input_fingerprints(config: dict[str, Any], extra: dict[str, str] | None = None,
-                       skip: Iterable[str] = ("run_dir",)) -> dict[str, str]:
-    """{setting: fingerprint} of every setting of `config` that names an existing artifact (lists item by item),
-    plus `extra` inputs that are not settings of the config (a compress stage's teacher)."""
-    skip = tuple(skip)
+def input_fingerprints(config: dict[str, Any], paths: Iterable[str],
+                       extra: dict[str, str] | None = None) -> dict[str, str]:
+    """{setting: fingerprint} of the path settings `paths` of `config` (core.config.path_settings; a list item by
+    item, as `key[i]`) that name an existing artifact, plus `extra` inputs that are not settings (a compress
+    stage's teacher). Only declared paths: a value like "cosine" is never taken for a file of that name."""
+    flat = flatten(config)
+    items = [(k, flat[k]) for k in paths if k in flat] + list((extra or {}).items())
     out = {}
-    items = list(flatten(config).items()) + list((extra or {}).items())
     for key, value in items:
-        values = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
-        for i, v in values:
-            if isinstance(v, str) and v and not _under(key, skip):
+        for i, v in list(enumerate(value)) if isinstance(value, list) else [(None, value)]:
+            if isinstance(v, str) and v:
                 fp = artifact_fingerprint(v)
                 if fp is not None:
                     out[key if i is None else f"{key}[{i}]"] = fp
@@ -97,7 +97,8 @@ class RelaunchRules:
     harmless: tuple[str, ...]
     """Settings (dotted, or whole sections) whose change cannot change the math: cadences, threads, kernels."""
     extendable: tuple[str, ...] = ()
-    """Accepted with a note of what follows (a longer run re-spans the schedules that depend on its length)."""
+    """Accepted when larger, with a note of what follows (a longer run re-spans the schedules that depend on its
+    length); a smaller value is refused like any other change."""
     fixed: tuple[str, ...] = ()
     """Refused even with the override: the checkpoint's tensors have the old value's shapes."""
     override: str = "checkpoint.allow_changes"
@@ -125,6 +126,10 @@ def compare_launch(old_config: dict[str, Any], old_inputs: dict[str, str], confi
     changed under the same path counts as a change. Raises one UserError listing every refused setting."""
     old, new = flatten(old_config), flatten(config)
     allowed = new.get(rules.override) or []
+    unknown = [a for a in allowed if not any(_under(k, [a]) for k in new)]
+    if unknown:
+        raise UserError(f"{rules.override}={allowed}: {unknown} names no setting of this config (a typo?); list "
+                        "dotted keys such as optim.lr, or whole sections such as optim")
     changes, refused = [], []
     keys = set(old) | set(new) | {base_key(k) for k in (*old_inputs, *inputs)}
     for key in sorted(k for k in keys if k != rules.override and not _under(k, rules.ignored)):
@@ -140,7 +145,7 @@ def compare_launch(old_config: dict[str, Any], old_inputs: dict[str, str], confi
             how = "moved"
         elif _under(key, rules.harmless):
             how = "accepted"
-        elif _under(key, rules.extendable):
+        elif _under(key, rules.extendable) and isinstance(was, int) and isinstance(now, int) and now > was:
             how = "extended"
         else:
             how = "refused"
@@ -151,17 +156,16 @@ def compare_launch(old_config: dict[str, Any], old_inputs: dict[str, str], confi
         listed = "; ".join(f"{c['key']}: {c['was']!r} there, {c['now']!r} here" for c in refused)
         fixed = [c["key"] for c in refused if _under(c["key"], rules.fixed)]
         free = [c["key"] for c in refused if c["key"] not in fixed]
-        hints = ["use another run_dir"]
+        todo = "use another run_dir"
         if free:
-            hints.append(f"set {rules.override}=[{', '.join(free)}] to {resumes} anyway (the history records both "
-                         "values)")
+            todo += (f", or set {rules.override}=[{', '.join(free)}] to {resumes} anyway (the history records both "
+                     "values)")
         if fixed:
-            hints.append(f"{', '.join(fixed)} cannot change in a resumed run (the checkpoint's tensors have the old "
-                         "shapes)")
+            todo += (f"; {', '.join(fixed)} cannot change in a resumed run (the checkpoint's tensors have the old "
+                     "shapes)")
         also = [c["key"] for c in changes]
-        raise UserError(f"{where}: this launch changes settings that change the math ({listed}); "
-                        + "; or ".join(hints) + ". Nothing was changed on disk"
-                        + (f" (accepted as they are: {', '.join(also)})" if also else ""))
+        raise UserError(f"{where}: this launch changes settings that change the math ({listed}); {todo}. Nothing "
+                        "was changed on disk" + (f" (accepted as they are: {', '.join(also)})" if also else ""))
     return changes
 
 

@@ -25,12 +25,12 @@ import json
 import os
 import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from slm_assist.core.config import load_config
 from slm_assist.core.errors import UserError
-from slm_assist.core.files import LockBusy, atomic_write_text, file_sha256, lock_file, out_of_space
+from slm_assist.core.files import LockBusy, atomic_write_text, file_sha256, lock_file
 from slm_assist.core.model_dir import META, ModelDir
 from slm_assist.core.relaunch import (
     Relaunch,
@@ -51,6 +51,15 @@ LOCK = ".slm_assist.lock"
 RECORD = "slm_assist_checkpoint.json"
 RECORD_FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def path_name(path: str | Path) -> str:
+    """A path as text that travels with a model (metadata history, cards): its last part, the last two when that
+    is `final` (`slm/final`), never the local directories above it."""
+    parts = [p for p in PurePath(path).parts if p not in ("/", ".", "..", "~")]
+    if not parts:
+        return str(path)
+    return "/".join(parts[-2:] if parts[-1] == FINAL else parts[-1:])
 
 
 # ---- the run directory -------------------------------------------------------------------------------------------
@@ -190,36 +199,50 @@ class RunDir:
             raise UserError(f"{checkpoint / RECORD}: not a checkpoint record of this version")
         return record
 
-    def damage(self, checkpoint: Path) -> str | None:
-        """What is wrong with a checkpoint's files against the checksums it was committed with, or None."""
+    def newest_recorded(self) -> Path | None:
+        """The newest checkpoint whose record reads back (what a check of a launch compares with, unhashed)."""
+        for ckpt in reversed(self.checkpoints()):
+            try:
+                self.record(ckpt)
+            except UserError:
+                continue
+            return ckpt
+        return None
+
+    def files(self, checkpoint: Path) -> list[str]:
+        """The files of a (temp) checkpoint directory, relative to it, that its record covers."""
+        return sorted(str(f.relative_to(checkpoint)) for f in checkpoint.rglob("*") if f.is_file() and f.name != RECORD)
+
+    def damage(self, checkpoint: Path, names: list[str] | None = None) -> str | None:
+        """What is wrong with a checkpoint against the record it was committed with (only its files in `names`,
+        None = all: ranks split the hashing), or None when it is intact."""
         try:
             expected = self.record(checkpoint).get("files") or {}
         except UserError as e:
             return str(e)
-        for rel, digest in sorted(expected.items()):
+        for rel in sorted(expected) if names is None else names:
             f = checkpoint / rel
             if not f.is_file():
                 return f"{rel} is missing"
-            if file_sha256(f) != digest:
+            if file_sha256(f) != expected[rel]:
                 return f"{rel} does not match its checksum"
         return None
 
-    def latest_intact(self, verify: bool = True) -> Path | None:
-        """The newest checkpoint whose files match their checksums. A damaged newer one is moved aside (to
-        `damaged-step_*`, never deleted) with a message; call with verify on one rank, then on every rank without."""
-        for ckpt in reversed(self.checkpoints()):
-            problem = self.damage(ckpt) if verify else None
-            if problem is None:
-                return ckpt
-            aside = ckpt.with_name(f"damaged-{ckpt.name}")
-            n = 1
-            while aside.exists():
-                n += 1
-                aside = ckpt.with_name(f"damaged{n}-{ckpt.name}")
-            os.replace(ckpt, aside)
-            print(f"warning: {ckpt} is damaged ({problem}); moved it to {aside.name} (delete it when you no longer "
-                  "need it) and falling back to the previous checkpoint", flush=True)
-        return None
+    def set_aside(self, checkpoint: Path, problem: str) -> Path:
+        """Move a damaged checkpoint out of the way (never deleted: the user may want to look at it)."""
+        aside, n = checkpoint.with_name(f"damaged-{checkpoint.name}"), 1
+        while aside.exists():
+            n += 1
+            aside = checkpoint.with_name(f"damaged{n}-{checkpoint.name}")
+        os.replace(checkpoint, aside)
+        print(f"warning: {checkpoint} is damaged ({problem}); moved it to {aside.name} (delete it when you no "
+              "longer need it); the run resumes from the checkpoint before it", flush=True)
+        return aside
+
+    def damaged(self) -> list[Path]:
+        """Checkpoints set aside as damaged."""
+        root = self.checkpoints_root
+        return sorted(p for p in root.iterdir() if p.name.startswith("damaged")) if root.is_dir() else []
 
     def checkpoint_tmp(self, step: int) -> str:
         """The tag a checkpoint is written under before `commit` renames it into place."""
@@ -232,23 +255,25 @@ class RunDir:
             for p in root.glob(".tmp-step_*"):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def commit(self, step: int, record: dict[str, Any], keep_last: int) -> Path:
-        """Make the checkpoint written under `checkpoint_tmp(step)` complete: a sha256 of every file and `record`
-        into its record (written last), renamed into place, durable, then older checkpoints pruned to `keep_last`
-        and an old run's (after checkpoint.resume=false) removed."""
+    def discard_checkpoints(self) -> int:
+        """checkpoint.resume=false: the previous run's checkpoints go at the start (ours: a run that starts over
+        must never later be resumed as the old one). Returns how many went."""
+        old = self.checkpoints() + self.legacy_checkpoints()
+        for p in old:
+            shutil.rmtree(p)
+        return len(old)
+
+    def commit(self, step: int, record: dict[str, Any], files: dict[str, str], keep_last: int) -> Path:
+        """Make the checkpoint written under `checkpoint_tmp(step)` complete: `record` and the sha256 of every file
+        (`files`) into its record, written last; renamed into place, durable; then older checkpoints pruned to
+        `keep_last`."""
         root = self.checkpoints_root
         tmp, final = root / self.checkpoint_tmp(step), root / f"step_{step:08d}"
-        files = {str(f.relative_to(tmp)): file_sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
-        try:
-            text = json.dumps({"format": RECORD_FORMAT, "step": step, **record, "files": files}, indent=1, default=str)
-            with open(tmp / RECORD, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            if out_of_space(e, root):
-                raise
-            raise UserError(f"{tmp / RECORD}: cannot write the checkpoint record: {e}") from None
+        text = json.dumps({"format": RECORD_FORMAT, "step": step, **record, "files": files}, indent=1, default=str)
+        with open(tmp / RECORD, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         if final.exists():  # a re-save of the same step (e.g. final == periodic): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -257,9 +282,6 @@ class RunDir:
             os.fsync(fd)  # make the rename durable before older checkpoints are deleted
         finally:
             os.close(fd)
-        # an old run's checkpoints after checkpoint.resume=false: its later ones, and any an older version wrote
-        for old in [p for p in self.checkpoints() if self.step_of(p) > step] + self.legacy_checkpoints():
-            shutil.rmtree(old, ignore_errors=True)
         for old in self.checkpoints()[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -284,7 +306,7 @@ class RunDir:
         history = list(record.get("history") or [])
         lines = []
         paths = {base_key(k) for k in (*(record.get("inputs") or {}), *inputs)}
-        kept = [{**c, **({"was": Path(str(c["was"])).name, "now": Path(str(c["now"])).name} if c["key"] in paths else {})}
+        kept = [{**c, **({"was": _names(c["was"]), "now": _names(c["now"])} if c["key"] in paths else {})}
                 for c in changes if c["how"] != "moved"]  # the history travels with the model: names, not paths
         if kept:
             history.append({"step": step, "changes": kept})
@@ -292,6 +314,10 @@ class RunDir:
             lines.append(f"{self.name}: resuming {checkpoint.name} with changed settings: "
                          + "; ".join(describe_change(c) for c in changes))
         return Relaunch(checkpoint, step, lines, history, [c["key"] for c in changes if c["how"] == "override"])
+
+
+def _names(value: Any) -> Any:
+    return [path_name(v) for v in value] if isinstance(value, list) else path_name(str(value)) if value else value
 
 
 # ---- the training log and evaluation results ---------------------------------------------------------------------

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from slm_assist.core.errors import UserError
 
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*",
-                   "merges.txt", "*.model", "slm_assist_tokenizer.json")
-"""Glob patterns of what an HF tokenizer's save_pretrained (and our tokenizer record) writes into a directory."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt",
+                   "merges.txt", "sentencepiece.model", "slm_assist_tokenizer.json")
+"""The names an HF tokenizer's save_pretrained (and our tokenizer record) write: exact names, so that a file of
+the user's next to them (tokenizer_notes.md) is never taken for ours."""
 
 # Probe text for the fingerprint: two tokenizers with the same vocab but different normalisation differ here.
 _PROBE = "Hello, World! \t  x = f(1.5e-3)  # naïve café 🤖\n\ndef g():\n    return None"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from slm_assist.core import dist
-from slm_assist.core.config import check, check_no_effect
+from slm_assist.core.config import PathSetting, check, check_no_effect
 from slm_assist.core.errors import UserError
 from slm_assist.core.model_dir import decoder_and_head
 from slm_assist.kd.fused_linear import fused_linear_ce_kd
@@ -23,7 +23,7 @@ from slm_assist.training.objective import Objective, ce_with_z_loss
 
 @dataclass
 class DistillConfig:
-    teacher: str = ""
+    teacher: PathSetting = ""
     """The SLM teacher: a save_pretrained directory with its tokenizer ("" = no distillation, plain CE)."""
     kind: Literal["forward_kl", "reverse_kl", "jsd", "nkd"] = "forward_kl"
     tau: float = 1.0
@@ -42,10 +42,10 @@ class DistillConfig:
     gate_confidence: float = 0.0
     """Confidence gating (beyond the paper): KD off on tokens where the SLM is confidently wrong (its top-1 is
     not the target and has probability >= this), CE there instead. 0 = off."""
-    ensemble_teachers: list[str] = field(default_factory=list)
+    ensemble_teachers: list[PathSetting] = field(default_factory=list)
     """Teacher ensemble (MEAL V2): more SLM model dirs whose distributions are combined with distill.teacher's
     into one soft target (ensemble_combine). [] = one teacher."""
-    ensemble_caches: list[str] = field(default_factory=list)
+    ensemble_caches: list[PathSetting] = field(default_factory=list)
     """The same from the cache: more data_tools.score dirs with top_k caches of other SLMs, combined with
     distill.cache's (their union of top-k ids; each one's tail mass stays in the tail bucket)."""
     ensemble_combine: Literal["mean", "vote"] = "mean"
@@ -55,16 +55,16 @@ class DistillConfig:
     """Easy-to-hard curriculum in the KD phase (Easy2Hard): the sequences the KD phase draws are ordered by this
     SLM score, ascending (easiest first), instead of shuffled; later steps keep the shuffled order. Needs
     distill.curriculum_scores."""
-    curriculum_scores: str = ""
+    curriculum_scores: PathSetting = ""
     """The data_tools.score output dir whose scores order the curriculum."""
     fused_linear: bool = False
     """KD-phase loss straight from the hidden states of student and teacher, a chunk of tokens at a time
     (kd/fused_linear.py): neither model's full logits exist, which saves most of the loss memory at a 32k+
     vocabulary. Online teacher only (no cache, no ensemble), ZeRO 0-2, models whose logits are head(hidden)."""
-    cache: str = ""
+    cache: PathSetting = ""
     """A data_tools.score output dir with a soft-label cache for this data: KD from the cached top-k / sampled
     labels instead of running the teacher (forward KL, tau = 1). "" = online teacher."""
-    selection: str = ""
+    selection: PathSetting = ""
     """A data_tools.select index.npy: KD-phase batches come from these sequences, later ones from the full
     split ("" = the full split throughout)."""
     handover_every: int = 0

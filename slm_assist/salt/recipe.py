@@ -15,6 +15,7 @@ import torch
 
 from slm_assist.core import dist
 from slm_assist.core.errors import UserError
+from slm_assist.core.run_dir import path_name
 from slm_assist.core.scores import ScoresDir
 from slm_assist.core.selection import read_index, read_summary
 from slm_assist.kd.schedule import KDScheduleConfig
@@ -37,6 +38,14 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     """The Trainer for a pretraining run, with every input checked before step 1: the KD-phase subset as the
     "kd" stream, the teacher's vocabulary, the cache's identity."""
     data = RunData(cfg)
+    try:
+        return _trainer(cfg, data)
+    except BaseException:
+        data.release()  # the run directory is given back when nothing trains in it
+        raise
+
+
+def _trainer(cfg: RunConfig, data: RunData) -> Trainer:
     d = cfg.distill
     rows = read_index(d.selection, len(data.train), "distill.selection") if d.selection else None
     streams = {"kd": data.stream(rows)} if rows is not None else {}
@@ -105,13 +114,6 @@ class RecipeSummary:
     tags: list[str] = field(default_factory=list)
 
 
-def _name(path: str) -> str:
-    """A path setting by its name only (a model card travels; local paths stay home): `slm/final` for a run's
-    export, else the last part."""
-    p = Path(path)
-    return f"{p.parent.name}/{p.name}" if p.name == "final" else p.name
-
-
 def describe(run_config: dict[str, Any], run_dir: str | Path | None = None) -> RecipeSummary:
     """The recipe of a finished run, from its saved config (`slm_assist.json` or config.yaml): the one rendering
     that reports and model cards share. Paths in exported metadata are relative to `run_dir`; they are read from
@@ -133,14 +135,14 @@ def describe(run_config: dict[str, Any], run_dir: str | Path | None = None) -> R
         source = f"the cache {Path(d['cache']).name}" if d.get("cache") else Path(d["teacher"]).parent.name
         short = f"SALT: KD from {source}, {s['kind']} w={s['weight']} for {span}{subset}"
     lines = ["Loss `(1 - w_t)·CE + w_t·KD(student, SLM teacher; τ)`:", "",
-             f"- teacher: `{_name(d['teacher']) if d['teacher'] else '(cached soft labels)'}`"
-             + (f", soft labels from the cache `{_name(d['cache'])}`" if d.get("cache") else ""),
+             f"- teacher: `{path_name(d['teacher']) if d['teacher'] else '(cached soft labels)'}`"
+             + (f", soft labels from the cache `{path_name(d['cache'])}`" if d.get("cache") else ""),
              f"- KD: {d['kind']}, τ = {d['tau']}",
              f"- schedule: {s['kind']}, w = {s['weight']}, n_KD = {n_kd} steps"]
     if selection:
         summary = summary or {}
         lines.append(f"- KD-phase data: the `{policy or '?'}` subset ({summary.get('kept', '?')} of "
-                     f"{summary.get('total', '?')} sequences, `{_name(d['selection'])}`)")
+                     f"{summary.get('total', '?')} sequences, `{path_name(d['selection'])}`)")
     members = d.get("ensemble_teachers") or d.get("ensemble_caches") or []
     if members:
         lines.append(f"- teacher ensemble: {1 + len(members)} SLMs combined by {d.get('ensemble_combine', 'mean')}")

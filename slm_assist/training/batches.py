@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slm_assist.core.config import PathSetting
 from slm_assist.core.errors import UserError
 
 _PIN = torch.cuda.is_available()  # page-locked host batches make the host-to-device copy asynchronous
@@ -30,7 +31,7 @@ def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    path: str = "runs/demo/data"
+    path: PathSetting = "runs/demo/data"
     """A directory written by `python -m data_tools.pack` (manifest.json, tokenizer/, train/, validation/)."""
     seed: int = 0
     """Seeds the shuffle order; epoch e uses a permutation seeded by (seed, e)."""

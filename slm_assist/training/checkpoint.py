@@ -29,7 +29,7 @@ from slm_assist.core import dist
 from slm_assist.core.config import check
 from slm_assist.core.errors import UserError, brief
 from slm_assist.core.faults import fault
-from slm_assist.core.files import no_space_error, out_of_space, plain_mode
+from slm_assist.core.files import file_sha256, no_space_error, out_of_space, plain_mode
 from slm_assist.core.run_dir import RunDir
 
 
@@ -121,6 +121,38 @@ def load_safely(engine) -> None:
     engine.checkpoint_engine.load = read_deepspeed_file
 
 
+def _my_share(names: list[str]) -> list[str]:
+    """This rank's part of a list of files to hash: ranks hash side by side, not rank 0 alone."""
+    return names[dist.rank()::dist.world_size()]
+
+
+def _gathered(local: dict[str, Any]) -> dict[str, Any]:
+    if dist.world_size() == 1:
+        return local
+    parts: list[dict[str, Any]] = [{} for _ in range(dist.world_size())]
+    torch.distributed.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def find_intact(run: RunDir) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint whose files match the checksums of its record, and the damaged newer ones with what
+    is wrong (every rank calls it; they split the hashing). Nothing is moved: `RunDir.set_aside` does that once the
+    launch is accepted."""
+    damaged = []
+    for ckpt in reversed(run.checkpoints()):
+        try:
+            names = sorted(run.record(ckpt).get("files") or {})
+        except UserError as e:  # every rank reads the same record: the same outcome
+            damaged.append((ckpt, str(e)))
+            continue
+        problems = _gathered({n: run.damage(ckpt, [n]) for n in _my_share(names)})
+        problem = next((problems[n] for n in names if problems.get(n)), None)
+        if problem is None:
+            return ckpt, damaged
+        damaged.append((ckpt, problem))
+    return None, damaged
+
+
 class Checkpointer:
     """Saves and loads the engine and the train state; which checkpoints exist, their records and checksums,
     and what is pruned belong to the run directory's owner (`RunDir`)."""
@@ -141,37 +173,49 @@ class Checkpointer:
         return ckpts[-1] if ckpts else None
 
     def save(self, engine, state: TrainState, record: dict[str, Any]) -> Path:
-        """Write a checkpoint and commit it with `record` (the config and inputs that made it, the history). A
-        full disk is one clear error on every rank; the previous checkpoints stay."""
+        """Write a checkpoint and commit it with `record` (the config and inputs that made it, the history) and the
+        checksum of every file. Any failure (a full disk: one clear error) stops every rank; the previous
+        checkpoints stay."""
         tag = self.run.checkpoint_tmp(state.step)
+        d = self.root / tag
         error: BaseException | None = None
         try:
             engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-            d = self.root / tag
             text = json.dumps({"train_state": asdict(state), "rng": _host_rng()})
             (d / STATE.format(dist.rank())).write_text(text + "\n", encoding="utf-8")
             save_file(_device_rng(), str(d / RNG.format(dist.rank())))
             os.chmod(d / RNG.format(dist.rank()), plain_mode(is_dir=False))  # safetensors makes it private (0600)
-        except (OSError, RuntimeError) as e:
+        except Exception as e:  # SafetensorError is neither an OSError nor a RuntimeError
             error = e
-        if dist.any_rank(error is not None):
-            full = error is not None and out_of_space(error, self.root)
-            if dist.is_main():
-                self.run.clean_partial()
-            latest = self.latest()
-            kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint had been written yet"
-            if full or error is None:
-                raise no_space_error(self.root, f"the checkpoint of step {state.step}", kept) if full else \
-                    UserError(f"the checkpoint of step {state.step} failed on another rank; {kept}")
-            raise error
+        self._stop_if_any(error, state.step)
         dist.barrier()
         fault("kill_before_commit", state.step)
-        final = self.root / f"step_{state.step:08d}"
+        files = _gathered({n: file_sha256(d / n) for n in _my_share(self.run.files(d))})
+        error = None
         if dist.is_main():
-            self.run.commit(state.step, record, self.cfg.keep_last)
-        dist.barrier()
+            try:
+                self.run.commit(state.step, record, files, self.cfg.keep_last)
+            except Exception as e:
+                error = e
+        self._stop_if_any(error, state.step)
         fault("kill_after_checkpoint", state.step)
-        return final
+        return self.root / f"step_{state.step:08d}"
+
+    def _stop_if_any(self, error: BaseException | None, step: int) -> None:
+        """Every rank raises if any failed (none waits at a barrier for one that left): a full disk as one clear
+        error, after the partial checkpoint is removed."""
+        if not dist.any_rank(error is not None):
+            return
+        full = error is not None and out_of_space(error, self.root)
+        if dist.is_main():
+            self.run.clean_partial()
+        latest = self.latest()
+        kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint had been written yet"
+        if full:
+            raise no_space_error(self.root, f"the checkpoint of step {step}", kept)
+        if error is None:
+            raise UserError(f"the checkpoint of step {step} failed on another rank; {kept}")
+        raise error
 
     def load(self, engine, path: Path) -> TrainState:
         """Restore engine + train state + RNG from an intact checkpoint (its checksums verified by RunDir)."""

@@ -59,11 +59,11 @@ def initialize(model: torch.nn.Module, ds_config: dict[str, Any], optim: OptimCo
 def reapply_optim(engine, optim: OptimConfig) -> None:
     """After a resume with checkpoint.allow_changes on `optim`: the checkpoint restored the old peak LR into the
     scheduler and the old betas, eps and weight decay into the optimizer; put the config's values back (the no-decay
-    group keeps weight decay 0), at the schedule's current point."""
+    group, second in `param_groups`, keeps weight decay 0), at the schedule's current point."""
     scheduler = engine.lr_scheduler
     scheduler.base_lrs = [optim.lr] * len(scheduler.base_lrs)
-    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+    for i, (group, factor) in enumerate(zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas)):
         group["betas"], group["eps"], group["initial_lr"] = (optim.beta1, optim.beta2), optim.eps, optim.lr
-        if group.get("weight_decay"):
+        if i == 0:  # param_groups' order: the decayed parameters first
             group["weight_decay"] = optim.weight_decay
         group["lr"] = optim.lr * factor(scheduler.last_epoch)

@@ -10,14 +10,14 @@ from typing import Any, Literal
 
 import torch
 
-from slm_assist.core.config import check
+from slm_assist.core.config import PathSetting, check
 from slm_assist.core.errors import UserError
 from slm_assist.core.model_dir import ModelDir, resolve_attn_implementation
 
 
 @dataclass
 class ModelConfig:
-    pretrained: str = ""
+    pretrained: PathSetting = ""
     """A local `save_pretrained` directory to start from ("" = build from the fields below, random init)."""
     model_type: str = "llama"
     """Any transformers model type with a causal-LM head (llama, qwen2, mistral, gpt2, ...)."""

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from slm_assist.core import dist
-from slm_assist.core.config import check, to_dict
+from slm_assist.core.config import check, path_settings, to_dict
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import UserError
 from slm_assist.core.files import atomic_output_dir, check_writable, clean_stale
@@ -27,7 +27,7 @@ from slm_assist.core.model_dir import META, MODEL_FILES, ModelDir, write_model_d
 from slm_assist.core.relaunch import Relaunch, RelaunchRules, input_fingerprints, relative_to_run
 from slm_assist.core.run_dir import RunDir
 from slm_assist.training.batches import DataConfig, ShardedBatches, validation_batches
-from slm_assist.training.checkpoint import CheckpointConfig, Checkpointer, TrainState
+from slm_assist.training.checkpoint import CheckpointConfig, Checkpointer, TrainState, find_intact
 from slm_assist.training.engine import ModelWithHeads, deepspeed_config, initialize, reapply_optim
 from slm_assist.training.metrics import MetricsLogger
 from slm_assist.training.models import ModelConfig, build_model, compile_layers, count_params, flops_per_token
@@ -111,16 +111,24 @@ class TrainerConfig:
 
 
 RELAUNCH_RULES = RelaunchRules(
-    harmless=("run_dir", "checkpoint", "train.log_every", "train.eval_every", "train.torch_threads",
-              "train.peak_tflops", "train.compile", "train.activation_checkpointing", "model.attn_implementation"),
+    harmless=("run_dir", "checkpoint", "launch", "train.log_every", "train.eval_every", "train.eval_batches",
+              "train.patience", "train.torch_threads", "train.peak_tflops", "train.compile",
+              "train.activation_checkpointing", "model.attn_implementation"),
     extendable=("train.max_steps",),
     fixed=("model.model_type", "model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "model.num_layers",
            "model.num_heads", "model.num_kv_heads", "model.ffn_size", "model.max_position_embeddings",
            "model.tie_word_embeddings", "model.hf_overrides", "train.dtype", "train.zero_stage"),
 )
-"""What a resumed run may change: cadences, threads and kernels freely; its length with a note (the LR schedule,
-and SALT's KD phase when it is a fraction of the run, re-span the new length); everything else only with
-checkpoint.allow_changes, except the settings the checkpoint's tensors are shaped by."""
+"""What a resumed run may change: cadences, evaluation, threads, kernels and the world size freely (with a line);
+a longer run with a note (the LR schedule, and SALT's KD phase when it is a fraction of the run, re-span the new
+length); everything else only with checkpoint.allow_changes, except the settings the checkpoint's tensors are
+shaped by."""
+
+
+def launch_config(cfg: TrainerConfig) -> dict[str, Any]:
+    """What a checkpoint records and a relaunch compares: the resolved config, and the world size it ran on (a
+    change of it changes the global batch: accepted, and said)."""
+    return {**to_dict(cfg), "launch": {"world_size": dist.world_size()}}
 
 
 class NonFiniteLossError(UserError):
@@ -152,6 +160,11 @@ class RunData:
                                dist.rank(), dist.world_size())
             if self.dataset.has_split("validation") else []
         )
+
+    def release(self) -> None:
+        """Give the run directory back (when what was built on this RunData fails before training)."""
+        if dist.is_main():
+            self.run.unlock()
 
     def stream(self, rows: np.ndarray | None = None) -> ShardedBatches:
         """This rank's batches over the train split, or over its `rows` (a selected subset)."""
@@ -283,20 +296,36 @@ class Trainer:
     def save(self) -> None:
         self.state.data = {name: stream.state_dict() for name, stream in self.streams.items()}
         self.state.objective = self.objective.state_dict()
-        record = {"config": to_dict(self.cfg), "inputs": self.data.inputs, "history": self.data.relaunch.history}
+        record = {"config": launch_config(self.cfg), "inputs": self.data.inputs,
+                  "history": self.data.relaunch.history}
         self.checkpointer.save(self.engine, self.state, record)
 
     def fit(self) -> dict[str, float | None]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        if dist.is_main():  # the launch was accepted (RunData): from here on the run directory says what it is
+        if dist.is_main():
             clean_stale(self.run.final)  # an export killed mid-write
+        try:
+            return self._fit(cfg, tqdm)
+        finally:
+            if dist.is_main():
+                self.run.unlock()
+
+    def _fit(self, cfg: TrainerConfig, tqdm) -> dict[str, float | None]:
+        self.resume()
+        start_step = self.state.step
+        finished = start_step >= cfg.train.max_steps or self.state.stopped_early
+        overridden = self.data.relaunch.overridden
+        if finished and overridden:
+            raise UserError(f"{self.run.name} finished at step {start_step}: checkpoint.allow_changes={overridden} "
+                            "would change nothing it trains (the model was made with the old values), and the run "
+                            "would then say otherwise; use another run_dir (model.pretrained= its final/ starts a new "
+                            "run from this one)")
+        if dist.is_main() and not finished:  # the launch was accepted: from here on the run dir says what it is
             self.run.write_config(yaml.safe_dump(to_dict(cfg), sort_keys=False), self.ds_config)
             for line in self.data.relaunch.lines:
                 print(line, flush=True)
-        self.resume()
-        start_step = self.state.step
         logger = MetricsLogger(self.run_dir, enabled=dist.is_main())
         logger.truncate_after(self.state.step)
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=not dist.is_main(),
@@ -338,13 +367,11 @@ class Trainer:
         finally:
             bar.close()
             logger.close()
-        if self.state.step > start_step or not self._final_is_current():
+        if self.state.step > start_step or not dist.on_main(self._final_is_current):
             self.export()
         elif dist.is_main():
             print(f"{self.run.name}: finished at step {self.state.step}; final/ is up to date, not exported again",
                   flush=True)
-        if dist.is_main():
-            self.run.unlock()
         return {"step": self.state.step, "val_loss": self.state.last_val}
 
     def _final_is_current(self) -> bool:
@@ -380,7 +407,7 @@ class Trainer:
             if state_dict is not None and isinstance(self.engine.module, ModelWithHeads):
                 state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
         if dist.is_main():
-            with atomic_output_dir(final, MODEL_FILES, overwrite=True) as tmp:
+            with atomic_output_dir(final, MODEL_FILES, overwrite=True, field="run_dir/final") as tmp:
                 write_model_dir(tmp, self.model, self.tokenizer, self.metadata(), state_dict)
         dist.barrier()
         return final
@@ -401,38 +428,54 @@ class Trainer:
 
 
 def open_run(cfg: TrainerConfig, extra: dict[str, str] | None = None) -> tuple[RunDir, dict[str, str], Relaunch]:
-    """Take the run directory for this launch, on rank 0, before anything is written or built: its lock, the
-    newest intact checkpoint (a damaged one set aside), and this launch checked against the config and inputs that
-    made that checkpoint. Every rank gets the outcome, or raises the same error. Returns the run directory, the
-    fingerprints of the run's inputs, and what resuming means."""
+    """Take the run directory for a launch before anything is written or built: its lock (rank 0), the newest
+    intact checkpoint (every rank hashes its share), and this launch checked against the config and inputs that
+    made that checkpoint (rank 0). Only then are damaged checkpoints set aside, or, with checkpoint.resume=false,
+    the previous run's checkpoints removed. Every rank gets the outcome or the same error. Returns the run
+    directory, the content fingerprints of the run's inputs, and what resuming means."""
     run = RunDir(cfg.run_dir)
+    dist.on_main(run.lock)
+    try:
+        checkpoint, damaged = None, []
+        if cfg.checkpoint.resume:
+            dist.on_main(lambda: _check_resumable(run, cfg))
+            checkpoint, damaged = find_intact(run)
+            if checkpoint is None and (damaged or run.damaged()):
+                listed = "; ".join(f"{c.name}: {why}" for c, why in damaged) or \
+                    f"the damaged ones are set aside in {run.checkpoints_root}"
+                raise UserError(f"run_dir={cfg.run_dir}: no intact checkpoint is left to resume ({listed}); set "
+                                "checkpoint.resume=false to start over")
 
-    def take() -> tuple[dict[str, str], Relaunch]:
-        run.lock()
-        try:
-            inputs = input_fingerprints(to_dict(cfg), extra)
-            checkpoint = _checkpoint_to_resume(run, cfg) if cfg.checkpoint.resume else None
-            return inputs, run.check_relaunch(to_dict(cfg), inputs, RELAUNCH_RULES, checkpoint)
-        except UserError:
+        def take() -> tuple[dict[str, str], Relaunch]:
+            inputs = input_fingerprints(to_dict(cfg), path_settings(type(cfg)), extra)
+            relaunch = run.check_relaunch(launch_config(cfg), inputs, RELAUNCH_RULES, checkpoint)
+            for ckpt, problem in damaged:
+                run.set_aside(ckpt, problem)
+            if not cfg.checkpoint.resume and (n := run.discard_checkpoints()):
+                print(f"run_dir={cfg.run_dir}: checkpoint.resume=false: starting over, removed the previous run's {n} "
+                      "checkpoint(s)", flush=True)
+            return inputs, relaunch
+
+        inputs, relaunch = dist.on_main(take)
+    except BaseException:
+        if dist.is_main():
             run.unlock()
-            raise
-
-    inputs, relaunch = dist.on_main(take)
+        raise
     return run, inputs, relaunch
 
 
-def _checkpoint_to_resume(run: RunDir, cfg: TrainerConfig) -> Path | None:
+def _check_resumable(run: RunDir, cfg: TrainerConfig) -> None:
+    """Checkpoints this version can check and load, and no finished model without one to compare with."""
     legacy = run.legacy_checkpoints()
     if legacy:
         raise UserError(f"run_dir={cfg.run_dir}: {legacy[-1]} was written by an older slm_assist (no integrity "
                         "record, and a pickled train state, which is not loaded: a pickle can run code); set "
                         "checkpoint.resume=false to start over, or use another run_dir")
-    had = bool(run.checkpoints())
-    checkpoint = run.latest_intact()
-    if checkpoint is None and had:
-        raise UserError(f"run_dir={cfg.run_dir}: no intact checkpoint is left to resume (the damaged ones were moved "
-                        f"aside in {run.checkpoints_root}); set checkpoint.resume=false to start over")
-    return checkpoint
+    if not run.checkpoints() and not run.damaged() and (run.final / META).is_file():
+        raise UserError(f"run_dir={cfg.run_dir} holds a finished model in final/ but no checkpoint to resume or to "
+                        "check this launch against (they were deleted); use another run_dir (model.pretrained= its "
+                        "final/ starts a new run from it), or set checkpoint.resume=false to train it again from "
+                        "scratch (final/ is then replaced, keeping files you added there)")
 
 
 def _check_model_fits(cfg: ModelConfig, data: PackedDataset) -> None:
