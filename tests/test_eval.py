@@ -328,6 +328,15 @@ def test_shortened_demo_writes_the_full_cycle_report(tmp_path):
     assert [ln.split(" | ")[0] for ln in report.splitlines() if ln.startswith("| ") and " / 2 | " in ln] == \
         [f"| {s['name']}" for s in stages]
     assert (demo / "compress_stages.png").stat().st_size > 1000 and "(compress_stages.png)" in report
+
+    # the README's promise: `make demo` again resumes; finished runs are left as they are (the user's files too)
+    (demo / "salt" / "final" / "NOTES.md").write_text("mine\n")
+    finals = {p: p.stat().st_mtime_ns for p in demo.glob("*/final/model.safetensors")}
+    again = subprocess.run(res.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("final/ is up to date, not exported again") == 4  # slm, llm, salt, scratch
+    assert {p: p.stat().st_mtime_ns for p in demo.glob("*/final/model.safetensors")} == finals
+    assert (demo / "salt" / "final" / "NOTES.md").read_text() == "mine\n"
     for run in ("slm", "llm", "salt"):
         assert f"| {run} |" in report
         assert json.loads((demo / run / "eval.json").read_text())["results"][1]["task"] == "cloze"
