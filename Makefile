@@ -117,7 +117,7 @@ demo: setup $(DEMO)/data/manifest.json $(DEMO)/task/manifest.json
 	$(PY) -m data_tools.select configs/demo/select.yaml scores=$(DEMO)/scores out_dir=$(DEMO)/select overwrite=true
 	$(PY) -m slm_assist.train configs/demo/llm.yaml run_dir=$(DEMO)/llm data.path=$(DEMO)/data $(DEMO_ARGS)
 	$(PY) -m slm_assist.train configs/demo/salt.yaml run_dir=$(DEMO)/salt data.path=$(DEMO)/data \
-	  distill.teacher=$(DEMO)/slm/final distill.selection=$(DEMO)/select/index.npy $(DEMO_ARGS)
+	  distill.source.teachers=[$(DEMO)/slm/final] distill.data.selection=$(DEMO)/select/index.npy $(DEMO_ARGS)
 	$(PY) -m data_tools.cloze $(DEMO)/data $(DEMO)/cloze.jsonl --examples 300
 	for r in slm llm salt; do $(PY) -m slm_assist.eval $(DEMO)/$$r/final $(DEMO)/data $(DEMO)/cloze.jsonl \
 	  --out $(DEMO)/$$r/eval.json || exit 1; done

@@ -1,13 +1,13 @@
 """KD overhead benchmarks (issue 4), each measured side by side in one run:
 
 1. step time with KD ÷ CE-only step time, same LLM, batch and machine, for the online SLM teacher (through full
-   logits, and with distill.fused_linear) and for the cached top-k soft labels, next to the FLOP-model limit
+   logits, and with distill.loss.fused_linear) and for the cached top-k soft labels, next to the FLOP-model limit
    1 + N_slm / (3 · N_llm). The steps are the real `Trainer.train_step` with the objective swapped; rounds
    alternate.
 2. peak memory of the KD loss ÷ the CE-only loss at seq 2048 and vocab 32k (--memory-vocab adds e.g. 128k), forward
    + backward on [2048, V] logits: SALT's fused CE+KD chunked pass (what the trainer runs, auto chunk), CE + a
    separately chunked KD, and CE + unchunked KD; and from hidden states [2048, 2048] with the heads' weights,
-   distill.fused_linear against a CE step through the head's logits. Each variant in a fresh process, the peak
+   distill.loss.fused_linear against a CE step through the head's logits. Each variant in a fresh process, the peak
    above the inputs (CUDA max_memory_allocated on a GPU, peak RSS on CPU).
 
     python bench/kd_overhead.py [--rounds 6] [--steps 5] [--teacher DIR --llm key=value ... --score key=value ...]
@@ -73,7 +73,7 @@ def memory_probe(variant: str, vocab: int) -> None:
         loss = F.cross_entropy(s, y)
     elif variant == "ce_from_hidden":  # what a CE-only step does: the head's logits, then CE
         loss = F.cross_entropy(h @ w.T, y)
-    elif variant == "fused_linear":  # distill.fused_linear: neither model's logits exist
+    elif variant == "fused_linear":  # distill.loss.fused_linear: neither model's logits exist
         loss = fused_linear_ce_kd(h, w, t_h, t_w, y, 0.5, chunk=chunk_tokens(-1, v, cuda))[0]
     elif variant.startswith("salt_fused"):  # what SALTObjective runs: CE and KD in one chunked pass
         tail = variant.rsplit("_", 1)[1]
@@ -123,20 +123,21 @@ def step_time(args, llm_config: Path = REPO / "configs/demo/llm.yaml", llm_overr
         score_main([str(REPO / "configs/demo/score.yaml"), f"model={teacher}", f"out_dir={scores}", "overwrite=true",
                     "cache.mode=top_k", "cache.k=32", f"cache.indices={sel}", *score_overrides])
     cfg = load_config(RunConfig, llm_config, [
-        *llm_overrides, f"run_dir={work}/kd", "checkpoint.resume=false", f"distill.teacher={teacher}",
-        "distill.schedule.kind=constant", f"distill.selection={sel}"])
-    cached_cfg = load_config(RunConfig, llm_config, [*llm_overrides, f"distill.cache={scores}",
+        *llm_overrides, f"run_dir={work}/kd", "checkpoint.resume=false", "distill.source.kind=teacher",
+        f"distill.source.teachers=[{teacher}]", "distill.schedule.kind=constant", f"distill.data.selection={sel}"])
+    cached_cfg = load_config(RunConfig, llm_config, [*llm_overrides, "distill.source.kind=cache",
+                                                     f"distill.source.caches=[{scores}]",
                                                      "distill.schedule.kind=constant"]).distill
     trainer = build_trainer(cfg)
     vocab, online = len(trainer.tokenizer), trainer.objective
     teacher = online.teacher
-    cache = ScoresDir.open(scores, "distill.cache").soft_labels(trainer.data.dataset)
+    cache = ScoresDir.open(scores, "distill.source.caches[0]").soft_labels(trainer.data.dataset)
     objectives = {
         "ce": CausalLMObjective(),
         "kd_online": SALTObjective(cfg.distill, OnlineTeacher(teacher), vocab, cfg.train.max_steps),
         "kd_cached": SALTObjective(cached_cfg, CachedSoftLabels(cache), vocab, cfg.train.max_steps),
-        "kd_fused_linear": SALTObjective(dataclasses.replace(cfg.distill, fused_linear=True), OnlineTeacher(teacher),
-                                         vocab, cfg.train.max_steps, teacher=teacher),
+        "kd_fused_linear": SALTObjective(dataclasses.replace(cfg.distill, loss=dataclasses.replace(
+            cfg.distill.loss, fused_linear=True)), OnlineTeacher(teacher), vocab, cfg.train.max_steps, teacher=teacher),
     }
 
     stream, current = trainer.streams["kd"], [""]

@@ -78,35 +78,35 @@ PROFILES = {
 
 def salt(c: dict, **extra) -> dict:
     """The paper's recipe (SALT's step schedule, forward KL at tau 1) plus `extra` settings."""
-    return {"distill.teacher": c["slm"], "distill.schedule.kind": "step", "distill.schedule.weight": 0.667,
-            "distill.schedule.n_kd_fraction": N_KD, **extra}
+    return {"distill.source.kind": "teacher", "distill.source.teachers": [c["slm"]], "distill.schedule.kind": "step",
+            "distill.schedule.weight": 0.667, "distill.schedule.n_kd_fraction": N_KD, **extra}
 
 
 ARMS = {
     "baseline": lambda c: {},
     "salt": lambda c: salt(c),
-    "ls_control": lambda c: {**{k: v for k, v in salt(c).items() if k != "distill.teacher"},
-                             "distill.label_smoothing": c["eps"]},
-    "salt_ds": lambda c: salt(c, **{"distill.selection": c["select"]["salt_ds"]}),
-    "gate_topk": lambda c: salt(c, **{"distill.gate_topk": 8}),
-    "gate_confidence": lambda c: salt(c, **{"distill.gate_confidence": 0.5}),
-    "handover": lambda c: salt(c, **{"distill.handover_every": c["p"]["eval_every"] // 2}),
-    "ensemble_mean": lambda c: salt(c, **{"distill.ensemble_teachers": c["ensemble"]}),
-    "ensemble_vote": lambda c: salt(c, **{"distill.ensemble_teachers": c["ensemble"],
-                                          "distill.ensemble_combine": "vote"}),
-    "curriculum": lambda c: salt(c, **{"distill.curriculum": "mean_loss", "distill.curriculum_scores": c["scores"]}),
-    "cl_filter": lambda c: salt(c, **{"distill.selection": c["select"]["cl"]}),
+    "ls_control": lambda c: {**{k: v for k, v in salt(c).items() if k != "distill.source.teachers"},
+                             "distill.source.kind": "label_smoothing", "distill.source.epsilon": c["eps"]},
+    "salt_ds": lambda c: salt(c, **{"distill.data.selection": c["select"]["salt_ds"]}),
+    "gate_topk": lambda c: salt(c, **{"distill.gate.topk": 8}),
+    "gate_confidence": lambda c: salt(c, **{"distill.gate.confidence": 0.5}),
+    "handover": lambda c: salt(c, **{"distill.handover.every": c["p"]["eval_every"] // 2}),
+    "ensemble_mean": lambda c: salt(c, **{"distill.source.teachers": [c["slm"], *c["ensemble"]]}),
+    "ensemble_vote": lambda c: salt(c, **{"distill.source.teachers": [c["slm"], *c["ensemble"]],
+                                          "distill.source.combine": "vote"}),
+    "curriculum": lambda c: salt(c, **{"distill.data.curriculum": "mean_loss", "distill.data.curriculum_scores": c["scores"]}),
+    "cl_filter": lambda c: salt(c, **{"distill.data.selection": c["select"]["cl"]}),
     "z_loss": lambda c: salt(c, **{"train.z_loss": 1e-4}),
-    "tau_0.5": lambda c: salt(c, **{"distill.tau": 0.5}),
-    "tau_2": lambda c: salt(c, **{"distill.tau": 2.0}),
+    "tau_0.5": lambda c: salt(c, **{"distill.loss.tau": 0.5}),
+    "tau_2": lambda c: salt(c, **{"distill.loss.tau": 2.0}),
     "w_0.5": lambda c: salt(c, **{"distill.schedule.weight": 0.5}),
     "w_0.8": lambda c: salt(c, **{"distill.schedule.weight": 0.8}),
     "n_kd_0.1": lambda c: salt(c, **{"distill.schedule.n_kd_fraction": 0.1}),
     "n_kd_0.3": lambda c: salt(c, **{"distill.schedule.n_kd_fraction": 0.3}),
     # the KD kinds at the w that screened best (the w arms run first)
-    "kind_reverse_kl": lambda c: salt(c, **{"distill.kind": "reverse_kl", "distill.schedule.weight": c["best_w"]}),
-    "kind_jsd": lambda c: salt(c, **{"distill.kind": "jsd", "distill.schedule.weight": c["best_w"]}),
-    "kind_nkd": lambda c: salt(c, **{"distill.kind": "nkd", "distill.schedule.weight": c["best_w"]}),
+    "kind_reverse_kl": lambda c: salt(c, **{"distill.loss.kind": "reverse_kl", "distill.schedule.weight": c["best_w"]}),
+    "kind_jsd": lambda c: salt(c, **{"distill.loss.kind": "jsd", "distill.schedule.weight": c["best_w"]}),
+    "kind_nkd": lambda c: salt(c, **{"distill.loss.kind": "nkd", "distill.schedule.weight": c["best_w"]}),
 }
 W_ARMS = {"salt": 0.667, "w_0.5": 0.5, "w_0.8": 0.8}
 

@@ -54,6 +54,7 @@ from slm_assist.core.faults import fault
 from slm_assist.core.files import check_writable
 from slm_assist.core.model_dir import ModelDir, decoder_and_head
 from slm_assist.core.selection import read_index
+from slm_assist.core.soft_labels import SoftLabels
 
 USAGE = "python -m data_tools.score CONFIG [key=value ...]"
 
@@ -202,7 +203,7 @@ class Scorer:
         cols: dict[str, list[torch.Tensor]] = {c: [] for c in ("index", *SCORE_COLUMNS)}
         if ref is not None:
             cols["ref_mean_loss"] = []
-        labels: dict[str, list[np.ndarray]] = {"ids": [], "logprobs": [], "tail": []}
+        labels: list[SoftLabels] = []  # host records of the `cached` sequences, in order
         cached: list[int] = []
         for start in range(rows.start, rows.stop, cfg.batch_size):
             idx = np.arange(start, min(start + cfg.batch_size, rows.stop))
@@ -222,7 +223,7 @@ class Scorer:
         self.output.write_shard(i, rows, table, labels, cached)
         fault("kill_after_shard", i)
 
-    def _cache_batch(self, logits: torch.Tensor, idx: np.ndarray, labels: dict, cached: list[int]) -> None:
+    def _cache_batch(self, logits: torch.Tensor, idx: np.ndarray, labels: list[SoftLabels], cached: list[int]) -> None:
         mode = self.cfg.cache.mode
         if mode == "none":
             return
@@ -230,11 +231,8 @@ class Scorer:
         if not keep:
             return
         if mode == "top_k" and logits.is_cuda:  # all kept rows at once on the device; [P, k] per row to the host
-            out = top_k_labels(logits[keep, :-1], self.cfg.cache.k)
-            for j, r in enumerate(keep):
-                for key, arr in out.items():
-                    labels[key].append(arr[j])
-                cached.append(int(idx[r]))
+            labels.append(top_k_labels(logits[keep, :-1], self.cfg.cache.k))  # one record of len(keep) sequences
+            cached += [int(idx[r]) for r in keep]
             return
         for r in keep:  # on CPU one sequence at a time: its vocabulary-sized intermediates stay in cache
             # sampled draws use a per-sequence CPU generator, so the cache does not depend on the device
@@ -243,8 +241,7 @@ class Scorer:
                 out = top_k_labels(sub, self.cfg.cache.k)
             else:
                 out = sampled_labels(sub, self.cfg.cache.samples, sequence_generator(self.cfg.cache.seed, int(idx[r])))
-            for key, arr in out.items():
-                labels[key].append(arr)
+            labels.append(out)
             cached.append(int(idx[r]))
 
     def merge(self) -> dict:

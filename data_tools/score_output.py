@@ -3,7 +3,8 @@
     out_dir/shards/shard_IIIII-of-NNNNN/   scores/, cache/ (if any), DONE: the run's identity, the shard's rows, how
                                            many sequences it cached and the size of every file it holds
     out_dir/shards/.score.lock             held by a plain process while it works
-    out_dir/scores/, cache/, manifest.json the merged results (core/scores.py reads them); the manifest last
+    out_dir/scores/, cache/, manifest.json the merged results (core/scores.py, core/soft_labels.py read them); the
+                                           manifest last
 
 A shard is done when its DONE marker is this run's and every file it lists still has its size; one whose files do
 not (a full disk, an interrupted copy) is damaged and scored again. A finished shard of another scoring run is an
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from slm_assist.core.config import record_diff
-from slm_assist.core.dataset import ARROW_FILES
+from slm_assist.core.dataset import ARROW_FILES, load_arrow
 from slm_assist.core.errors import UserError, brief
 from slm_assist.core.files import (
     LockBusy,
@@ -36,15 +37,8 @@ from slm_assist.core.files import (
     out_of_space,
     remove_output,
 )
-from slm_assist.core.scores import (
-    CACHE,
-    CACHE_INFO,
-    MANIFEST,
-    SCORES,
-    is_scores_manifest,
-    load_arrow,
-    write_cache,
-)
+from slm_assist.core.scores import CACHE, MANIFEST, SCORES, is_scores_manifest
+from slm_assist.core.soft_labels import CACHE_INFO, SoftLabels, write_cache
 
 SHARD_FILES = (SCORES, CACHE, "DONE")
 """What a shard directory (out_dir/shards/shard_*) holds."""
@@ -155,10 +149,10 @@ class ScoreOutput:
             if not same:
                 remove_output(d, SHARD_FILES)
 
-    def write_shard(self, i: int, rows: range, table: dict[str, np.ndarray], labels: dict[str, list[np.ndarray]],
+    def write_shard(self, i: int, rows: range, table: dict[str, np.ndarray], labels: list[SoftLabels],
                     cached: list[int]) -> None:
         """Shard i, atomically: its scores (`table`: `index` + score columns), the soft labels of the `cached`
-        sequences (if any), and last its DONE marker."""
+        sequences (if any; `labels`: their host records, in order), and last its DONE marker."""
         with atomic_output_dir(self.shard_dir(i), SHARD_FILES, overwrite=True, field="shard") as tmp:
             try:
                 self._write_shard(tmp, rows, table, labels, cached)
@@ -168,12 +162,12 @@ class ScoreOutput:
                     raise no_space_error(self.out / SHARDS, what, self.kept()) from None
                 raise
 
-    def _write_shard(self, tmp: Path, rows: range, table: dict, labels: dict, cached: list[int]) -> None:
+    def _write_shard(self, tmp: Path, rows: range, table: dict, labels: list[SoftLabels], cached: list[int]) -> None:
         import datasets
 
         datasets.Dataset.from_dict(table).save_to_disk(str(tmp / SCORES))
         if cached:
-            write_cache(labels, cached, self.identity["cache"]["mode"], tmp / CACHE)
+            write_cache(labels, cached, tmp / CACHE)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / "DONE").write_text(json.dumps({"identity": self.identity, "model": self.model,
                                               "rows": [rows.start, rows.stop], "cached": len(cached),

@@ -196,7 +196,7 @@ def render_card(sel: Selection) -> str:
              f"# Selected pretraining subset: {policy}", "",
              f"Sequences of the packed dataset `{sel.manifest.get('data', '?')}` (split "
              f"`{sel.manifest.get('split', '?')}`) that `data_tools.select` kept with policy `{policy}` (ranked by "
-             f"`{sel.score_name}`), for the KD phase of SALT (`distill.selection`). The subset is `index.npy` "
+             f"`{sel.score_name}`), for the KD phase of SALT (`distill.data.selection`). The subset is `index.npy` "
              "(sorted int64 sequence indices into that split); `selection.json` is its summary.", "",
              "## Counts", "", *_counts(sel), "",
              "## Scores: kept vs all", "", *_table(sel), "", *_histograms(sel), "", *_flags(sel, examples=False), "",

@@ -1,12 +1,7 @@
-"""Sparse SLM soft labels, computed by `data_tools.score` in its forward pass. The cache format (its writer and
-its reader, `SoftLabelCache`) lives in slm_assist/core/scores.py.
-
-Two encodings per scored position (T-1 per sequence):
-- `top_k`: the SLM's k most likely token ids (int32) and their log-probs (fp16), plus the leftover tail mass
-  1 - sum(top-k probs) (fp32), so a KD loss can treat the tail as one bucket.
-- `sampled`: n token ids drawn with replacement from the SLM's distribution and their log-probs (as in
-  "Sparse Logit Sampling", arXiv 2503.16870). Each draw has weight 1/n, so sum_i w_i * 1[id_i = v] is an
-  unbiased estimate of p(v): a KD loss built on it is unbiased in expectation.
+"""Sparse SLM soft labels, computed by `data_tools.score` in its forward pass: `top_k_labels` and
+`sampled_labels` turn logits into the typed host records of slm_assist/core/soft_labels.py (`TopKLabels`,
+`SampledLabels`), which also owns their dtypes, their size and the cache's format (`write_cache`,
+`SoftLabelCache`).
 """
 
 from __future__ import annotations
@@ -14,16 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 
 from slm_assist.core.config import check, check_no_effect
+from slm_assist.core.soft_labels import RECORDS, SampledLabels, TopKLabels
 
 
 @dataclass
 class CacheConfig:
     mode: Literal["none", "top_k", "sampled"] = "none"
-    """none = no cache; top_k or sampled (see module doc)."""
+    """none = no cache; top_k or sampled (`TopKLabels`, `SampledLabels`: see slm_assist/core/soft_labels.py)."""
     k: int = 32
     """top_k: tokens kept per position."""
     samples: int = 32
@@ -41,28 +36,28 @@ class CacheConfig:
 
 
 def bytes_per_position(cfg: CacheConfig) -> int:
-    if cfg.mode == "top_k":
-        return cfg.k * (4 + 2) + 4
-    if cfg.mode == "sampled":
-        return cfg.samples * (4 + 2)
-    return 0
+    """Stored bytes of the cache per scored position (0 without a cache)."""
+    if cfg.mode == "none":
+        return 0
+    return RECORDS[cfg.mode].bytes_per_position(cfg.k if cfg.mode == "top_k" else cfg.samples)
 
 
-def top_k_labels(logits: torch.Tensor, k: int) -> dict[str, np.ndarray]:
-    """[..., P, V] logits -> ids [..., P, k] int32, logprobs [..., P, k] fp16, tail [..., P] fp32, on the host.
+def top_k_labels(logits: torch.Tensor, k: int) -> TopKLabels:
+    """[..., P, V] logits -> their top-k record ([..., P, k], the tail [..., P]) on the host, in the stored dtypes.
     The top-k runs on the logits' own dtype (same order as fp32), so no full log-softmax is materialised, and on
     their device: only the [P, k] results are copied."""
     top, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
     logp = top.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True)
     tail = (1.0 - logp.exp().sum(-1)).clamp_min(0.0)
-    return {"ids": ids.int().cpu().numpy(), "logprobs": logp.half().cpu().numpy(), "tail": tail.cpu().numpy()}
+    return TopKLabels(ids, logp, tail).stored().to("cpu")
 
 
-def sampled_labels(logits: torch.Tensor, n: int, generator: torch.Generator) -> dict[str, np.ndarray]:
-    """[P, V] logits of one sequence -> n draws per position from softmax(logits): ids int32, log-probs fp16."""
+def sampled_labels(logits: torch.Tensor, n: int, generator: torch.Generator) -> SampledLabels:
+    """[P, V] logits of one sequence (on the host) -> n draws per position from softmax(logits), as a record
+    [P, n] in the stored dtypes."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     ids = torch.multinomial(logp.exp(), n, replacement=True, generator=generator)
-    return {"ids": ids.int().numpy(), "logprobs": logp.gather(-1, ids).half().numpy()}
+    return SampledLabels(ids, logp.gather(-1, ids)).stored()
 
 
 def sequence_generator(seed: int, index: int) -> torch.Generator:

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from slm_assist.core import dist
@@ -36,6 +35,7 @@ from slm_assist.core.files import atomic_write_text, check_output_file
 from slm_assist.core.model_dir import ModelDir
 from slm_assist.core.run_dir import RunDir
 from slm_assist.core.tokenizer import tokenizer_fingerprint
+from slm_assist.training.objective import eval_loss
 
 LOSS_VOCAB_WHY = "losses over different vocabularies are not comparable"
 
@@ -60,14 +60,10 @@ def dataset_loss(model, tok, data_dir: str | Path, split: str = "validation", ba
     data.check_tokenizer(tokenizer_fingerprint(tok), "the model", LOSS_VOCAB_WHY)
     ds = data.split(split, "--split")
     n = len(ds) if max_rows < 0 else min(len(ds), max_rows)
-    v, total, count = len(tok), 0.0, 0
-    for start in tqdm(range(0, n, batch_size), desc=f"loss {Path(data_dir).name}/{split}", unit="batch",
-                      leave=False):
-        ids = torch.from_numpy(np.asarray(ds[start : min(start + batch_size, n)]["input_ids"], dtype=np.int64))
-        ids = ids.to(_device(model))
-        logits = model(input_ids=ids).logits[:, :-1, :v].float()
-        total += F.cross_entropy(logits.reshape(-1, v), ids[:, 1:].reshape(-1), reduction="sum").item()
-        count += ids[:, 1:].numel()
+    batches = (torch.from_numpy(np.asarray(ds[start : min(start + batch_size, n)]["input_ids"], dtype=np.int64))
+               for start in tqdm(range(0, n, batch_size), desc=f"loss {Path(data_dir).name}/{split}", unit="batch",
+                                 leave=False))
+    total, count = eval_loss(model, batches, len(tok), _device(model))
     if count == 0:
         raise UserError(f"{data_dir}: split {split!r} has no sequences to score")
     loss = total / count

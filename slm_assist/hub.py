@@ -8,7 +8,7 @@ The token comes from HF_TOKEN (or `hf auth login`), the endpoint from --endpoint
 uploaded with `huggingface_hub.upload_folder` from a staging copy (hard links), so the local folder is never
 modified; its own README.md, when it has one, is uploaded instead of the generated card. Hidden entries (a name
 starting with '.', at any depth: `.env`, `.secrets/`) stay out of the upload unless --include-hidden; the push
-prints what it left out. A model whose run distilled on a selection (`distill.selection`, absolute or relative to
+prints what it left out. A model whose run distilled on a selection (`distill.data.selection`, absolute or relative to
 the run directory, the model folder's parent) also gets that selection's dataset card (README.md + hist_*.png,
 written by data_tools.select) under `data_card/`, linked from the generated card; a selection that is gone is only
 noted. The card shows the paths it renders itself (the data sources) by their last component(s) (`corpus.txt`,
@@ -43,7 +43,7 @@ from slm_assist.core.files import link_or_copy
 from slm_assist.core.model_dir import META, ModelDir
 from slm_assist.core.run_dir import RunDir, path_name
 from slm_assist.core.selection import CARD, card_files, read_summary
-from slm_assist.salt.recipe import describe
+from slm_assist.recipes import describe
 
 _URL = re.compile(r"""(?:\b[A-Za-z][A-Za-z0-9+.-]*:)?//[^\s'"<>`]+""")
 _BARE_USERINFO = re.compile(r"""(?<![^\s'"(<`=])[^\s/@'"<>`:=]*:[^\s/@'"<>`]*@(?=[\w\[])""")  # user:pw@host
@@ -112,13 +112,14 @@ DATA_CARD_DIR = "data_card"  # where the selection's dataset card goes in the mo
 
 
 def _selection(model_dir: Path, meta: dict[str, Any] | None) -> tuple[str, Path] | None:
-    """The run's KD subset, `distill.selection`: (as recorded, where it is), or None."""
-    selection = (((meta or {}).get("run_config") or {}).get("distill") or {}).get("selection")
+    """The subset the run's recipe trained on, as its description names it: (as recorded, where it is), or
+    None (no subset, or a model from elsewhere)."""
+    selection = describe(meta, model_dir.absolute().parent).selection if meta and "run_config" in meta else ""
     return (selection, _run_path(model_dir, selection)) if selection else None
 
 
 def data_card(meta: dict[str, Any] | None, model_dir: str | Path) -> tuple[list[Path] | None, str]:
-    """(the dataset card files of the run's KD subset, `distill.selection` (absolute, or relative to the run
+    """(the dataset card files of the run's KD subset, `distill.data.selection` (absolute, or relative to the run
     directory, `model_dir`'s parent), card first; a note when the run names a selection whose card is not there).
     (None, "") for a run without a selection or a model from elsewhere."""
     found = _selection(Path(model_dir), meta)
@@ -128,7 +129,7 @@ def data_card(meta: dict[str, Any] | None, model_dir: str | Path) -> tuple[list[
     files = card_files(path)
     if files is None:
         where = "" if str(path) == selection else f" ({path})"
-        return None, (f"note: distill.selection={selection}{where}: no {CARD} dataset card there (the selection was "
+        return None, (f"note: the run's selection {selection}{where}: no {CARD} dataset card there (the selection was "
                       f"moved or deleted, or made before data_tools.select wrote cards); pushing without {DATA_CARD_DIR}/")
     return files, ""
 
@@ -140,7 +141,7 @@ def model_card(model_dir: str | Path) -> str:
     if meta is None:
         raise UserError(f"{d}: no {META}; not a model exported by slm_assist.train (cannot write its card)")
     cfg, data = meta["run_config"], meta["data_manifest"]
-    recipe = describe(cfg, d.absolute().parent)
+    recipe = describe(meta, d.absolute().parent)
     hf = ModelDir(d).config()  # the exported model's real shape (a run that started from a model dir has no other)
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags:", "- slm_assist", "- causal-lm", *[f"- {t}" for t in recipe.tags], "---", ""]

@@ -25,7 +25,7 @@ from slm_assist.core.errors import UserError, run_cli
 from slm_assist.core.files import atomic_write_text, check_output_file
 from slm_assist.core.run_dir import RunDir
 from slm_assist.core.selection import INDEX, SUMMARY, read_summary
-from slm_assist.salt.recipe import describe
+from slm_assist.recipes import describe
 
 
 def run_summary(run_dir: Path) -> dict:
@@ -36,7 +36,7 @@ def run_summary(run_dir: Path) -> dict:
     evals = {r["task"]: r for r in run.eval_results()}
     return {"run": str(run_dir), "name": run_dir.name, "params": meta["params"], "steps": meta["step"],
             "tokens": meta["tokens_seen"], "val_loss": vals[-1] if vals else None, "model": str(run.final),
-            "recipe": describe(meta["run_config"], run.path).short, "eval": evals}
+            "recipe": describe(meta, run.path).short, "eval": evals}
 
 
 def _section_markers(name: str) -> tuple[str, str]:

@@ -50,9 +50,9 @@ def test_every_arm_is_a_valid_run_config_and_off_means_the_papers_recipe(bench):
         if arm == "baseline":
             assert not cfg.distill.enabled
         elif arm != "ls_control":
-            assert cfg.distill.teacher == "S" and cfg.distill.schedule.kind == "step"
+            assert cfg.distill.source.teachers[0] == "S" and cfg.distill.schedule.kind == "step"
     assert bench.ARMS["kind_jsd"](_ctx())["distill.schedule.weight"] == 0.5  # at the best w
-    assert "distill.teacher" not in bench.ARMS["ls_control"](_ctx())
+    assert "distill.source.teachers" not in bench.ARMS["ls_control"](_ctx())
 
 
 def _screen(bench, fractions: dict):
@@ -67,11 +67,11 @@ def test_confirm_plan_takes_the_best_singles_and_a_compatible_combination(bench)
                              "z_loss": 0.7, "w_0.8": 0.75, "tau_2": 0.85, "handover": None})
     plan = bench.confirm_plan(screen, _ctx(), {"singles": 2, "combo": 3})
     assert plan["singles"] == ["salt_ds", "cl_filter"]
-    # cl_filter sets distill.selection differently from salt_ds: skipped; tau_2 does not beat SALT
+    # cl_filter sets distill.data.selection differently from salt_ds: skipped; tau_2 does not beat SALT
     assert plan["combo"] == ["salt_ds", "z_loss", "w_0.8"]
     assert plan["ranking"][-1] == "handover"  # never reached the baseline: last
     merged = bench.arm_settings("combo-salt_ds+z_loss+w_0.8", _ctx())
-    assert merged["distill.selection"] == "DS" and merged["train.z_loss"] == 1e-4
+    assert merged["distill.data.selection"] == "DS" and merged["train.z_loss"] == 1e-4
     assert merged["distill.schedule.weight"] == 0.8
     assert bench.combine(["salt_ds", "cl_filter"], _ctx()) is None
     twins = bench.confirm_plan(_screen(bench, {"salt": 0.8, "ensemble_mean": 0.6, "ensemble_vote": 0.62,

@@ -109,11 +109,18 @@ def test_shipped_configs_exist():
 
 
 @pytest.mark.parametrize("cls, overrides, message", [
-    ("run", ["distill.selection=sel.npy"], r"distill\.selection='sel\.npy' has no effect without distill\.teacher"),
-    ("run", ["distill.gate_topk=5"], r"distill\.gate_topk=5 has no effect without distill\.teacher"),
-    ("run", ["distill.schedule.weight=0.5"], r"distill\.schedule\.weight=0\.5 has no effect without"),
-    ("run", ["distill.teacher=t", "distill.beta=0.3"], r"distill\.beta=0\.3 has no effect with distill\.kind=forward_kl"),
-    ("run", ["distill.teacher=t", "distill.cache=c"], r"distill\.teacher: .*handover_every"),
+    ("run", ["distill.data.selection=sel.npy"], r"distill\.data\.selection='sel\.npy' has no effect with "
+                                                 r"source\.kind=none"),
+    ("run", ["distill.gate.topk=5"], r"gate\.topk=5 has no effect with source\.kind=none"),
+    ("run", ["distill.schedule.weight=0.5"], r"schedule\.weight=0\.5 has no effect with source\.kind=none"),
+    ("run", ["distill.source.kind=teacher", "distill.source.teachers=[t]", "distill.loss.beta=0.3"],
+     r"distill\.loss\.beta=0\.3 has no effect with kind=forward_kl"),
+    ("run", ["distill.source.kind=teacher", "distill.source.teachers=[t]", "distill.source.caches=[c]"],
+     r"distill\.source\.caches=\['c'\] has no effect with kind=teacher"),
+    ("run", ["distill.teacher=t"], r"'distill\.teacher' is now distill\.source\.teachers \(with "
+                                   r"distill\.source\.kind=teacher\)"),
+    ("run", ["distill.source.kind=teacher", "distill.source.teachers=[t]", "distill.handover.teacher=h"],
+     r"distill\.handover\.teacher='h' has no effect with every=0"),
     ("score", ["cache.k=5"], r"cache\.k=5 has no effect with cache\.mode=none"),
     ("score", ["cache.mode=top_k", "cache.samples=4"], r"cache\.samples=4 has no effect with cache\.mode=top_k"),
     ("score", ["cache.indices=i.npy"], r"cache\.indices='i\.npy' has no effect with cache\.mode=none"),
@@ -128,6 +135,7 @@ def test_a_setting_without_effect_is_an_error(cls, overrides, message):
     klass = {"run": RunConfig, "score": ScoreConfig, "select": SelectConfig}[cls]
     with pytest.raises(ConfigError, match=message):
         load_config(klass, None, overrides)
-    base = {"run": ["distill.teacher=t", "distill.kind=jsd", "distill.beta=0.3"], "score": ["cache.mode=sampled",
+    base = {"run": ["distill.source.kind=teacher", "distill.source.teachers=[t]", "distill.loss.kind=jsd",
+                    "distill.loss.beta=0.3"], "score": ["cache.mode=sampled",
             "cache.samples=4", "cache.seed=2"], "select": ["policy=random", "seed=3"]}[cls]
     load_config(klass, None, base)  # the same kind of setting where it matters is fine

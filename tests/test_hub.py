@@ -68,10 +68,10 @@ def test_card_describes_the_salt_recipe(tiny_data, tiny_slm, tmp_path):
     from .conftest import run_overrides
 
     run = tmp_path / "salt"
-    main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=0", f"distill.teacher={tiny_slm}",
-                       "distill.schedule.kind=step", "distill.schedule.n_kd_steps=1", "distill.gate_topk=4"))
+    main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=0", "distill.source.kind=teacher", f"distill.source.teachers=[{tiny_slm}]",
+                       "distill.schedule.kind=step", "distill.schedule.n_kd_steps=1", "distill.gate.topk=4"))
     card = model_card(run / "final")
-    teacher = json.loads((run / "final" / "slm_assist.json").read_text())["run_config"]["distill"]["teacher"]
+    teacher = json.loads((run / "final" / "slm_assist.json").read_text())["run_config"]["distill"]["source"]["teachers"][0]
     assert os.path.normpath(run / teacher) == str(tiny_slm)  # as recorded: absolute, or relative to the run
     assert "## SALT recipe" in card and f"teacher: `{tiny_slm.name}`" in card and str(tiny_slm) not in card
     assert "schedule: step, w = 0.667, n_KD = 1 steps" in card and "top-4" in card and "- salt" in card
@@ -96,9 +96,9 @@ def test_card_and_push_carry_the_selections_dataset_card(tiny_data, tiny_slm, tm
     select(load_config(SelectConfig, None, [f"scores={write_scores(tmp_path / 'scores', data=tiny_data)}",
                                             f"out_dir={sel}", "fraction=1"]))
     run = tmp_path / "salt"
-    main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=0", f"distill.teacher={tiny_slm}",
+    main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=0", "distill.source.kind=teacher", f"distill.source.teachers=[{tiny_slm}]",
                        "distill.schedule.kind=step", "distill.schedule.n_kd_steps=1",
-                       f"distill.selection={sel / 'index.npy'}"))
+                       f"distill.data.selection={sel / 'index.npy'}"))
     final = run / "final"
     card = model_card(final)
     assert ("- Selected pretraining subset: [data_card/README.md](data_card/README.md) (the KD phase's `salt_ds` "
@@ -115,9 +115,9 @@ def test_card_and_push_carry_the_selections_dataset_card(tiny_data, tiny_slm, tm
     assert with_card["README.md"].decode() == card.replace("REPO_ID", "my-org/salt")
     assert not any(f.startswith("data_card/") for f in without)
     assert "Selected pretraining subset" not in without["README.md"].decode()
-    recorded = json.loads((final / "slm_assist.json").read_text())["run_config"]["distill"]["selection"]
+    recorded = json.loads((final / "slm_assist.json").read_text())["run_config"]["distill"]["data"]["selection"]
     where = "" if recorded == str(sel / "index.npy") else f" ({sel / 'index.npy'})"  # a run-relative one: resolved
-    assert f"note: distill.selection={recorded}{where}: no README.md dataset card there" in capsys.readouterr().err
+    assert f"note: the run's selection {recorded}{where}: no README.md dataset card there" in capsys.readouterr().err
 
 
 def test_missing_token_is_a_clear_error(exported, monkeypatch, tmp_path):
@@ -185,17 +185,18 @@ def test_stages_render_in_the_card_and_carry_over_to_the_next_run(exported, tiny
 
 def test_reports_and_cards_share_one_recipe_text():
     from slm_assist.core.config import load_config, to_dict
-    from slm_assist.salt.recipe import RunConfig, describe
+    from slm_assist.recipes import describe
+    from slm_assist.salt.recipe import RunConfig
 
     def recipe(*overrides):
-        return describe(to_dict(load_config(RunConfig, None, list(overrides))))
+        return describe({"recipe": "salt", "run_config": to_dict(load_config(RunConfig, None, list(overrides)))}, ".")
 
     assert recipe().short == "CE" and recipe().lines == []
-    control = recipe("distill.label_smoothing=0.3", "distill.schedule.n_kd_steps=5")
+    control = recipe("distill.source.kind=label_smoothing", "distill.source.epsilon=0.3", "distill.schedule.n_kd_steps=5")
     assert control.short == "control: label smoothing ε=0.3, step w=0.667 for 5 steps" and control.tags == []
-    assert "- control: label smoothing ε = 0.3 instead of a teacher" in control.lines
+    assert "- control: label smoothing ε = 0.3" in control.lines
     assert "- schedule: step, w = 0.667, n_KD = 5 steps" in control.lines  # n_KD from the schedule's own rule
-    salt = recipe("distill.teacher=runs/x/slm/final", "train.max_steps=1000")
+    salt = recipe("distill.source.kind=teacher", "distill.source.teachers=[runs/x/slm/final]", "train.max_steps=1000")
     assert salt.short == "SALT: KD from slm, step w=0.667 for 20% of steps" and salt.tags == ["salt", "distillation"]
     assert "- schedule: step, w = 0.667, n_KD = 200 steps" in salt.lines
 
@@ -435,7 +436,7 @@ def test_card_shows_no_local_absolute_path(exported, tmp_path):
     salt.recipe.describe and the stages' summaries (their owners' text): every other line is free of local paths."""
     import json
 
-    from slm_assist.salt.recipe import describe
+    from slm_assist.recipes import describe
 
     runs = tmp_path / "runs"
 
@@ -444,8 +445,9 @@ def test_card_shows_no_local_absolute_path(exported, tmp_path):
         cfg["run_dir"] = str(runs / "compress" / "gd")
         cfg["data"]["path"] = str(tmp_path / "data" / "tiny")
         cfg["model"]["pretrained"] = str(runs / "compress" / "init")
-        cfg["distill"].update(teacher=str(runs / "slm" / "final"), cache=str(tmp_path / "scores" / "cache"),
-                              selection=str(tmp_path / "select" / "index.npy"), curriculum_scores=str(tmp_path))
+        cfg["distill"]["source"].update(kind="teacher", teachers=[str(runs / "slm" / "final")])
+        cfg["distill"]["data"].update(selection=str(tmp_path / "select" / "index.npy"), curriculum_scores=str(tmp_path))
+        cfg["distill"]["handover"].update(teacher=str(runs / "slm" / "final"))
         meta["data_manifest"]["sources"] = [str(tmp_path / "corpus" / "wiki.txt"), str(tmp_path / "corpus" / "books"),
                                             str(runs / "slm" / "final")]
         meta["stages"] = [{"name": "GD", "trains": "student",
@@ -457,7 +459,7 @@ def test_card_shows_no_local_absolute_path(exported, tmp_path):
     final = copy_model(exported, runs / "compress" / "gd" / "final", absolute)
     card = model_card(final)
     meta = json.loads((final / "slm_assist.json").read_text())
-    theirs = set(describe(meta["run_config"]).lines) | {s["summary"] for s in meta["stages"]}
+    theirs = set(describe(meta, final.parent).lines) | {s["summary"] for s in meta["stages"]}
     assert [x for x in card.splitlines() if str(tmp_path) in x and x not in theirs] == []
     assert "- sources: `wiki.txt`, `books`, `slm/final`" in card and "\n# compress\n" in card
 
@@ -479,7 +481,8 @@ def test_a_run_relative_selection_still_finds_its_dataset_card(exported, tiny_da
 
     def relative(meta):
         meta["run_config"]["run_dir"] = "runs/run"  # recorded by its last two parts
-        meta["run_config"]["distill"]["selection"] = "../select/index.npy"
+        meta["run_config"]["distill"]["source"].update(kind="teacher", teachers=["../slm/final"])
+        meta["run_config"]["distill"]["data"]["selection"] = "../select/index.npy"
 
     final = copy_model(exported, tmp_path / "run" / "final", relative)
     (tmp_path / "elsewhere" / "deeper").mkdir(parents=True)
@@ -496,5 +499,5 @@ def test_a_run_relative_selection_still_finds_its_dataset_card(exported, tiny_da
     with_card, without = (c["files"] for c in hub.commits)
     assert {"data_card/README.md", "data_card/hist_salt_ds.png"} <= set(with_card)
     assert not any(f.startswith("data_card/") for f in without)
-    assert (f"note: distill.selection=../select/index.npy ({sel / 'index.npy'}): no README.md dataset card there"
+    assert (f"note: the run's selection ../select/index.npy ({sel / 'index.npy'}): no README.md dataset card there"
             in capsys.readouterr().err)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from slm_assist.core.config import load_config
 from slm_assist.core.errors import ConfigError
+from slm_assist.core.soft_labels import TopKLabels
 from slm_assist.kd.losses import SoftTargets, kd_loss, mixed_ce_kd, top_k_kl
 from slm_assist.kd.sources import combine_logits, member_weights, merge_top_k, token_gate
 from slm_assist.salt.objective import DistillConfig
@@ -105,23 +106,24 @@ def test_combine_logits_is_the_weighted_mixture():
     assert agree.any() and not agree.all()
 
 
-def _top_k(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+def _top_k(logits: torch.Tensor, k: int) -> TopKLabels:
     lp = logits.log_softmax(-1)
     top = lp.topk(k, -1)
-    return {"ids": top.indices, "logprobs": top.values, "tail": (1 - top.values.exp().sum(-1)).clamp_min(0)}
+    return TopKLabels(top.indices, top.values, (1 - top.values.exp().sum(-1)).clamp_min(0))
 
 
 def test_merged_full_vocab_caches_equal_the_online_mixture():
     a, b = _logits(8), _logits(9)
     w = torch.tensor([0.3, 0.7])[:, None, None].expand(2, 2, 5)
     merged = merge_top_k([_top_k(a, V), _top_k(b, V)], w)
-    dense = torch.zeros(2, 5, V).scatter_add(-1, merged["ids"], merged["logprobs"].exp())  # unused slots add 0
+    assert isinstance(merged, TopKLabels)
+    dense = torch.zeros(2, 5, V).scatter_add(-1, merged.ids, merged.logprobs.exp())  # unused slots add 0
     torch.testing.assert_close(dense, 0.3 * a.softmax(-1) + 0.7 * b.softmax(-1))
-    assert (merged["logprobs"] > float("-inf")).sum(-1).eq(V).all()  # each id once
-    assert (merged["logprobs"][..., :-1] >= merged["logprobs"][..., 1:]).all()  # sorted, unused slots last
+    assert (merged.logprobs > float("-inf")).sum(-1).eq(V).all()  # each id once
+    assert (merged.logprobs[..., :-1] >= merged.logprobs[..., 1:]).all()  # sorted, unused slots last
     s = _logits(10).requires_grad_(True)
-    got = top_k_kl(s.reshape(-1, V), merged["ids"].reshape(-1, 2 * V), merged["logprobs"].reshape(-1, 2 * V),
-                   merged["tail"].reshape(-1))
+    got = top_k_kl(s.reshape(-1, V), merged.ids.reshape(-1, 2 * V), merged.logprobs.reshape(-1, 2 * V),
+                   merged.tail.reshape(-1))
     assert torch.isfinite(got).all()
     want = kd_loss(s, (0.3 * a.softmax(-1) + 0.7 * b.softmax(-1)).log(), chunk=0)
     torch.testing.assert_close(got.mean(), want, rtol=1e-4, atol=1e-5)
@@ -133,8 +135,8 @@ def test_merged_top_k_keeps_the_tail_mass():
     a, b = _logits(11), _logits(12)
     w = torch.full((2, 2, 5), 0.5)
     merged = merge_top_k([_top_k(a, 3), _top_k(b, 3)], w)
-    used = merged["logprobs"] > float("-inf")
-    total = torch.where(used, merged["logprobs"].exp(), 0.0).sum(-1) + merged["tail"]
+    used = merged.logprobs > float("-inf")
+    total = torch.where(used, merged.logprobs.exp(), 0.0).sum(-1) + merged.tail
     torch.testing.assert_close(total, torch.ones(2, 5), rtol=1e-5, atol=1e-5)
     assert used.sum(-1).min() >= 3 and used.sum(-1).max() <= 6
 
@@ -142,16 +144,16 @@ def test_merged_top_k_keeps_the_tail_mass():
 def test_an_outvoted_teachers_tokens_do_not_enter_the_merged_record():
     a, b, c = _logits(13), _logits(14), _logits(13) + 0.01  # a and c agree on every top-1; b is outvoted where
     members = [_top_k(x, 3) for x in (a, b, c)]               # it differs
-    top1 = torch.stack([m["ids"][..., 0] for m in members])
-    conf = torch.stack([m["logprobs"][..., 0].exp() for m in members])
+    top1 = torch.stack([m.ids[..., 0] for m in members])
+    conf = torch.stack([m.logprobs[..., 0].exp() for m in members])
     w = member_weights(top1, conf, "vote")
     assert (w[1] == 0).any()
     voted = merge_top_k(members, w)
     s = _logits(15)
 
     def kl(rec):
-        n = rec["ids"].shape[-1]
-        return top_k_kl(s.reshape(-1, V), rec["ids"].reshape(-1, n), rec["logprobs"].reshape(-1, n), rec["tail"].reshape(-1))
+        n = rec.ids.shape[-1]
+        return top_k_kl(s.reshape(-1, V), rec.ids.reshape(-1, n), rec.logprobs.reshape(-1, n), rec.tail.reshape(-1))
 
     lone = merge_top_k([members[0], members[2]], w[[0, 2]] / w[[0, 2]].sum(0))
     out = (w[1] == 0).reshape(-1)
@@ -169,25 +171,39 @@ def test_confidence_gate_drops_only_confidently_wrong_tokens():
     assert token_gate(ids, logprobs, y, 0, 0.0) is None
 
 
-def test_new_distill_settings_are_checked():
-    for bad, match in [(["ensemble_teachers=[a]"], "ensemble_teachers"),
-                       (["teacher=t", "ensemble_combine=vote"], "ensemble_combine"),
-                       (["teacher=t", "curriculum=salt_ds"], "curriculum_scores"),
-                       (["teacher=t", "curriculum_scores=s"], "curriculum_scores"),
-                       (["teacher=t", "gate_confidence=1.5"], "gate_confidence"),
-                       (["label_smoothing=0.1", "gate_confidence=0.5"], "label_smoothing"),
-                       (["cache=c", "ensemble_teachers=[a]"], "ensemble_teachers"),
-                       (["teacher=t", "curriculum=mean_loss", "curriculum_scores=s", "schedule.kind=constant",
-                         "schedule.n_kd_fraction=0.2"], "curriculum"),
-                       (["teacher=t", "curriculum=mean_loss", "curriculum_scores=s", "schedule.n_kd_fraction=0"],
-                        "curriculum"),
-                       (["teacher=t", "curriculum=mean_loss", "curriculum_scores=s", "handover_every=5"], "curriculum"),
-                       (["teacher=t", "ensemble_teachers=[a]", "handover_every=5"], "handover_every")]:
+def test_distill_sections_refuse_what_they_cannot_mean():
+    """The sections leave no invalid combination to write; the few cross-section rules each name their key."""
+    t = ["source.kind=teacher", "source.teachers=[t]"]
+    curriculum = ["data.curriculum=mean_loss", "data.curriculum_scores=s"]
+    for bad, match in [(["source.teachers=[a]"], r"source\.teachers=\['a'\] has no effect with kind=none"),
+                       (["source.kind=teacher"], r"source\.teachers: expected at least one model dir"),
+                       ([*t, "source.combine=vote"], r"source\.combine='vote' has no effect with one teacher"),
+                       ([*t, "data.curriculum=salt_ds"], r"data\.curriculum_scores: expected a scores dir"),
+                       ([*t, "data.curriculum_scores=s"], r"data\.curriculum_scores: expected \"\" with curriculum=none"),
+                       ([*t, "gate.confidence=1.5"], r"gate\.confidence: expected in \[0, 1\)"),
+                       (["source.kind=label_smoothing", "source.epsilon=0.1", "gate.confidence=0.5"],
+                        r"gate\.confidence=0\.5 has no effect with source\.kind=label_smoothing"),
+                       (["source.kind=label_smoothing"], r"source\.epsilon: expected in \(0, 1\)"),
+                       (["source.kind=cache", "source.caches=[c]", "source.teachers=[a]"],
+                        r"source\.teachers=\['a'\] has no effect with kind=cache"),
+                       (["source.kind=cache", "source.caches=[c]", "loss.tau=2"], r"loss\.kind/tau: expected forward_kl"),
+                       ([*t, *curriculum, "schedule.kind=constant", "schedule.n_kd_fraction=0.2"], "curriculum"),
+                       ([*t, *curriculum, "schedule.n_kd_fraction=0"], "curriculum"),
+                       ([*t, *curriculum, "handover.every=5"], r"data\.curriculum: expected none with handover"),
+                       (["source.kind=teacher", "source.teachers=[t, a]", "handover.every=5"],
+                        r"handover\.every: expected 0 with a teacher ensemble"),
+                       ([*t, "handover.every=5", "handover.teacher=h"], r"handover\.teacher: expected the SLM"),
+                       (["source.kind=cache", "source.caches=[c]", "handover.every=5"], r"handover\.teacher: expected"),
+                       (["source.kind=teacher", "source.teachers=[t, a]", "loss.fused_linear=true"],
+                        r"loss\.fused_linear: expected false unless")]:
         with pytest.raises(ConfigError, match=match):
             load_config(DistillConfig, None, bad)
-    ok = load_config(DistillConfig, None, ["teacher=t", "ensemble_teachers=[a, b]", "ensemble_combine=vote",
-                                           "curriculum=mean_loss", "curriculum_scores=s", "gate_confidence=0.5"])
-    assert ok.ensemble_teachers == ["a", "b"]
+    ok = load_config(DistillConfig, None, ["source.kind=teacher", "source.teachers=[t, a, b]", "source.combine=vote",
+                                           *curriculum, "gate.confidence=0.5"])
+    assert ok.source.members == ["t", "a", "b"] and ok.teacher == "t"
+    cached = load_config(DistillConfig, None, ["source.kind=cache", "source.caches=[c]", "handover.every=5",
+                                               "handover.teacher=h"])
+    assert cached.teacher == "h"
 
 
 # ---- curriculum ----------------------------------------------------------------------------------------------

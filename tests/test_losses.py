@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from slm_assist.core.errors import ConfigError
+from slm_assist.core.soft_labels import SampledLabels, TopKLabels
 from slm_assist.kd.losses import ce_plus_kd as ce_plus_kd_fn
 from slm_assist.kd.losses import kd_loss
 from slm_assist.kd.schedule import KDScheduleConfig, kd_weight
@@ -129,7 +130,7 @@ def test_top_k_cache_with_full_vocab_equals_online_kd():
     t = _logits(16)
     lp_t = F.log_softmax(t, -1)
     top, ids = lp_t.topk(V, -1)
-    cache = {"ids": ids, "logprobs": top, "tail": torch.zeros(2, 5)}
+    cache = TopKLabels(ids, top, torch.zeros(2, 5))
     a = kd_loss(s, t)
     b = kd_loss(s, kind="top_k", cache=cache, chunk=3)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -141,7 +142,7 @@ def test_top_k_with_tail_matches_bucketed_kl():
     lp_t, lp_s = F.log_softmax(t, -1), F.log_softmax(s, -1)
     top, ids = lp_t.topk(5, -1)
     tail = 1 - top.exp().sum(-1)
-    got = kd_loss(s, kind="top_k", cache={"ids": ids, "logprobs": top, "tail": tail})
+    got = kd_loss(s, kind="top_k", cache=TopKLabels(ids, top, tail))
     s_k = lp_s.gather(-1, ids)
     s_tail = 1 - s_k.exp().sum(-1)
     want = ((top.exp() * (top - s_k)).sum(-1) + tail * (tail.log() - s_tail.log())).mean()
@@ -156,8 +157,8 @@ def test_sampled_kd_is_unbiased_for_forward_kl():
     total = 0.0
     for i in range(draws):
         lab = sampled_labels(t[0], n, sequence_generator(0, i))
-        cache = {"ids": torch.from_numpy(lab["ids"]).long()[None], "weights": torch.full((1, 3, n), 1 / n),
-                 "logprobs": F.log_softmax(t, -1).gather(-1, torch.from_numpy(lab["ids"]).long()[None])}
+        ids = lab.ids.long()[None]
+        cache = SampledLabels(ids, F.log_softmax(t, -1).gather(-1, ids))  # weights 1/n, implied
         total += kd_loss(s, kind="sampled", cache=cache).item()
     assert total / draws == pytest.approx(kd_loss(s, t).item(), rel=0.03)
 
@@ -167,7 +168,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown KD kind 'kl'"):
         kd_loss(s, s, kind="kl")
     with pytest.raises(ValueError, match="needs cache= and tau=1"):
-        kd_loss(s, kind="top_k", tau=2.0, cache={})
+        kd_loss(s, kind="top_k", tau=2.0, cache=TopKLabels(*[torch.zeros(2, 5, 1)] * 2, torch.zeros(2, 5)))
     with pytest.raises(ValueError, match="nkd needs targets"):
         kd_loss(s, s, kind="nkd")
 

@@ -101,7 +101,8 @@ def other_data(tiny_data, tmp_path_factory) -> Path:
     (["optim.lr=3e-3"], r"optim\.lr: 0\.002 there, 0\.003 here.*checkpoint\.allow_changes=\[optim\.lr\]"),
     (["train.micro_batch_size=2"], r"train\.micro_batch_size: 4 there, 2 here"),
     (["DATA16"], r"data\.path: .* there, .*data16' here"),
-    (["TEACHER"], r"distill\.teacher: '' there, .*slm' here"),
+    (["TEACHER"], r"distill\.source\.kind: 'none' there, 'teacher' here; distill\.source\.teachers: \[\] there, "
+                  r"\[.*slm'\] here"),
     (["model.hidden_size=48"], r"model\.hidden_size: 32 there, 48 here.*model\.hidden_size cannot change in a resumed "
                                r"run"),
 ])
@@ -110,7 +111,9 @@ def test_a_resume_that_changes_the_math_is_refused_and_changes_nothing(change, e
     run = _copy(finished, tmp_path)
     shutil.rmtree(run / "final")  # as if killed before the export: the next launch would resume step 4
     before = _snapshot(run)
-    extra = [{"DATA16": f"data.path={other_data}", "TEACHER": f"distill.teacher={tiny_slm}"}.get(c, c) for c in change]
+    replace = {"DATA16": [f"data.path={other_data}"],
+               "TEACHER": ["distill.source.kind=teacher", f"distill.source.teachers=[{tiny_slm}]"]}
+    extra = [x for c in change for x in replace.get(c, [c])]
     with pytest.raises(UserError, match=expect) as e:
         main(_args(tiny_data, run, "train.max_steps=6", *extra))
     assert "Nothing was changed on disk" in str(e.value) and "accepted as they are: train.max_steps" in str(e.value)
@@ -263,13 +266,13 @@ def test_exported_metadata_names_no_absolute_path_and_still_reads_back(tiny_data
     from slm_assist.report import run_summary
 
     run = tmp_path / "salt"
-    main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=0", f"distill.teacher={tiny_slm}",
+    main(run_overrides(tiny_data, run, "train.max_steps=2", "checkpoint.every=0", "distill.source.kind=teacher", f"distill.source.teachers=[{tiny_slm}]",
                        "distill.schedule.kind=step", "distill.schedule.n_kd_steps=1"))
     text = (run / "final" / "slm_assist.json").read_text()
     assert str(tmp_path) not in text and str(tiny_data) not in text and str(tiny_slm) not in text
     meta = json.loads(text)
-    assert RunDir(run).resolve(meta["run_config"]["distill"]["teacher"]).resolve() == tiny_slm.resolve()
-    assert meta["inputs"]["distill.teacher"] and meta["inputs"]["data.path"]
+    assert RunDir(run).resolve(meta["run_config"]["distill"]["source"]["teachers"][0]).resolve() == tiny_slm.resolve()
+    assert meta["inputs"]["distill.source.teachers[0]"] and meta["inputs"]["data.path"]
     assert run_summary(run)["recipe"].startswith("SALT: KD from")
 
 

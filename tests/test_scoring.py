@@ -19,7 +19,7 @@ from data_tools.softlabels import sampled_labels, sequence_generator
 from slm_assist.core.config import load_config
 from slm_assist.core.errors import ConfigError, UserError
 from slm_assist.core.faults import FAULT_ENV
-from slm_assist.core.scores import SoftLabelCache
+from slm_assist.core.soft_labels import SampledLabels, SoftLabelCache, TopKLabels
 
 from .conftest import REPO, run_module
 
@@ -255,19 +255,21 @@ def test_top_k_cache_matches_a_direct_forward(tiny_data, tiny_slm, tmp_path):
     np.save(sel, np.array([1, 5, 6, 17]))
     main(_score_args(tiny_data, tiny_slm, out, "num_shards=2", "cache.mode=top_k", "cache.k=5", f"cache.indices={sel}"))
     cache = SoftLabelCache(out / "cache")
-    assert len(cache) == 4 and cache.mode == "top_k"
+    assert len(cache) == 4 and cache.mode == "top_k" and cache.record is TopKLabels
     got = cache.get([17, 5])
     stored = cache.read([17, 5])  # what a prefetching stream copies to the device: the stored dtypes
-    assert (stored["ids"].dtype, stored["logprobs"].dtype) == (torch.int32, torch.float16)
-    assert torch.equal(stored["ids"].long(), got["ids"])
+    assert isinstance(stored, TopKLabels) and isinstance(got, TopKLabels)
+    assert (stored.ids.dtype, stored.logprobs.dtype, stored.tail.dtype) == (torch.int32, torch.float16, torch.float32)
+    assert (got.ids.dtype, got.logprobs.dtype, got.tail.dtype) == (torch.int64, torch.float32, torch.float32)
+    assert torch.equal(stored.ids.long(), got.ids) and stored.tail.shape == (2, 31)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_slm)).eval()
     ids = torch.from_numpy(np.asarray(load_split(tiny_data, "train")[[17, 5]]["input_ids"], dtype=np.int64))
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
     top, top_ids = logp.topk(5, -1)
-    assert torch.equal(got["ids"], top_ids)
-    torch.testing.assert_close(got["logprobs"], top, atol=2e-3, rtol=2e-3)  # stored in fp16
-    torch.testing.assert_close(got["tail"], 1 - top.exp().sum(-1), atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.ids, top_ids)
+    torch.testing.assert_close(got.logprobs, top, atol=2e-3, rtol=2e-3)  # stored in fp16
+    torch.testing.assert_close(got.tail, 1 - top.exp().sum(-1), atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="sequence 2 is not in the soft-label cache"):
         cache.get([2])
 
@@ -277,9 +279,9 @@ def test_top_k_with_full_vocab_has_no_tail(tiny_data, tiny_slm, tmp_path):
     main(_score_args(tiny_data, tiny_slm, tmp_path / "full", "cache.mode=top_k", "cache.k=400",
                      f"cache.indices={tmp_path / 'sel.npy'}"))
     got = SoftLabelCache(tmp_path / "full" / "cache").get([0, 3])
-    assert got["ids"].shape[-1] == 400
-    assert got["tail"].abs().max() < 1e-4
-    torch.testing.assert_close(got["logprobs"].exp().sum(-1), torch.ones(got["tail"].shape), atol=3e-3, rtol=0)
+    assert got.width == 400
+    assert got.tail.abs().max() < 1e-4
+    torch.testing.assert_close(got.logprobs.exp().sum(-1), torch.ones(got.tail.shape), atol=3e-3, rtol=0)
 
 
 def test_sampled_estimator_is_unbiased():
@@ -290,11 +292,12 @@ def test_sampled_estimator_is_unbiased():
     draws = 4000
     for i in range(draws):
         out = sampled_labels(logits, 4, sequence_generator(0, i))
-        ids = torch.from_numpy(out["ids"]).long()
+        ids = out.ids.long()
         est.scatter_add_(-1, ids, torch.full(ids.shape, 1.0 / 4))
     est /= draws
     torch.testing.assert_close(est, p, atol=0.01, rtol=0)
-    lp = torch.from_numpy(out["logprobs"]).float()
+    assert isinstance(out, SampledLabels) and (out.ids.dtype, out.logprobs.dtype) == (torch.int32, torch.float16)
+    lp = out.logprobs.float()
     torch.testing.assert_close(lp, torch.log(p).gather(-1, ids), atol=2e-3, rtol=0)
 
 
@@ -304,10 +307,11 @@ def test_sampled_cache_round_trip(tiny_data, tiny_slm, tmp_path):
     sel = f"cache.indices={tmp_path / 'sel.npy'}"
     main(_score_args(tiny_data, tiny_slm, out, "cache.mode=sampled", "cache.samples=6", sel))
     got = SoftLabelCache(out / "cache").get([0, 2])
-    assert got["ids"].shape == (2, 31, 6) and torch.allclose(got["weights"].sum(-1), torch.ones(2, 31))
+    assert isinstance(got, SampledLabels) and got.ids.shape == (2, 31, 6)
+    assert torch.allclose(got.weights.sum(-1), torch.ones(2, 31))
     # the draws depend on (seed, sequence) only: a 3-shard run stores the same ones
     main(_score_args(tiny_data, tiny_slm, tmp_path / "s3", "cache.mode=sampled", "cache.samples=6", "num_shards=3", sel))
-    assert torch.equal(SoftLabelCache(tmp_path / "s3" / "cache").get([0, 2])["ids"], got["ids"])
+    assert torch.equal(SoftLabelCache(tmp_path / "s3" / "cache").get([0, 2]).ids, got.ids)
 
 
 def test_tokenizer_mismatch_names_both_sides(tiny_data, slm_other_tokenizer, tmp_path):
@@ -342,19 +346,26 @@ def test_bad_model_dir_and_cache_index(tiny_data, tiny_slm, tmp_path):
         main(_score_args(tiny_data, tiny_slm, tmp_path / "b", "cache.mode=top_k", f"cache.indices={tmp_path / 'bad.npy'}"))
 
 
-def test_top_k_labels_of_a_batch_equal_those_of_each_sequence():
-    """The GPU cache path takes the top-k of all kept rows at once; it must match the per-sequence CPU path."""
+def test_top_k_labels_of_a_batch_equal_those_of_each_sequence(tmp_path):
+    """The GPU cache path takes the top-k of all kept rows at once and keeps them as one record: it must match the
+    per-sequence CPU path, on disk too."""
     import torch
 
     from data_tools.softlabels import top_k_labels
+    from slm_assist.core.soft_labels import write_cache
 
     logits = torch.randn(3, 7, 50, generator=torch.Generator().manual_seed(0)) * 4
     batch = top_k_labels(logits, 5)
-    for r in range(3):
-        one = top_k_labels(logits[r], 5)
+    rows = [top_k_labels(logits[r], 5) for r in range(3)]
+    for r, one in enumerate(rows):
         for key in ("ids", "logprobs", "tail"):
-            assert (batch[key][r] == one[key]).all(), key
-    assert batch["ids"].shape == (3, 7, 5) and batch["tail"].shape == (3, 7)
+            assert (getattr(batch, key)[r] == getattr(one, key)).all(), key
+    assert batch.ids.shape == (3, 7, 5) and batch.tail.shape == (3, 7)
+    assert (batch.ids.dtype, batch.logprobs.dtype, batch.tail.dtype) == (torch.int32, torch.float16, torch.float32)
+    write_cache([batch.map(lambda t: t[:2]), batch.map(lambda t: t[2:])], [4, 8, 9], tmp_path / "batched")
+    write_cache(rows, [4, 8, 9], tmp_path / "rows")
+    for f in sorted((tmp_path / "rows").iterdir()):
+        assert f.read_bytes() == (tmp_path / "batched" / f.name).read_bytes(), f.name
 
 
 def test_logit_chunks_equal_the_models_logits():
@@ -495,4 +506,4 @@ def test_links_in_out_dir_are_never_followed_out_of_it(tiny_data, tiny_slm, sing
     assert sorted(p.name for p in shard_disk.iterdir()) == ["keep.txt"]
     assert _scores(out).equals(_scores(single))
     with pytest.raises(UserError, match="no finished data_tools.score output with a cache/"):
-        ScoresDir.open(out, "distill.cache").soft_labels(PackedDataset.open(tiny_data))
+        ScoresDir.open(out, "distill.source.caches[0]").soft_labels(PackedDataset.open(tiny_data))

@@ -157,8 +157,29 @@ def test_export_loads_and_generates(straight_run, tiny_data):
     from slm_assist.training.objective import eval_loss
 
     batches = validation_batches(load_split(tiny_data, "validation"), 4, 2, 0, 1)
-    total, count = eval_loss(model.to(torch.bfloat16), batches, torch.device("cpu"))
+    total, count = eval_loss(model.to(torch.bfloat16), batches, len(tok), torch.device("cpu"))
     assert total / count == pytest.approx(read_metrics(straight_run)[-1]["val_loss"], abs=2e-2)
+
+
+def test_logged_val_loss_is_the_eval_loss_on_the_real_vocabulary(tiny_data, tmp_path):
+    """val_loss in metrics.jsonl is `slm_assist.eval`'s loss of the exported model on the same validation rows, also
+    with a padded vocabulary (400 tokens in 448 output rows), where a softmax over the padded rows differs."""
+    from slm_assist.core.dataset import load_split
+    from slm_assist.eval import dataset_loss, load_model
+
+    run = tmp_path / "padded"
+    main(run_overrides(tiny_data, run, "train.max_steps=4", "checkpoint.every=0", "model.pad_vocab_to=64",
+                       "train.dtype=fp32"))
+    logged = read_metrics(run)[-1]["val_loss"]
+    model, tok = load_model(run / "final", torch.device("cpu"))
+    assert (len(tok), model.get_output_embeddings().weight.shape[0]) == (400, 448)
+    rows = 2 * 4  # train.eval_batches x train.micro_batch_size (run_overrides), one rank: the first 8 rows
+    tol = 1e-5
+    assert dataset_loss(model, tok, tiny_data, batch_size=4, max_rows=rows)["loss"] == pytest.approx(logged, rel=tol)
+    ids = torch.tensor(load_split(tiny_data, "validation")[:rows]["input_ids"])
+    with torch.no_grad():
+        padded = model(input_ids=ids, labels=ids).loss.item()  # the old val_loss: HF's softmax over all 448 rows
+    assert padded - logged > 100 * tol * logged
 
 
 def test_saved_config_and_metrics(straight_run):

@@ -23,7 +23,7 @@ from slm_assist.core import dist
 from slm_assist.core.config import PathSetting, check, check_no_effect
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import UserError
-from slm_assist.core.model_dir import ModelDir
+from slm_assist.core.model_dir import ModelDir, write_model_dir
 from slm_assist.training.models import ModelConfig, build_model
 
 # a block's parameters: model.layers.<i>. (llama, qwen2, mistral...), transformer.h.<i>. (gpt2)
@@ -144,6 +144,5 @@ def make_student(cfg: InitConfig, model: ModelConfig, teacher_dir: ModelDir | No
             imp = importance(calib, batches)
             del calib
             student, blocks, heads = prune(teacher, imp, **prune_targets(model, teacher.config))
-    student.save_pretrained(str(out), safe_serialization=True)
-    tok.save_pretrained(str(out))
+    write_model_dir(out, student, tok, None)
     return {"teacher_blocks": blocks, "teacher_heads": heads}

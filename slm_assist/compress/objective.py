@@ -11,7 +11,7 @@ import torch
 from slm_assist.compress.latent import Projections, attention_kl, hidden_loss, layer_map
 from slm_assist.core.config import check, check_no_effect
 from slm_assist.core.errors import UserError
-from slm_assist.kd.losses import SoftTargets, chunk_tokens, mixed_ce_kd
+from slm_assist.kd.losses import KDLossConfig, SoftTargets, chunk_tokens, mixed_ce_kd
 from slm_assist.training.batches import Batch
 from slm_assist.training.objective import Objective, ce_with_z_loss
 
@@ -20,15 +20,14 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(KDLossConfig):
+    """A stage's loss: the weights of its terms, the KD term's settings (the section SALT's distill.loss shares),
+    and the latent terms'."""
+
     ce: float = 0.0
     """Weight of next-token cross-entropy on the data (hard labels)."""
     kd: float = 0.0
-    """Weight of soft-label KD from the stage's teacher (its logits)."""
-    kind: Literal["forward_kl", "reverse_kl", "jsd", "nkd"] = "forward_kl"
-    """The KD divergence (as in SALT's distill.kind)."""
-    tau: float = 1.0
-    """KD softmax temperature."""
+    """Weight of soft-label KD from the stage's teacher (its logits), computed as `kind`, `tau`... say."""
     hidden: float = 0.0
     """Weight of the hidden-state loss over the mapped layers (through a learned projection when widths differ)."""
     hidden_kind: Literal["cosine", "mse"] = "cosine"
@@ -41,18 +40,18 @@ class LossConfig:
     """Also match the embedding outputs (layer 0), with the hidden-state loss."""
     scale_latent: bool = False
     """Minitron: rescale the latent term at every step to the magnitude of the logit terms (CE + KD)."""
-    chunk_tokens: int = -1
-    """Tokens per chunk of the fused CE+KD loss (-1 = auto: 16 MiB fp32 temporaries on CPU, 64 MiB on a GPU)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("ce", "kd", "hidden", "attention"):
             check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         check(self.ce + self.kd + self.hidden + self.attention > 0, "ce/kd/hidden/attention",
               (self.ce, self.kd, self.hidden, self.attention), "at least one weight > 0")
-        check(self.tau > 0, "tau", self.tau, "> 0")
-        check(self.chunk_tokens >= -1, "chunk_tokens", self.chunk_tokens, "-1 (auto), 0 or > 0")
+        check_no_effect(self, ["fused_linear"], "in a compress stage (its KD term reads the teacher's logits)")
         if not self.kd:
-            check_no_effect(self, ["kind", "tau"], "with kd=0")
+            check_no_effect(self, ["kind", "tau", "beta", "gamma"], "with kd=0")
+        if not (self.ce or self.kd):
+            check_no_effect(self, ["chunk_tokens"], "without a ce or kd term")
         if not (self.hidden or self.attention):
             check_no_effect(self, ["layer_map", "map_embeddings", "scale_latent"], "without a latent loss")
         if not self.hidden:
@@ -71,10 +70,10 @@ class CompressObjective(Objective):
 
     def __init__(self, cfg: LossConfig, teacher: torch.nn.Module | None, student_config: PretrainedConfig,
                  vocab: int, field: str = "loss", default_map: list[int] | None = None,
-                 head_map: list[list[int]] | None = None) -> None:
+                 head_map: list[list[int]] | None = None, z_loss: float = 0.0) -> None:
         if cfg.needs_teacher and teacher is None:
             raise UserError(f"{field}: kd/hidden/attention need a teacher for this stage")
-        self.cfg, self.teacher, self.vocab, self.field = cfg, teacher, vocab, field
+        self.cfg, self.teacher, self.vocab, self.field, self.z_loss = cfg, teacher, vocab, field, z_loss
         self.attn_implementation = "eager" if cfg.attention else None
         self.pairs: list[tuple[int, int]] = []
         self.proj: Projections | None = None
@@ -110,7 +109,7 @@ class CompressObjective(Objective):
         if cfg.kd:
             soft = SoftTargets(logits=t_out.logits[:, :-1, : self.vocab])
             # z-loss scaled so that it stays z·log²Z after the (kd + ce) factor below
-            mixed, parts = mixed_ce_kd(logits, targets, cfg.kd / (cfg.kd + cfg.ce), soft, kind=cfg.kind, tau=cfg.tau,
+            mixed, parts = mixed_ce_kd(logits, targets, cfg.kd / (cfg.kd + cfg.ce), soft, **cfg.terms(),
                                        chunk=chunk_tokens(cfg.chunk_tokens, self.vocab, logits.is_cuda),
                                        z_loss=self.z_loss / (cfg.kd + cfg.ce))
             logit_loss = (cfg.kd + cfg.ce) * mixed  # = ce·CE + kd·KD (+ z·log²Z)

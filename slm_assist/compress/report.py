@@ -15,7 +15,18 @@ from typing import Any
 from slm_assist.compress.stages import CONFIG, CompressConfig
 from slm_assist.core.errors import UserError
 from slm_assist.core.model_dir import ModelDir
-from slm_assist.core.run_dir import RunDir
+from slm_assist.core.run_dir import RecipeSummary, RunDir
+
+
+def describe(meta: dict[str, Any], run_dir: str | Path) -> RecipeSummary:
+    """A compress stage's run as reports and cards show it (the stage records themselves are rendered from the
+    metadata's `stages`, whatever the recipe)."""
+    records = meta.get("stages") or []
+    last = records[-1] if records else {}
+    who = "fine-tuned teacher" if last.get("trains") == "teacher" else "compressed student"
+    names = " → ".join(r.get("name", "?") for r in records)
+    return RecipeSummary(f"compress: {who}, stage {last.get('name', '?')} of {names}" if records else "compress",
+                         tags=["distillation", "compression"] if who == "compressed student" else [])
 
 
 def gap_recovered(scratch: float | None, student: float | None, teacher: float | None) -> float | None:

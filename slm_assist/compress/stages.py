@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,15 +30,14 @@ from slm_assist.core.relaunch import input_fingerprints
 from slm_assist.core.run_dir import FINAL, RunDir, path_name
 from slm_assist.kd.teacher import load_teacher
 from slm_assist.training.batches import DataConfig
-from slm_assist.training.checkpoint import CheckpointConfig
 from slm_assist.training.models import ModelConfig
-from slm_assist.training.optim import OptimConfig, ScheduleConfig
 from slm_assist.training.trainer import (
     RELAUNCH_RULES,
     RunData,
     TrainConfig,
     Trainer,
     TrainerConfig,
+    TrainingSections,
     launch_config,
 )
 
@@ -97,10 +96,16 @@ _PRUNE_TARGETS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn
 
 
 @dataclass
-class CompressConfig:
+class CompressConfig(TrainingSections):
+    """The shared training sections (each stage's Trainer run composes them, with the stage's own data, steps,
+    LR and batch) and the compression: teachers, data, the student's init, the stages."""
+
     run_dir: str = "runs/demo/compress"
     """Each stage runs in run_dir/<stage>/; the initial student is written to run_dir/init/."""
-    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The student's shape for init.kind=random (pretrained is set by the stages)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Shared by every stage; each stage sets max_steps (and optionally the LR) itself."""
     teacher: PathSetting = "runs/demo/llm/final"
     """The pretrained LLM: a save_pretrained directory with the data's tokenizer."""
     finetuned_teacher: PathSetting = ""
@@ -113,13 +118,6 @@ class CompressConfig:
     data_seed: int = 0
     """Seeds every stage's shuffle order."""
     init: InitConfig = field(default_factory=InitConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The student's shape for init.kind=random (pretrained is set by the stages)."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Shared by every stage; each stage sets max_steps (and optionally the LR) itself."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stages: list[StageConfig] = field(default_factory=default_stages)
 
     def __post_init__(self) -> None:
@@ -164,17 +162,20 @@ def _open_data(cfg: CompressConfig) -> dict[str, PackedDataset]:
 
 
 def stage_config(cfg: CompressConfig, stage: StageConfig, start: Path, data: PackedDataset) -> TrainerConfig:
-    """The Trainer config of one stage: the shared sections, the stage's data, steps, LR and batch, its start."""
-    return TrainerConfig(
-        run_dir=str(Path(cfg.run_dir) / stage.name), seed=cfg.seed,
-        data=DataConfig(path=str(data.path), seed=cfg.data_seed),
-        model=replace(cfg.model, pretrained=str(start)),
-        optim=replace(cfg.optim, lr=stage.lr or cfg.optim.lr), schedule=cfg.schedule,
-        train=replace(cfg.train, max_steps=stage.max_steps, patience=stage.patience,
-                      micro_batch_size=stage.micro_batch_size or cfg.train.micro_batch_size,
-                      grad_accum=stage.grad_accum or cfg.train.grad_accum), checkpoint=cfg.checkpoint)
+    """The Trainer config of one stage: the shared sections as they are, with the stage's run_dir, data, steps, LR
+    and batch, and its start."""
+    shared = {f.name: getattr(cfg, f.name) for f in fields(TrainingSections)}
+    return TrainerConfig(**{
+        **shared, "run_dir": str(Path(cfg.run_dir) / stage.name),
+        "data": DataConfig(path=str(data.path), seed=cfg.data_seed),
+        "model": replace(cfg.model, pretrained=str(start)), "optim": replace(cfg.optim, lr=stage.lr or cfg.optim.lr),
+        "train": replace(cfg.train, max_steps=stage.max_steps, patience=stage.patience,
+                         micro_batch_size=stage.micro_batch_size or cfg.train.micro_batch_size,
+                         grad_accum=stage.grad_accum or cfg.train.grad_accum)})
 
 
+RECIPE = "compress"
+"""The recipe's name in its runs' exported metadata (reports and cards find its description by it)."""
 CONFIG = "config.yaml"
 """In run_dir: the resolved config of the latest accepted launch."""
 INIT_RECORD = "slm_assist_init.json"
@@ -401,11 +402,11 @@ def _stage_trainer(cfg: CompressConfig, step: _Step, data: PackedDataset, origin
     stage = step.stage
     teacher = None
     if step.teacher is not None:
-        dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32  # bf16 halves its memory
-        teacher = load_teacher(step.teacher, data, run_data.device, f"{stage.teacher} teacher",
-                               dtype=dtype, attn_implementation="eager" if stage.loss.attention else None)
+        teacher = load_teacher(step.teacher, data, run_data.device, f"{stage.teacher} teacher", cfg.train.dtype,
+                               attn_implementation="eager" if stage.loss.attention else None)
         if dist.is_main():
             gib = sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**30
+            dtype = next(teacher.parameters()).dtype
             print(f"[{stage.name}] teacher {step.teacher}: {gib:.2f} GiB of weights per rank ({dtype})", flush=True)
     student_config = ModelDir.open(step.start).config()
     # a student copied or pruned from the teacher learns each block (and head) from the one it came from
@@ -413,8 +414,8 @@ def _stage_trainer(cfg: CompressConfig, step: _Step, data: PackedDataset, origin
     mapped = stage.trains == "student" and blocks and len(blocks) == student_config.num_hidden_layers
     objective = CompressObjective(stage.loss, teacher, student_config, len(data.tokenizer), f"stages.{stage.name}.loss",
                                   default_map=blocks if mapped else None,
-                                  head_map=origin["teacher_heads"] if mapped else None)
-    return Trainer(step.tcfg, objective, data=run_data)
+                                  head_map=origin["teacher_heads"] if mapped else None, z_loss=cfg.train.z_loss)
+    return Trainer(step.tcfg, objective, data=run_data, recipe=RECIPE)
 
 
 def _summary(stage: StageConfig, start: Path, teacher: Path | None, init: str) -> str:

@@ -168,6 +168,9 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, source: str) -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
+    moved = getattr(cls, "MOVED", {})  # a section's settings that moved: the error names the new key
+    if unknown and unknown[0] in moved:
+        raise ConfigError(f"{source}: config key '{_join(prefix, unknown[0])}' is now {moved[unknown[0]]}")
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
         raise ConfigError(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from slm_assist.core.errors import UserError
+from slm_assist.core.errors import UserError, brief
 from slm_assist.core.files import atomic_write_text
 from slm_assist.core.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -75,6 +75,45 @@ def load_split(data_dir: str | Path, split: str):
     if "input_ids" not in ds.column_names:
         raise UserError(f"{path}: no 'input_ids' column (columns: {ds.column_names})")
     return ds.with_format("numpy")
+
+
+def _damaged_file(path: Path) -> str | None:
+    """The first file of the Arrow dataset saved in `path` that does not read back (missing, cut short, not
+    JSON), or None when none is found. Only called on a failure: it reads every record batch's header."""
+    import pyarrow as pa
+
+    for name in ("state.json", "dataset_info.json"):
+        try:
+            json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return name
+    try:
+        listed = [f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]]
+    except (KeyError, TypeError, ValueError, OSError):
+        listed = sorted(p.name for p in path.glob("data-*.arrow"))
+    for name in listed:
+        try:
+            with pa.memory_map(str(path / name)) as m:
+                for _ in pa.ipc.open_stream(m):
+                    pass
+        except (OSError, ValueError, pa.ArrowException):
+            return name
+    return None
+
+
+def load_arrow(path: str | Path, what: str, remedy: str):
+    """The `datasets` Arrow dataset saved in directory `path`. One that does not read back (a file cut short by a
+    full disk or an interrupted copy, a missing file) is a UserError that starts with `what`, names the damaged
+    file and ends with `remedy`."""
+    import datasets
+
+    path = Path(path)
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as e:  # OSError from pyarrow (truncated), FileNotFoundError, JSON and Arrow errors
+        bad = _damaged_file(path)
+        where = path / bad if bad else path
+        raise UserError(f"{what}: {where} is damaged and cannot be read ({brief(e)}); {remedy}") from None
 
 
 class PackedDataset:

@@ -156,12 +156,14 @@ class ModelDir:
         return _FINGERPRINTS[key]
 
 
-def write_model_dir(out: Path, model: torch.nn.Module, tokenizer, meta: dict[str, Any],
+def write_model_dir(out: Path, model: torch.nn.Module, tokenizer, meta: dict[str, Any] | None,
                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """save_pretrained (safetensors) + tokenizer + run metadata into `out` (callers write into a temp dir)."""
+    """save_pretrained (safetensors) + tokenizer + run metadata (None: a model no run made, e.g. a student's
+    init) into `out` (callers write into a temp dir): the one writer of a model directory."""
     model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    (out / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    if meta is not None:
+        (out / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
 def append_stage(model_dir: str | Path, stage: dict[str, Any]) -> None:

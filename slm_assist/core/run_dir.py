@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -51,6 +52,20 @@ LOCK = ".slm_assist.lock"
 RECORD = "slm_assist_checkpoint.json"
 RECORD_FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass
+class RecipeSummary:
+    """How a run's recipe reads (each recipe's `describe` makes one from the run's exported metadata): a table
+    cell (`short`), a model-card section (`title`, `lines`), hub tags."""
+
+    short: str
+    title: str = ""
+    lines: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    selection: str = ""
+    """The data_tools.select subset the run trained on, as recorded (relative to the run directory): its dataset
+    card goes with the model. "" = none."""
 
 
 def path_name(path: str | Path) -> str:

@@ -45,7 +45,7 @@ def read_index(path: str | Path, n_rows: int, field: str) -> np.ndarray:
 
 
 def selection_dir(index_path: str | Path) -> Path:
-    """The data_tools.select output directory of an index (`distill.selection` may name either; for a path that is
+    """The data_tools.select output directory of an index (`distill.data.selection` may name either; for a path that is
     gone, a `.npy` name is taken as the index file)."""
     p = Path(index_path)
     return p.parent if p.is_file() or (not p.is_dir() and p.suffix == ".npy") else p

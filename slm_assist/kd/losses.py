@@ -15,11 +15,50 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from slm_assist.core.config import check, check_no_effect
+from slm_assist.core.soft_labels import SampledLabels, SoftLabels, TopKLabels
+
 TokenLossFn = Callable[..., torch.Tensor]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "nkd"]
+
+
+@dataclass
+class KDLossConfig:
+    """How a KD term is computed, shared by every recipe's KD loss (SALT's distill.loss, a compress stage's
+    loss)."""
+
+    kind: Divergence = "forward_kl"
+    """The divergence: forward KL (SALT's), reverse KL, JSD(beta), or NKD (normalised KD, arXiv 2303.13005)."""
+    tau: float = 1.0
+    """Softmax temperature of the KD term (Hinton's tau^2 factor keeps the gradient scale)."""
+    beta: float = 0.5
+    """jsd only: the mixture weight, in (0, 1)."""
+    gamma: float = 1.5
+    """nkd only: weight of the non-target term."""
+    chunk_tokens: int = -1
+    """Tokens per chunk of the fused CE+KD loss, which bounds its fp32 [chunk, vocab] temporaries. -1 = auto:
+    16 MiB per temporary on CPU (131 tokens at vocab 32k; measured 0.83x the CE-only loss peak at seq 2048,
+    against 1.55x at 1024-token chunks, bench/kd_overhead.py), 64 MiB on a GPU. 0 = unchunked."""
+    fused_linear: bool = False
+    """The loss straight from the hidden states of student and teacher, a chunk of tokens at a time
+    (kd/fused_linear.py): neither model's full logits exist, which saves most of the loss memory at a 32k+
+    vocabulary. One online teacher, ZeRO 0-2, models whose logits are head(hidden)."""
+
+    def __post_init__(self) -> None:
+        check(self.tau > 0, "tau", self.tau, "> 0")
+        check(0 < self.beta < 1, "beta", self.beta, "in (0, 1)")
+        check(self.chunk_tokens >= -1, "chunk_tokens", self.chunk_tokens, "-1 (auto), 0 (unchunked) or > 0")
+        check_no_effect(self, [n for n, kind in (("beta", "jsd"), ("gamma", "nkd")) if self.kind != kind],
+                        f"with kind={self.kind}")
+
+    def terms(self) -> dict[str, object]:
+        """The divergence's own settings, as the loss functions take them."""
+        return {"kind": self.kind, "tau": self.tau, "beta": self.beta, "gamma": self.gamma}
 
 
 def chunk_tokens(setting: int, vocab: int, cuda: bool = False) -> int:
@@ -132,7 +171,7 @@ def sampled_kl(s: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, weigh
 
 # ---- the teacher side: an online teacher's logits or cached sparse labels ---------------------------------------
 
-def _kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, cache: dict[str, torch.Tensor] | None,
+def _kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, cache: SoftLabels | None,
              kind: str, tau: float, beta: float, gamma: float) -> tuple[torch.Tensor, Callable, tuple, float]:
     """(student rows [n, V'], fn(student_fp32, targets, *teacher_side) -> per-token KD [n], teacher side as
     [n, ...] tensors, scale) for either teacher. A padded student vocabulary is cut to the teacher's V'."""
@@ -149,11 +188,13 @@ def _kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, 
     return student_logits[..., :v].reshape(-1, v), (lambda x, y, t: fn(x, t, y)), (teacher_logits.reshape(-1, v),), scale
 
 
-def _cache_divergence(cache: dict[str, torch.Tensor], n: int) -> tuple[Callable, tuple[torch.Tensor, ...]]:
-    """(divergence fn, its per-token teacher-side tensors as [n, ...]) for a top_k or sampled soft-label cache."""
-    if "tail" in cache:
-        return top_k_kl, (cache["ids"].reshape(n, -1), cache["logprobs"].reshape(n, -1), cache["tail"].reshape(n))
-    return sampled_kl, (cache["ids"].reshape(n, -1), cache["logprobs"].reshape(n, -1), cache["weights"].reshape(n, -1))
+def _cache_divergence(cache: SoftLabels, n: int) -> tuple[Callable, tuple[torch.Tensor, ...]]:
+    """(divergence fn, its per-token teacher-side tensors as [n, ...]) for cached top-k or sampled labels."""
+    if isinstance(cache, TopKLabels):
+        return top_k_kl, (cache.ids.reshape(n, -1), cache.logprobs.reshape(n, -1), cache.tail.reshape(n))
+    if isinstance(cache, SampledLabels):
+        return sampled_kl, (cache.ids.reshape(n, -1), cache.logprobs.reshape(n, -1), cache.weights.reshape(n, -1))
+    raise TypeError(f"cached soft labels must be TopKLabels or SampledLabels, got {type(cache).__name__}")
 
 
 def divergence(kind: str, tau: float, beta: float, gamma: float) -> tuple[Callable, float]:
@@ -175,13 +216,14 @@ def divergence(kind: str, tau: float, beta: float, gamma: float) -> tuple[Callab
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None, *, kind: str = "forward_kl",
             tau: float = 1.0, beta: float = 0.5, gamma: float = 1.5, targets: torch.Tensor | None = None,
-            cache: dict[str, torch.Tensor] | None = None, token_weights: torch.Tensor | None = None,
+            cache: SoftLabels | None = None, token_weights: torch.Tensor | None = None,
             chunk: int = 1024) -> torch.Tensor:
     """Mean distillation loss over tokens (weighted by `token_weights` when given), times tau^2.
 
     student_logits: [..., V]; teacher_logits: [..., V'] with V' <= V (a padded student vocabulary is cut to the
-    teacher's). `cache` (from `SoftLabelCache.get`, positions aligned with the student's) replaces the teacher
-    for kind="top_k" or "sampled"; cached labels are at temperature 1, so tau must be 1 there.
+    teacher's). `cache` (a widened `TopKLabels` or `SampledLabels` record, as `SoftLabelCache.get` returns it,
+    positions aligned with the student's) replaces the teacher for kind="top_k" or "sampled"; its record type
+    picks the divergence. Cached labels are at temperature 1, so tau must be 1 there.
     """
     cached = kind in ("top_k", "sampled")
     if cached and (cache is None or tau != 1.0):
@@ -200,7 +242,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = 
 
 
 def ce_plus_kd(student_logits: torch.Tensor, targets: torch.Tensor, kd_share: torch.Tensor, *,
-               teacher_logits: torch.Tensor | None = None, cache: dict[str, torch.Tensor] | None = None,
+               teacher_logits: torch.Tensor | None = None, cache: SoftLabels | None = None,
                kind: str = "forward_kl", tau: float = 1.0, beta: float = 0.5, gamma: float = 1.5,
                chunk: int = 1024, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SALT's loss in one chunked pass: mean over tokens of (1 - a_i)·CE_i + a_i·KD_i + z_loss·log²Z_i, with
@@ -234,8 +276,8 @@ class SoftTargets:
 
     logits: torch.Tensor | None = None
     """[B, P, V] teacher logits (V may be below a padded student vocabulary)."""
-    sparse: dict[str, torch.Tensor] | None = None
-    """Cached top-k or sampled labels, as `SoftLabelCache.get` returns them."""
+    sparse: SoftLabels | None = None
+    """Cached labels, a `TopKLabels` or `SampledLabels` record widened to the loss's dtypes (`SoftLabelCache.get`)."""
     smoothing: float = 0.0
     """> 0: the one-hot target smoothed by this epsilon (the label-smoothing control)."""
     gate: torch.Tensor | None = None

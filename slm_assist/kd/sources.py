@@ -17,15 +17,19 @@ from typing import Literal, Protocol
 import torch
 
 from slm_assist.core.errors import UserError
-from slm_assist.core.scores import SoftLabelCache
+from slm_assist.core.soft_labels import SoftLabelCache, TopKLabels
 from slm_assist.kd.losses import SoftTargets
 from slm_assist.training.batches import Batch
 
 Combine = Literal["mean", "vote"]
-SOFT_LABELS = "soft_labels"  # the Batch.extras key of cached labels read with the batch
+SOFT_LABELS = "soft_labels"  # the Batch.extras key of cached labels read with the batch (records, as stored)
 
 
 class SoftTargetSource(Protocol):
+    def attach(self, batch: Batch) -> Batch:
+        """The host-side data the source needs with a batch (cached labels), read with it in the batch stream's
+        prefetch thread; a source that reads nothing returns the batch as it is."""
+
     def __call__(self, batch: Batch, vocab: int) -> SoftTargets:
         """Soft targets for the batch's positions 0..T-2 over the first `vocab` (real, unpadded) tokens."""
 
@@ -57,13 +61,13 @@ def combine_logits(logits: list[torch.Tensor], combine: Combine) -> torch.Tensor
     return mix.clamp_min(1e-30).log()  # floored: a zero would make KL NaN
 
 
-def merge_top_k(members: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+def merge_top_k(members: list[TopKLabels], weights: torch.Tensor) -> TopKLabels:
     """Sparse top-k labels of several teachers -> one top-k record of their weighted mixture, over the union of
     their ids (a token one teacher lists is counted once), sorted by probability. Each teacher's tail mass
     stays in the tail bucket: an approximation where it overlaps another teacher's top-k. Unused slots have
     logprob -inf (losses and gates skip them)."""
-    ids = torch.cat([m["ids"] for m in members], -1)
-    probs = torch.cat([w.unsqueeze(-1) * m["logprobs"].float().exp() for m, w in zip(members, weights)], -1)
+    ids = torch.cat([m.ids for m in members], -1)
+    probs = torch.cat([w.unsqueeze(-1) * m.logprobs.float().exp() for m, w in zip(members, weights)], -1)
     ids, order = ids.sort(-1)
     probs = probs.gather(-1, order)
     new = torch.ones_like(ids, dtype=torch.bool)
@@ -74,8 +78,8 @@ def merge_top_k(members: list[dict[str, torch.Tensor]], weights: torch.Tensor) -
     merged_p, order = merged_p.sort(-1, descending=True)
     used = merged_p > 0  # empty slots, and the ids only a zero-weight (outvoted) member listed
     logprobs = torch.where(used, merged_p.clamp_min(1e-30).log(), torch.full_like(merged_p, float("-inf")))
-    tail = sum(w * m["tail"].float() for m, w in zip(members, weights))
-    return {"ids": merged_ids.gather(-1, order), "logprobs": logprobs, "tail": tail}
+    tail = sum(w * m.tail.float() for m, w in zip(members, weights))
+    return TopKLabels(merged_ids.gather(-1, order), logprobs, tail)
 
 
 def token_gate(top_ids: torch.Tensor, top_logprobs: torch.Tensor, targets: torch.Tensor, topk: int,
@@ -100,6 +104,9 @@ class OnlineTeacher:
         self.gate_topk, self.gate_confidence, self.combine = gate_topk, gate_confidence, combine
 
     @torch.no_grad()
+    def attach(self, batch: Batch) -> Batch:
+        return batch  # nothing to read on the host
+
     def __call__(self, batch: Batch, vocab: int) -> SoftTargets:
         logits = combine_logits([m(input_ids=batch.input_ids).logits[:, :-1, :vocab] for m in self.models],
                                 self.combine)
@@ -119,11 +126,11 @@ class CachedSoftLabels:
                  gate_confidence: float = 0.0, combine: Combine = "mean") -> None:
         self.caches = caches if isinstance(caches, list) else [caches]
         for c in self.caches:
-            if gate_topk and (c.mode != "top_k" or gate_topk > c.shape[1]):
+            if gate_topk and (c.record is not TopKLabels or gate_topk > c.shape[1]):
                 raise UserError(f"{field}={gate_topk} needs a top_k cache with k >= {gate_topk} "
                                 f"({c.path}: {c.mode}, width {c.shape[1]})")
-            if (gate_confidence or len(self.caches) > 1) and c.mode != "top_k":
-                what = "distill.gate_confidence" if gate_confidence else "an ensemble of caches"
+            if (gate_confidence or len(self.caches) > 1) and c.record is not TopKLabels:
+                what = "distill.gate.confidence" if gate_confidence else "an ensemble of caches"
                 raise UserError(f"{what} needs top_k caches (their top-1 and probabilities); {c.path} is {c.mode}")
         self.gate_topk, self.gate_confidence, self.combine = gate_topk, gate_confidence, combine
 
@@ -137,13 +144,13 @@ class CachedSoftLabels:
     def __call__(self, batch: Batch, vocab: int) -> SoftTargets:
         if SOFT_LABELS not in batch.extras:  # not attached by the stream: read now
             batch = self.attach(batch).to(batch.input_ids.device)
-        members = [c.widen(m) for c, m in zip(self.caches, batch.extras[SOFT_LABELS])]
+        members = [m.widen() for m in batch.extras[SOFT_LABELS]]  # upcast on the device
         labels = members[0]
         if len(members) > 1:
-            top1 = torch.stack([m["ids"][..., 0] for m in members])
-            conf = torch.stack([m["logprobs"][..., 0].float().exp() for m in members])
+            top1 = torch.stack([m.ids[..., 0] for m in members])
+            conf = torch.stack([m.logprobs[..., 0].float().exp() for m in members])
             labels = merge_top_k(members, member_weights(top1, conf, self.combine))
-        gate = token_gate(labels["ids"], labels["logprobs"], batch.targets(), self.gate_topk, self.gate_confidence)
+        gate = token_gate(labels.ids, labels.logprobs, batch.targets(), self.gate_topk, self.gate_confidence)
         return SoftTargets(sparse=labels, gate=gate)
 
 
@@ -152,6 +159,9 @@ class SmoothedOneHot:
 
     def __init__(self, eps: float) -> None:
         self.eps = eps
+
+    def attach(self, batch: Batch) -> Batch:
+        return batch  # nothing to read on the host
 
     def __call__(self, batch: Batch, vocab: int) -> SoftTargets:
         return SoftTargets(smoothing=self.eps)

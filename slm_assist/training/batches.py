@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,9 +19,12 @@ PREFETCH = _PIN  # streams read ahead by default where there is a device to keep
 
 
 def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
-    """`obj` with `fn` applied to every tensor in it, through nested dicts, lists and tuples."""
+    """`obj` with `fn` applied to every tensor in it, through nested dicts, lists, tuples and dataclass instances
+    (e.g. soft-label records)."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(obj, **{f.name: _map_tensors(fn, getattr(obj, f.name)) for f in fields(obj) if f.init})
     if isinstance(obj, dict):
         return {k: _map_tensors(fn, v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

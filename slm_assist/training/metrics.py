@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from slm_assist.core.files import atomic_write_text
 from slm_assist.core.run_dir import METRICS, read_metrics
@@ -45,6 +47,53 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+class StepReporter:
+    """A run's step reporting (rank 0 writes, every rank calls): metrics.jsonl and TensorBoard records, with the
+    throughput over the steps since the last record and, with `flops_per_token_per_peak` (a model's FLOPs per
+    token over the devices' peak FLOP/s; 0 = unknown), the MFU; and the progress bar."""
+
+    def __init__(self, run_dir: Path, start_step: int, max_steps: int, tokens_per_step: int,
+                 flops_per_token_per_peak: float, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.tokens_per_step, self.mfu_factor = tokens_per_step, flops_per_token_per_peak
+        self.logger = MetricsLogger(run_dir, enabled=enabled)
+        self.logger.truncate_after(start_step)
+        self.bar = tqdm(total=max_steps, initial=start_step, disable=not enabled, desc=Path(run_dir).name,
+                        unit="step", dynamic_ncols=True)
+        self.window_t, self.window_steps = time.perf_counter(), 0
+
+    def step_done(self) -> None:
+        self.window_steps += 1
+        self.bar.update(1)
+
+    def log(self, step: int, metrics: dict[str, torch.Tensor], head: dict[str, Any], lr: float, tokens: int,
+            grad_norm: float | None, last_val: float | None) -> None:
+        """One record: `head` (an evaluation's val_loss, early_stop), the step's metrics, the LR, tokens seen,
+        the window's tokens/s, the gradient norm (and MFU)."""
+        values = _floats(metrics)
+        tps = self.window_steps * self.tokens_per_step / max(time.perf_counter() - self.window_t, 1e-9)
+        record = {**head, **values, "lr": lr, "tokens": tokens, "tokens_per_s": tps, "grad_norm": grad_norm}
+        if self.mfu_factor:
+            record["mfu"] = self.mfu_factor * tps
+        self.logger.log(step, record)
+        self.window_t, self.window_steps = time.perf_counter(), 0
+        self.bar.set_postfix(loss=f"{values['loss']:.3f}", **({"val": f"{last_val:.3f}"} if last_val else {}))
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+
+
+def _floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Metric tensors as floats, with one device-to-host copy for all of those on an accelerator."""
+    out = {k: float(v) for k, v in metrics.items() if v.device.type == "cpu"}
+    dev = [k for k in metrics if k not in out]
+    if dev:
+        out.update(zip(dev, torch.stack([metrics[k].double() for k in dev]).tolist()))
+    return {k: out[k] for k in metrics}
 
 
 def _step_of(line: str) -> int:

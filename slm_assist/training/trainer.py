@@ -8,7 +8,6 @@ complete checkpoint in run_dir; and exports the final model with `save_pretraine
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +28,7 @@ from slm_assist.core.run_dir import RunDir
 from slm_assist.training.batches import DataConfig, ShardedBatches, validation_batches
 from slm_assist.training.checkpoint import CheckpointConfig, Checkpointer, TrainState, find_intact
 from slm_assist.training.engine import ModelWithHeads, deepspeed_config, initialize, reapply_optim
-from slm_assist.training.metrics import MetricsLogger
+from slm_assist.training.metrics import StepReporter
 from slm_assist.training.models import ModelConfig, build_model, compile_layers, count_params, flops_per_token
 from slm_assist.training.objective import Objective, eval_loss
 from slm_assist.training.optim import OptimConfig, ScheduleConfig
@@ -95,19 +94,27 @@ class TrainConfig:
 
 
 @dataclass
-class TrainerConfig:
-    """The sections every run has; a recipe's config adds its own (SALT: `distill`)."""
+class TrainingSections:
+    """The sections every recipe's config composes (a pretraining run's, compress's for all its stages): one
+    declaration of each, so that neither recipe copies the other's fields."""
 
     run_dir: str = "runs/demo/llm"
     """Checkpoints, metrics, TensorBoard, config.yaml and final/ go here."""
     seed: int = 0
     """Seeds model init and every RNG."""
-    data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class TrainerConfig(TrainingSections):
+    """The sections of one Trainer run: the shared ones and its data; a recipe's config adds its own (SALT:
+    `distill`)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 RELAUNCH_RULES = RelaunchRules(
@@ -175,17 +182,20 @@ class RunData:
 class Trainer:
     """Builds the model, engine and logging, then runs `fit()`. The loss comes from `objective`; each step draws
     from the stream the objective names (`"main"`, the full train split, always exists; `streams` adds more).
-    `data` passes a RunData the caller already set up for `cfg`."""
+    `data` passes a RunData the caller already set up for `cfg`; `recipe` names the recipe in the exported
+    metadata, by which reports and cards find its description."""
 
     def __init__(self, cfg: TrainerConfig, objective: Objective, streams: dict[str, ShardedBatches] | None = None,
-                 data: RunData | None = None) -> None:
-        self.cfg, self.objective = cfg, objective
-        objective.z_loss = cfg.train.z_loss
+                 data: RunData | None = None, recipe: str = "salt") -> None:
+        self.cfg, self.objective, self.recipe = cfg, objective, recipe
         self.run_dir = Path(cfg.run_dir)
         self.data = data or RunData(cfg)
         self.device, self.tokenizer = self.data.device, self.data.tokenizer
         self.manifest = self.data.dataset.manifest
         self.streams = {"main": self.data.stream(), **(streams or {})}
+        for stream in self.streams.values():
+            if stream.prefetches:  # what a batch needs besides its tokens, read with it off the training thread
+                stream.attach = objective.attach
         self.run = self.data.run
         self.checkpointer = Checkpointer(self.run, cfg.checkpoint)
 
@@ -271,7 +281,7 @@ class Trainer:
         if not self.data.val_batches:
             return None
         self.engine.eval()
-        total, count = eval_loss(self.engine, self.data.val_batches, self.device)
+        total, count = eval_loss(self.engine, self.data.val_batches, len(self.tokenizer), self.device)
         self.engine.train()
         total, count = dist.all_reduce_sum([total, float(count)])
         return total / count
@@ -301,78 +311,78 @@ class Trainer:
         self.checkpointer.save(self.engine, self.state, record)
 
     def fit(self) -> dict[str, float | None]:
-        from tqdm.auto import tqdm
-
-        cfg = self.cfg
-        if dist.is_main():
-            clean_stale(self.run.final)  # an export killed mid-write
+        """Train to train.max_steps (or an early stop), evaluating, logging and checkpointing at their cadences,
+        then export; the run directory is given back however it ends."""
         try:
-            return self._fit(cfg, tqdm)
+            start_step = self._begin()
+            t = self.cfg.train
+            mfu = self.flops_per_token / (t.peak_tflops * 1e12 * dist.world_size()) if t.peak_tflops else 0.0
+            progress = StepReporter(self.run_dir, self.state.step, t.max_steps, self.tokens_per_step, mfu,
+                                    enabled=dist.is_main())
+            try:
+                while self.state.step < t.max_steps and not self.state.stopped_early:
+                    lr = self.engine.get_lr()[0]  # the LR this step uses (the scheduler advances inside step())
+                    metrics = self.train_step()
+                    self.state.step += 1
+                    self.state.tokens_seen += self.tokens_per_step
+                    progress.step_done()
+                    self._after_step(metrics, lr, progress)
+            finally:
+                progress.close()
+            self._finish(start_step)
+            return {"step": self.state.step, "val_loss": self.state.last_val}
         finally:
             if dist.is_main():
                 self.run.unlock()
 
-    def _fit(self, cfg: TrainerConfig, tqdm) -> dict[str, float | None]:
+    def _begin(self) -> int:
+        """Resume, and say what this launch is: config.yaml once it will train (a finished run relaunched changes
+        nothing, and an override there is refused). Returns the step it starts from."""
+        if dist.is_main():
+            clean_stale(self.run.final)  # an export killed mid-write
         self.resume()
-        start_step = self.state.step
-        finished = start_step >= cfg.train.max_steps or self.state.stopped_early
-        overridden = self.data.relaunch.overridden
+        start, overridden = self.state.step, self.data.relaunch.overridden
+        finished = start >= self.cfg.train.max_steps or self.state.stopped_early
         if finished and overridden:
-            raise UserError(f"{self.run.name} finished at step {start_step}: checkpoint.allow_changes={overridden} "
+            raise UserError(f"{self.run.name} finished at step {start}: checkpoint.allow_changes={overridden} "
                             "would change nothing it trains (the model was made with the old values), and the run "
                             "would then say otherwise; use another run_dir (model.pretrained= its final/ starts a new "
                             "run from this one)")
-        if dist.is_main() and not finished:  # the launch was accepted: from here on the run dir says what it is
-            self.run.write_config(yaml.safe_dump(to_dict(cfg), sort_keys=False), self.ds_config)
+        if dist.is_main() and not finished:
+            self.run.write_config(yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.ds_config)
             for line in self.data.relaunch.lines:
                 print(line, flush=True)
-        logger = MetricsLogger(self.run_dir, enabled=dist.is_main())
-        logger.truncate_after(self.state.step)
-        bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=not dist.is_main(),
-                   desc=self.run_dir.name, unit="step", dynamic_ncols=True)
-        window_t, window_tokens = time.perf_counter(), 0
-        try:
-            while self.state.step < cfg.train.max_steps and not self.state.stopped_early:
-                lr = self.engine.get_lr()[0]  # the LR this step uses (the scheduler advances inside step())
-                metrics = self.train_step()
-                self.state.step += 1
-                self.state.tokens_seen += self.tokens_per_step
-                window_tokens += self.tokens_per_step
-                step = self.state.step
-                is_last = step == cfg.train.max_steps
-                record: dict[str, float | None] = {}
-                evals = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last
-                if evals or step % cfg.train.log_every == 0 or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                    self.check_finite()  # before anything reads or saves the weights
-                if evals:
-                    self.state.last_val = record["val_loss"] = self.evaluate()
-                    if self._stop_early(self.state.last_val):
-                        record["early_stop"] = 1.0
-                        is_last = True
-                if step % cfg.train.log_every == 0 or is_last or "val_loss" in record:
-                    elapsed = time.perf_counter() - window_t
-                    gn = self.engine.get_global_grad_norm()
-                    tps = window_tokens / max(elapsed, 1e-9)
-                    metrics = _floats(metrics)
-                    record.update(metrics, lr=lr, tokens=self.state.tokens_seen, tokens_per_s=tps,
-                                  grad_norm=float(gn) if gn is not None else None)
-                    if cfg.train.peak_tflops:
-                        record["mfu"] = self.flops_per_token * tps / (cfg.train.peak_tflops * 1e12 * dist.world_size())
-                    logger.log(step, record)
-                    window_t, window_tokens = time.perf_counter(), 0
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", **({"val": f"{self.state.last_val:.3f}"} if self.state.last_val else {}))
-                bar.update(1)
-                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or is_last:
-                    self.save()
-        finally:
-            bar.close()
-            logger.close()
+        return start
+
+    def _after_step(self, metrics: dict[str, torch.Tensor], lr: float, progress: StepReporter) -> None:
+        """What the step just taken is due for: the finite check before anything reads or saves the weights, an
+        evaluation (and the early stop it may decide), a log record, a checkpoint."""
+        step, t = self.state.step, self.cfg.train
+        last = step == t.max_steps
+        evaluates = bool(t.eval_every and step % t.eval_every == 0) or last
+        saves = bool(self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0)
+        if evaluates or saves or step % t.log_every == 0:
+            self.check_finite()
+        record: dict[str, float | None] = {}
+        if evaluates:
+            self.state.last_val = record["val_loss"] = self.evaluate()
+            if self._stop_early(self.state.last_val):
+                record["early_stop"] = 1.0
+                last = True
+        if step % t.log_every == 0 or last or "val_loss" in record:
+            gn = self.engine.get_global_grad_norm()
+            progress.log(step, metrics, record, lr, self.state.tokens_seen, float(gn) if gn is not None else None,
+                         self.state.last_val)
+        if saves or last:
+            self.save()
+
+    def _finish(self, start_step: int) -> None:
+        """Export what this launch trained; a finished run relaunched keeps its final/ as it is."""
         if self.state.step > start_step or not dist.on_main(self._final_is_current):
             self.export()
         elif dist.is_main():
             print(f"{self.run.name}: finished at step {self.state.step}; final/ is up to date, not exported again",
                   flush=True)
-        return {"step": self.state.step, "val_loss": self.state.last_val}
 
     def _final_is_current(self) -> bool:
         """final/ holds this run's export at its current step (a finished run relaunched as it was)."""
@@ -420,7 +430,7 @@ class Trainer:
         sources = [Path(s).name if Path(s).is_absolute() else s for s in self.manifest.get("sources", [])]
         run_config = relative_to_run(to_dict(self.cfg), self.data.inputs, self.run_dir)
         run_config["run_dir"] = str(Path(*self.run_dir.absolute().parts[-2:]))  # its name (and its parent's)
-        return {"run_config": run_config,
+        return {"recipe": self.recipe, "run_config": run_config,
                 "inputs": self.data.inputs, "history": self.data.relaunch.history,
                 "data_manifest": {**self.manifest, "sources": sources}, "params": self.n_params,
                 "step": self.state.step, "tokens_seen": self.state.tokens_seen,
@@ -487,15 +497,6 @@ def _check_model_fits(cfg: ModelConfig, data: PackedDataset) -> None:
     elif cfg.max_position_embeddings < data.seq_len:
         raise UserError(f"model.max_position_embeddings={cfg.max_position_embeddings} is below the data's "
                         f"seq_len={data.seq_len} ({data.path}); raise it to at least {data.seq_len}")
-
-
-def _floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Metric tensors as floats, with one device-to-host copy for all of those on an accelerator."""
-    out = {k: float(v) for k, v in metrics.items() if v.device.type == "cpu"}
-    dev = [k for k in metrics if k not in out]
-    if dev:
-        out.update(zip(dev, torch.stack([metrics[k].double() for k in dev]).tolist()))
-    return {k: out[k] for k in metrics}
 
 
 def _model_config(cfg: ModelConfig, objective: Objective) -> ModelConfig:
