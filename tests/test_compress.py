@@ -243,6 +243,12 @@ def test_stages_chain_skip_when_finished_and_export_only_the_student(tiny_data, 
     assert str(tmp_path) not in json.dumps(meta)  # no absolute local path anywhere in what the model carries
     weights = load_file(str(run / "tsd" / "final" / "model.safetensors"))
     assert not any(k.startswith(("heads", "model.heads")) for k in weights)  # projections are not exported
+    from slm_assist.report import run_summary
+
+    # reports find the recipe by the name the run recorded: a stage is a compression stage, not "CE"
+    assert meta["tsd"]["recipe"] == "compress"
+    assert run_summary(run / "tsd")["recipe"] == "compress: compressed student, stage tsd of gd → tsd"
+    assert run_summary(run / "finetune")["recipe"] == "compress: fine-tuned teacher, stage finetune of finetune"
     student = AutoModelForCausalLM.from_pretrained(str(run / "tsd" / "final"))
     assert student.config.hidden_size == 16 and student.config.num_hidden_layers == 1
     ckpt = run / "gd" / "checkpoints"
