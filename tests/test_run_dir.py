@@ -437,7 +437,7 @@ def test_settings_that_only_look_like_paths_are_not_inputs(tiny_data, tmp_path, 
 
 def test_world_size_is_compared_as_a_launch_setting():
     from slm_assist.core.relaunch import compare_launch
-    from slm_assist.training.trainer import RELAUNCH_RULES
+    from slm_assist.training.checkpoint import RELAUNCH_RULES
 
     old = {"train": {"max_steps": 4}, "launch": {"world_size": 1}}
     new = {"train": {"max_steps": 4}, "launch": {"world_size": 2}}

@@ -30,16 +30,9 @@ from slm_assist.core.relaunch import input_fingerprints
 from slm_assist.core.run_dir import FINAL, RunDir, path_name
 from slm_assist.kd.teacher import load_teacher
 from slm_assist.training.batches import DataConfig
+from slm_assist.training.checkpoint import RELAUNCH_RULES, launch_config
 from slm_assist.training.models import ModelConfig
-from slm_assist.training.trainer import (
-    RELAUNCH_RULES,
-    RunData,
-    TrainConfig,
-    Trainer,
-    TrainerConfig,
-    TrainingSections,
-    launch_config,
-)
+from slm_assist.training.trainer import RunData, TrainConfig, Trainer, TrainerConfig, TrainingSections
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Atomic, resumable checkpoints: the DeepSpeed engine state plus one TrainState, complete or absent.
+"""Atomic, resumable checkpoints: the DeepSpeed engine state plus one TrainState, complete or absent; and what a
+launch resumes (`open_run`: the run directory's lock, the newest intact checkpoint, the relaunch rules).
 
 Layout (core/run_dir.py owns it): `<run_dir>/checkpoints/step_00000100/` holds DeepSpeed's files (model,
 optimizer, LR scheduler), `train_state_rank{r}.json` (step, data position, objective state, Python and NumPy RNG)
@@ -26,10 +27,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slm_assist.core import dist
-from slm_assist.core.config import check
+from slm_assist.core.config import check, path_settings, to_dict
 from slm_assist.core.errors import UserError, brief
 from slm_assist.core.faults import fault
 from slm_assist.core.files import file_sha256, no_space_error, out_of_space, plain_mode
+from slm_assist.core.model_dir import META
+from slm_assist.core.relaunch import Relaunch, RelaunchRules, input_fingerprints
 from slm_assist.core.run_dir import RunDir
 
 
@@ -242,3 +245,76 @@ class Checkpointer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
         return state
+
+
+# ---- a launch: which checkpoint it resumes, and whether it may -------------------------------------------------
+RELAUNCH_RULES = RelaunchRules(
+    harmless=("run_dir", "checkpoint", "launch", "train.log_every", "train.eval_every", "train.eval_batches",
+              "train.patience", "train.torch_threads", "train.peak_tflops", "train.compile",
+              "train.activation_checkpointing", "model.attn_implementation"),
+    extendable=("train.max_steps",),
+    fixed=("model.model_type", "model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "model.num_layers",
+           "model.num_heads", "model.num_kv_heads", "model.ffn_size", "model.max_position_embeddings",
+           "model.tie_word_embeddings", "model.hf_overrides", "train.dtype", "train.zero_stage"),
+)
+"""What a resumed run may change: cadences, evaluation, threads, kernels and the world size freely (with a line);
+a longer run with a note (the LR schedule, and SALT's KD phase when it is a fraction of the run, re-span the new
+length); everything else only with checkpoint.allow_changes, except the settings the checkpoint's tensors are
+shaped by."""
+
+
+def launch_config(cfg: Any) -> dict[str, Any]:
+    """What a checkpoint records and a relaunch compares: the resolved config, and the world size it ran on (a
+    change of it changes the global batch: accepted, and said)."""
+    return {**to_dict(cfg), "launch": {"world_size": dist.world_size()}}
+
+
+def open_run(cfg: Any, extra: dict[str, str] | None = None) -> tuple[RunDir, dict[str, str], Relaunch]:
+    """Take the run directory for a launch before anything is written or built: its lock (rank 0), the newest
+    intact checkpoint (every rank hashes its share), and this launch checked against the config and inputs that
+    made that checkpoint (rank 0). Only then are damaged checkpoints set aside, or, with checkpoint.resume=false,
+    the previous run's checkpoints removed. Every rank gets the outcome or the same error. Returns the run
+    directory, the content fingerprints of the run's inputs, and what resuming means."""
+    run = RunDir(cfg.run_dir)
+    dist.on_main(run.lock)
+    try:
+        checkpoint, damaged = None, []
+        if cfg.checkpoint.resume:
+            dist.on_main(lambda: _check_resumable(run, cfg))
+            checkpoint, damaged = find_intact(run)
+            if checkpoint is None and (damaged or run.damaged()):
+                listed = "; ".join(f"{c.name}: {why}" for c, why in damaged) or \
+                    f"the damaged ones are set aside in {run.checkpoints_root}"
+                raise UserError(f"run_dir={cfg.run_dir}: no intact checkpoint is left to resume ({listed}); set "
+                                "checkpoint.resume=false to start over")
+
+        def take() -> tuple[dict[str, str], Relaunch]:
+            inputs = input_fingerprints(to_dict(cfg), path_settings(type(cfg)), extra)
+            relaunch = run.check_relaunch(launch_config(cfg), inputs, RELAUNCH_RULES, checkpoint)
+            for ckpt, problem in damaged:
+                run.set_aside(ckpt, problem)
+            if not cfg.checkpoint.resume and (n := run.discard_checkpoints()):
+                print(f"run_dir={cfg.run_dir}: checkpoint.resume=false: starting over, removed the previous run's {n} "
+                      "checkpoint(s)", flush=True)
+            return inputs, relaunch
+
+        inputs, relaunch = dist.on_main(take)
+    except BaseException:
+        if dist.is_main():
+            run.unlock()
+        raise
+    return run, inputs, relaunch
+
+
+def _check_resumable(run: RunDir, cfg: Any) -> None:
+    """Checkpoints this version can check and load, and no finished model without one to compare with."""
+    legacy = run.legacy_checkpoints()
+    if legacy:
+        raise UserError(f"run_dir={cfg.run_dir}: {legacy[-1]} was written by an older slm_assist (no integrity "
+                        "record, and a pickled train state, which is not loaded: a pickle can run code); set "
+                        "checkpoint.resume=false to start over, or use another run_dir")
+    if not run.checkpoints() and not run.damaged() and (run.final / META).is_file():
+        raise UserError(f"run_dir={cfg.run_dir} holds a finished model in final/ but no checkpoint to resume or to "
+                        "check this launch against (they were deleted); use another run_dir (model.pretrained= its "
+                        "final/ starts a new run from it), or set checkpoint.resume=false to train it again from "
+                        "scratch (final/ is then replaced, keeping files you added there)")

@@ -17,16 +17,15 @@ import torch
 import yaml
 
 from slm_assist.core import dist
-from slm_assist.core.config import check, path_settings, to_dict
+from slm_assist.core.config import check, to_dict
 from slm_assist.core.dataset import PackedDataset
 from slm_assist.core.errors import UserError
 from slm_assist.core.files import atomic_output_dir, check_writable, clean_stale
 from slm_assist.core.model_dir import CONFIG as MODEL_CONFIG
 from slm_assist.core.model_dir import META, MODEL_FILES, ModelDir, write_model_dir
-from slm_assist.core.relaunch import Relaunch, RelaunchRules, input_fingerprints, relative_to_run
-from slm_assist.core.run_dir import RunDir
+from slm_assist.core.relaunch import relative_to_run
 from slm_assist.training.batches import DataConfig, ShardedBatches, validation_batches
-from slm_assist.training.checkpoint import CheckpointConfig, Checkpointer, TrainState, find_intact
+from slm_assist.training.checkpoint import CheckpointConfig, Checkpointer, TrainState, launch_config, open_run
 from slm_assist.training.engine import ModelWithHeads, deepspeed_config, initialize, reapply_optim
 from slm_assist.training.metrics import StepReporter
 from slm_assist.training.models import ModelConfig, build_model, compile_layers, count_params, flops_per_token
@@ -115,27 +114,6 @@ class TrainerConfig(TrainingSections):
     `distill`)."""
 
     data: DataConfig = field(default_factory=DataConfig)
-
-
-RELAUNCH_RULES = RelaunchRules(
-    harmless=("run_dir", "checkpoint", "launch", "train.log_every", "train.eval_every", "train.eval_batches",
-              "train.patience", "train.torch_threads", "train.peak_tflops", "train.compile",
-              "train.activation_checkpointing", "model.attn_implementation"),
-    extendable=("train.max_steps",),
-    fixed=("model.model_type", "model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "model.num_layers",
-           "model.num_heads", "model.num_kv_heads", "model.ffn_size", "model.max_position_embeddings",
-           "model.tie_word_embeddings", "model.hf_overrides", "train.dtype", "train.zero_stage"),
-)
-"""What a resumed run may change: cadences, evaluation, threads, kernels and the world size freely (with a line);
-a longer run with a note (the LR schedule, and SALT's KD phase when it is a fraction of the run, re-span the new
-length); everything else only with checkpoint.allow_changes, except the settings the checkpoint's tensors are
-shaped by."""
-
-
-def launch_config(cfg: TrainerConfig) -> dict[str, Any]:
-    """What a checkpoint records and a relaunch compares: the resolved config, and the world size it ran on (a
-    change of it changes the global batch: accepted, and said)."""
-    return {**to_dict(cfg), "launch": {"world_size": dist.world_size()}}
 
 
 class NonFiniteLossError(UserError):
@@ -435,57 +413,6 @@ class Trainer:
                 "data_manifest": {**self.manifest, "sources": sources}, "params": self.n_params,
                 "step": self.state.step, "tokens_seen": self.state.tokens_seen,
                 "stages": (start or {}).get("stages", [])}
-
-
-def open_run(cfg: TrainerConfig, extra: dict[str, str] | None = None) -> tuple[RunDir, dict[str, str], Relaunch]:
-    """Take the run directory for a launch before anything is written or built: its lock (rank 0), the newest
-    intact checkpoint (every rank hashes its share), and this launch checked against the config and inputs that
-    made that checkpoint (rank 0). Only then are damaged checkpoints set aside, or, with checkpoint.resume=false,
-    the previous run's checkpoints removed. Every rank gets the outcome or the same error. Returns the run
-    directory, the content fingerprints of the run's inputs, and what resuming means."""
-    run = RunDir(cfg.run_dir)
-    dist.on_main(run.lock)
-    try:
-        checkpoint, damaged = None, []
-        if cfg.checkpoint.resume:
-            dist.on_main(lambda: _check_resumable(run, cfg))
-            checkpoint, damaged = find_intact(run)
-            if checkpoint is None and (damaged or run.damaged()):
-                listed = "; ".join(f"{c.name}: {why}" for c, why in damaged) or \
-                    f"the damaged ones are set aside in {run.checkpoints_root}"
-                raise UserError(f"run_dir={cfg.run_dir}: no intact checkpoint is left to resume ({listed}); set "
-                                "checkpoint.resume=false to start over")
-
-        def take() -> tuple[dict[str, str], Relaunch]:
-            inputs = input_fingerprints(to_dict(cfg), path_settings(type(cfg)), extra)
-            relaunch = run.check_relaunch(launch_config(cfg), inputs, RELAUNCH_RULES, checkpoint)
-            for ckpt, problem in damaged:
-                run.set_aside(ckpt, problem)
-            if not cfg.checkpoint.resume and (n := run.discard_checkpoints()):
-                print(f"run_dir={cfg.run_dir}: checkpoint.resume=false: starting over, removed the previous run's {n} "
-                      "checkpoint(s)", flush=True)
-            return inputs, relaunch
-
-        inputs, relaunch = dist.on_main(take)
-    except BaseException:
-        if dist.is_main():
-            run.unlock()
-        raise
-    return run, inputs, relaunch
-
-
-def _check_resumable(run: RunDir, cfg: TrainerConfig) -> None:
-    """Checkpoints this version can check and load, and no finished model without one to compare with."""
-    legacy = run.legacy_checkpoints()
-    if legacy:
-        raise UserError(f"run_dir={cfg.run_dir}: {legacy[-1]} was written by an older slm_assist (no integrity "
-                        "record, and a pickled train state, which is not loaded: a pickle can run code); set "
-                        "checkpoint.resume=false to start over, or use another run_dir")
-    if not run.checkpoints() and not run.damaged() and (run.final / META).is_file():
-        raise UserError(f"run_dir={cfg.run_dir} holds a finished model in final/ but no checkpoint to resume or to "
-                        "check this launch against (they were deleted); use another run_dir (model.pretrained= its "
-                        "final/ starts a new run from it), or set checkpoint.resume=false to train it again from "
-                        "scratch (final/ is then replaced, keeping files you added there)")
 
 
 def _check_model_fits(cfg: ModelConfig, data: PackedDataset) -> None:
