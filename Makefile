@@ -4,7 +4,7 @@ PY := .venv/bin/python
 DEMO ?= runs/demo
 ARGS ?=
 
-.PHONY: setup setup-numactl test test-fast demo lint pack score select bench bench-score bench-salt bench-compress clean
+.PHONY: setup setup-numactl test test-fast demo lint pack score select bench bench-score bench-salt bench-compress bench-compress-demo clean
 
 setup: .venv/.installed
 
@@ -121,7 +121,7 @@ demo: setup $(DEMO)/data/manifest.json $(DEMO)/task/manifest.json
 	$(PY) -m data_tools.cloze $(DEMO)/data $(DEMO)/cloze.jsonl --examples 300
 	for r in slm llm salt; do $(PY) -m slm_assist.eval $(DEMO)/$$r/final $(DEMO)/data $(DEMO)/cloze.jsonl \
 	  --out $(DEMO)/$$r/eval.json || exit 1; done
-	$(PY) -m slm_assist.compress $(DEMO_COMPRESS) run_dir=$(DEMO)/compress teacher=$(DEMO)/llm/final \
+	$(PY) -m slm_assist.compress $(DEMO_COMPRESS) run_dir=$(DEMO)/compress teacher=$(DEMO)/llm/final init.path=$(DEMO)/slm/final \
 	  general_data=$(DEMO)/data task_data=$(DEMO)/task
 	$(PY) -m slm_assist.train configs/demo/scratch.yaml run_dir=$(DEMO)/scratch data.path=$(DEMO)/task $(DEMO_ARGS)
 	for r in compress/finetune compress/tsd scratch; do $(PY) -m slm_assist.eval $(DEMO)/$$r/final $(DEMO)/task \
@@ -139,10 +139,16 @@ bench: setup
 bench-salt: setup
 	$(PY) bench/salt.py $(ARGS)
 
-# Progressive compression vs TSD-only, a single-stage control, scratch and the init ablation (~80 min on 2 CPU
-# cores; resumable, --seeds N adds seeds); ARGS=--quick for a <= 10 min test-scale run.
+# Compression measured three ways (issue 25): ERNIE-Tiny's amortised general distillation at equal task steps on
+# two tasks, Minitron's tokens to match a scratch student, and the full FLOP charge; the latent-stage sweep and the
+# pruning ablations (~4 h on 2 CPU cores with --jobs 2; resumable, --seeds N adds seeds; --plan lists the runs).
+# ARGS=--quick for a ~15 min test-scale run.
 bench-compress: setup
 	$(PY) bench/compress.py $(ARGS)
+
+# The demo's compress step over 3 seeds (after `make demo`): the gap recovered each seed reaches (~10 min).
+bench-compress-demo: setup
+	$(PY) bench/compress_demo.py --demo $(DEMO) $(ARGS)
 
 bench-score: setup
 	$(PY) bench/score_throughput.py $(ARGS)

@@ -45,6 +45,22 @@ def tiny_data(tiny_corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_task(tiny_data, tmp_path_factory) -> Path:
+    """A task unlike the tiny corpus (the demo's Perl docs, 60 documents of 1,500 characters) packed with the tiny
+    data's tokenizer: the compression tests' task data."""
+    from data_tools.pack import PrepareConfig, prepare
+    from slm_assist.core.config import load_config
+
+    out = tmp_path_factory.mktemp("data") / "task"
+    cfg = load_config(PrepareConfig, None, [
+        f"out_dir={out}", f"corpus.paths=[{REPO / 'data_tools/demo_corpus/perldoc_task.jsonl.gz'}]",
+        "corpus.max_docs=60", f"tokenizer.path={tiny_data / 'tokenizer'}", "pack.seq_len=32", "pack.val_fraction=0.2",
+    ])
+    prepare(cfg)
+    return out
+
+
 def run_overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         str(REPO / "configs/demo/llm.yaml"), f"data.path={data}", f"run_dir={run_dir}", *TINY_MODEL,

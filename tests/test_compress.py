@@ -299,18 +299,20 @@ def test_prune_keeping_everything_is_the_identity_and_pruning_keeps_the_importan
     imp = importance(teacher, batches)
     assert imp.channels.shape == (32,) and imp.blocks.shape == (4,) and imp.heads[0].shape == (2,)
     assert imp.neurons[0].shape == (64,) and bool((imp.blocks > 0).all())
-    same, kept, heads = prune(teacher, imp, hidden=32, layers=4, heads=4, kv_heads=2, ffn=64)
-    assert kept == [1, 2, 3, 4] and heads == [[0, 1, 2, 3]] * 4
-    same.eval()
+    whole = prune(teacher, imp, hidden=32, layers=4, heads=4, kv_heads=2, ffn=64)
+    same = whole.model.eval()
+    assert whole.blocks == [1, 2, 3, 4] and whole.heads == [[0, 1, 2, 3]] * 4 and whole.channels == list(range(32))
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         assert torch.equal(same(input_ids=ids).logits, teacher(input_ids=ids).logits)
 
-    small, kept, heads = prune(teacher, imp, hidden=16, layers=2, heads=2, kv_heads=1, ffn=32)
+    pruned = prune(teacher, imp, hidden=16, layers=2, heads=2, kv_heads=1, ffn=32)
+    small, kept, heads = pruned.model, pruned.blocks, pruned.heads
     c = small.config
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
             c.head_dim) == (16, 2, 2, 1, 32, 8)
     keep_d = imp.channels.topk(16).indices.sort().values
+    assert pruned.channels == keep_d.tolist()
     block = int(imp.blocks.topk(2).indices.sort().values[0])
     assert kept == [b + 1 for b in imp.blocks.topk(2).indices.sort().values.tolist()]
     group = int(imp.heads[block].argmax())

@@ -304,11 +304,10 @@ def test_shortened_demo_writes_the_full_cycle_report(tmp_path):
     demo = tmp_path / "demo"
     train = " ".join([*TINY_MODEL, "train.max_steps=6", "train.eval_every=3", "train.eval_batches=2",
                       "checkpoint.every=0", "train.torch_threads=1"])
-    compress = tmp_path / "compress.yaml"  # the demo's stages, two steps each, into a student of the tiny LLM
+    compress = tmp_path / "compress.yaml"  # the demo's stages, two steps each, into the (tiny) demo SLM
     stages = yaml.safe_load((REPO / "configs/demo/compress.yaml").read_text())["stages"]
     compress.write_text(yaml.safe_dump({
-        "base": str(REPO / "configs/demo/compress.yaml"), "init": {"calibration": 8},
-        "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 1, "ffn_size": 32},
+        "base": str(REPO / "configs/demo/compress.yaml"),
         "train": {"eval_every": 2, "eval_batches": 1, "torch_threads": 1}, "checkpoint": {"every": 0},
         "stages": [{**s, "max_steps": 2} for s in stages]}))
     env = clean_env()

@@ -45,7 +45,16 @@ class InitConfig:
     path: PathSetting = ""
     """model: a save_pretrained directory sharing the data's tokenizer (e.g. the SALT SLM's final/)."""
     calibration: int = 256
-    """prune: calibration sequences (from the general data's train split) that importance is measured on."""
+    """prune: calibration sequences (from the train split of `calibration_data`) that importance is measured on."""
+    calibration_data: Literal["general", "task"] = "general"
+    """prune: which data importance is measured on."""
+    source: str = "pretrained"
+    """layers, prune: the model the student is cut from: pretrained (`teacher`), finetuned (the fine-tuned
+    teacher: a `trains: teacher` stage before the first student stage, or finetuned_teacher; Minitron's "teacher
+    correction"), or a model directory with the data's tokenizer."""
+    axes: Literal["both", "width", "depth"] = "both"
+    """prune: what may shrink. width: hidden size, heads, FFN (model.num_layers must be the source's); depth:
+    whole blocks (the width fields must be the source's); both. Minitron finds width better after distillation."""
 
     def __post_init__(self) -> None:
         check(self.every >= 1, "every", self.every, ">= 1")
@@ -60,7 +69,10 @@ class InitConfig:
         else:
             check(bool(self.path), "path", self.path, "a model directory with init.kind=model")
         if self.kind != "prune":
-            check_no_effect(self, ["calibration"], f"with init.kind={self.kind}")
+            check_no_effect(self, ["calibration", "calibration_data", "axes"], f"with init.kind={self.kind}")
+        if self.kind not in ("layers", "prune"):
+            check_no_effect(self, ["source"], f"with init.kind={self.kind}")
+        check(bool(self.source), "source", self.source, "pretrained, finetuned or a model directory")
         check(self.calibration > 0, "calibration", self.calibration, "> 0")
 
 
@@ -110,19 +122,27 @@ def prune_targets(model: ModelConfig, teacher_config: PretrainedConfig) -> dict[
             "ffn": model.ffn_size}
 
 
+ORIGIN = ("teacher_blocks", "teacher_heads", "teacher_channels", "cut_from")
+"""What a student's origin record says (make_student): where its blocks, heads and channels came from."""
+
+
 def make_student(cfg: InitConfig, model: ModelConfig, teacher_dir: ModelDir | None, data: PackedDataset,
-                 out: Path) -> dict[str, Any]:
-    """Write the initial student into `out` (a directory the caller renames into place when complete). Returns
-    where its parts came from: `teacher_blocks` (1-based, for layers and prune) and `teacher_heads` (per block,
-    the teacher's query heads in the student's order, for prune); None where it does not apply."""
+                 out: Path, seed: int = 0) -> dict[str, Any]:
+    """Write the initial student into `out` (a directory the caller renames into place when complete), cut from
+    `teacher_dir` (init.source) for layers and prune, calibrated on `data`. Returns where its parts came from
+    (`ORIGIN`): `teacher_blocks` (1-based, for layers and prune), `teacher_heads` (per block, the teacher's query
+    heads in the student's order) and `teacher_channels` (the teacher channel of each student channel), for prune;
+    `cut_from`, the fingerprint of the model they index into. A `model` init made by an earlier compress run (a
+    general student) inherits its origin from its exported metadata. None where it does not apply."""
     tok = data.tokenizer
     if cfg.kind == "model":
         src = ModelDir.open(cfg.path, "init.path")
         src.check_vocabulary(data, "the student must use the data's tokenizer")
         src.check_context(data.seq_len, "the student reads the data's sequences")
         shutil.copytree(src.path, out, dirs_exist_ok=True)
-        return {"teacher_blocks": None, "teacher_heads": None}
-    blocks = heads = None
+        stages = (src.meta() or {}).get("stages") or [{}]
+        return {**dict.fromkeys(ORIGIN), **(stages[-1].get("origin") or {})}
+    blocks = heads = channels = None
     if cfg.kind == "random":
         student = build_model(model, tok, torch.device("cpu"))
     else:
@@ -138,11 +158,20 @@ def make_student(cfg: InitConfig, model: ModelConfig, teacher_dir: ModelDir | No
             calib = teacher if device.type == "cpu" else teacher_dir.load(
                 device, len(tok), dtype=torch.bfloat16, attn_implementation=None).eval()
             rows = data.split("train")
-            n = min(cfg.calibration, len(rows))
-            batches = (torch.from_numpy(np.asarray(rows[i : min(i + 8, n)]["input_ids"], dtype=np.int64))
-                       for i in range(0, n, 8))
+            picked = calibration_rows(len(rows), cfg.calibration, seed)
+            batches = (torch.from_numpy(np.asarray(rows.select(picked[i : i + 8])["input_ids"], dtype=np.int64))
+                       for i in range(0, len(picked), 8))
             imp = importance(calib, batches)
             del calib
-            student, blocks, heads = prune(teacher, imp, **prune_targets(model, teacher.config))
+            pruned = prune(teacher, imp, **prune_targets(model, teacher.config))
+            student, blocks, heads, channels = pruned.model, pruned.blocks, pruned.heads, pruned.channels
     write_model_dir(out, student, tok, None)
-    return {"teacher_blocks": blocks, "teacher_heads": heads}
+    return {"teacher_blocks": blocks, "teacher_heads": heads, "teacher_channels": channels,
+            "cut_from": teacher_dir.fingerprint() if blocks is not None else None}
+
+
+def calibration_rows(n_rows: int, n: int, seed: int) -> list[int]:
+    """The calibration sequences of a prune init: `n` of the split's rows drawn by the run's seed (in order), so
+    that seeds differ in what importance is measured on, not only in data order."""
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(n_rows, size=min(n, n_rows), replace=False).tolist())

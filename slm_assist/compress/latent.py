@@ -59,11 +59,22 @@ class Projections(torch.nn.Module):
     """One learned linear map per mapped student layer, student width -> teacher width (none when they match).
     The Trainer trains, checkpoints and all-reduces it as an objective head; it is never exported."""
 
-    def __init__(self, pairs: list[tuple[int, int]], d_student: int, d_teacher: int) -> None:
+    def __init__(self, pairs: list[tuple[int, int]], d_student: int, d_teacher: int,
+                 kept: list[int] | None = None) -> None:
+        """`kept`: the teacher channel each student channel was pruned from; the maps then start as that selection
+        (the student's states placed where they came from), so the loss starts from where the student is instead
+        of from a random map whose gradients scramble the body."""
         super().__init__()
         self.identity = d_student == d_teacher
         self.maps = torch.nn.ModuleDict() if self.identity else torch.nn.ModuleDict(
             {str(s): torch.nn.Linear(d_student, d_teacher, bias=False) for s, _ in pairs})
+        if kept is not None and not self.identity:
+            if len(kept) != d_student or not all(0 <= c < d_teacher for c in kept):
+                raise ValueError(f"kept channels {kept[:4]}...: need {d_student} teacher channels in 0..{d_teacher - 1}")
+            with torch.no_grad():
+                for proj in self.maps.values():
+                    proj.weight.zero_()
+                    proj.weight[torch.tensor(kept), torch.arange(d_student)] = 1.0
 
     def forward(self, layer: int, states: torch.Tensor) -> torch.Tensor:
         if self.identity:

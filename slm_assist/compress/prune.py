@@ -98,8 +98,10 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k).indices.sort().values
 
 
-def check_prune_targets(cfg: PretrainedConfig, *, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int) -> None:
-    """The target shape fits inside the teacher's config `cfg`, in whole GQA groups."""
+def check_prune_targets(cfg: PretrainedConfig, *, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int,
+                        axes: str = "both") -> None:
+    """The target shape fits inside the source's config `cfg`, in whole GQA groups, and changes only `axes`
+    (width, depth or both)."""
     per_group = cfg.num_attention_heads // cfg.num_key_value_heads
     want = {"model.hidden_size": (hidden, cfg.hidden_size), "model.num_layers": (layers, cfg.num_hidden_layers),
             "model.num_heads": (heads, cfg.num_attention_heads), "model.num_kv_heads": (kv_heads, cfg.num_key_value_heads),
@@ -108,16 +110,34 @@ def check_prune_targets(cfg: PretrainedConfig, *, hidden: int, layers: int, head
         if not 0 < target <= have:
             raise UserError(f"init.kind=prune: {name}={target} must be in 1..{have} (the teacher's); pruning only "
                             "removes units")
+    fixed = {"width": ["model.num_layers"], "depth": [n for n in want if n != "model.num_layers"]}.get(axes, [])
+    for name in fixed:
+        target, have = want[name]
+        if target != have:
+            kind = "depth" if axes == "width" else "width"
+            raise UserError(f"init.axes={axes}: {name}={target} changes the {kind} (the source has {have}); set "
+                            f"{name}={have}, or init.axes=both")
     if heads != kv_heads * per_group:
         raise UserError(f"init.kind=prune: model.num_heads={heads} must be model.num_kv_heads={kv_heads} x the "
                         f"teacher's {per_group} query heads per KV head (whole GQA groups are pruned)")
 
 
+@dataclass
+class Pruned:
+    """A pruned model and where its parts came from: what the latent losses map the student to."""
+
+    model: torch.nn.Module
+    blocks: list[int]
+    """The teacher blocks it kept (1-based), in order."""
+    heads: list[list[int]]
+    """Per kept block, the teacher's query heads in the student's head order."""
+    channels: list[int]
+    """The teacher's hidden channel each student channel is (0-based)."""
+
+
 def prune(model: torch.nn.Module, imp: Importance, *, hidden: int, layers: int, heads: int, kv_heads: int,
-          ffn: int) -> tuple[torch.nn.Module, list[int], list[list[int]]]:
-    """A new model of the teacher's architecture and the target shape, with the teacher's kept weights; the
-    teacher blocks it kept (1-based), and per kept block the teacher's query heads in the student's head order:
-    what the latent losses map the student's blocks and heads to."""
+          ffn: int) -> Pruned:
+    """A new model of the teacher's architecture and the target shape, with the teacher's kept weights."""
     from transformers import AutoModelForCausalLM
 
     _check_supported(model)
@@ -163,4 +183,4 @@ def prune(model: torch.nn.Module, imp: Importance, *, hidden: int, layers: int, 
     if missing or unexpected:
         raise UserError(f"init.kind=prune: cannot slice this {cfg.model_type} (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]})")
-    return student, [b + 1 for b in keep_blocks.tolist()], kept_heads
+    return Pruned(student, [b + 1 for b in keep_blocks.tolist()], kept_heads, keep_d.tolist())

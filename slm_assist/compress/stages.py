@@ -11,18 +11,18 @@ import json
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import yaml
 
-from slm_assist.compress.init import InitConfig, chosen_layers, make_student, prune_targets
+from slm_assist.compress.init import ORIGIN, InitConfig, chosen_layers, make_student, prune_targets
 from slm_assist.compress.latent import layer_map
 from slm_assist.compress.objective import CompressObjective, LossConfig
 from slm_assist.compress.prune import check_prune_targets
 from slm_assist.core import dist
 from slm_assist.core.config import PathSetting, check, check_no_effect, path_settings, record_diff, to_dict
-from slm_assist.core.dataset import PackedDataset
+from slm_assist.core.dataset import PackedDataset, shared_span_share
 from slm_assist.core.errors import ConfigError, UserError
 from slm_assist.core.files import atomic_output_dir, check_writable
 from slm_assist.core.model_dir import META, MODEL_FILES, ModelDir, append_stage
@@ -33,6 +33,9 @@ from slm_assist.training.batches import DataConfig
 from slm_assist.training.checkpoint import RELAUNCH_RULES, launch_config
 from slm_assist.training.models import ModelConfig
 from slm_assist.training.trainer import RunData, TrainConfig, Trainer, TrainerConfig, TrainingSections
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass
@@ -45,7 +48,8 @@ class StageConfig:
     """Whom the stage distils from: the pretrained LLM, its fine-tuned copy, or nobody (plain CE)."""
     data: Literal["general", "task"] = "general"
     """Which packed dataset the stage trains on (general_data or task_data)."""
-    loss: LossConfig = field(default_factory=lambda: LossConfig(hidden=1.0))
+    loss: LossConfig = field(default_factory=lambda: latent_loss())
+    """The stage's loss terms; default: the latent stage's (`latent_loss`)."""
     max_steps: int = 100
     """Optimizer steps of this stage (its LR schedule spans them)."""
     lr: float = 0.0
@@ -73,14 +77,22 @@ class StageConfig:
             check(self.teacher == "none", "teacher", self.teacher, "none when the stage fine-tunes the teacher")
 
 
+def latent_loss() -> LossConfig:
+    """ERNIE-Tiny's latent stages made for a causal LM, whose output head is its task head: the logit KD term in
+    every stage, hidden states matched on the intermediate layers, the last block in logit space through the
+    teacher's head, and projections that start from a pruned student's kept channels (bench/RESULTS.md, issue 25:
+    hidden-state matching alone left the student worse than scratch). `{hidden: 1.0}` alone is ERNIE-Tiny's."""
+    return LossConfig(kd=1.0, hidden=0.1, last_layer="logits")
+
+
 def default_stages() -> list[StageConfig]:
     """ERNIE-Tiny's schedule: fine-tune the teacher, then GD -> GED -> TAD -> TSD."""
-    latent = LossConfig(hidden=1.0)
+    latent = latent_loss()
     return [StageConfig("finetune", "teacher", "none", "task", LossConfig(ce=1.0)),
             StageConfig("gd", "student", "pretrained", "general", latent),
             StageConfig("ged", "student", "finetuned", "general", latent),
             StageConfig("tad", "student", "finetuned", "task", latent),
-            StageConfig("tsd", "student", "finetuned", "task", LossConfig(ce=1.0, kd=1.0, hidden=1.0))]
+            StageConfig("tsd", "student", "finetuned", "task", LossConfig(ce=1.0, kd=1.0))]
 
 
 _SHAPE = ("model_type", "vocab_size", "pad_vocab_to", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -143,6 +155,13 @@ class CompressConfig(TrainingSections):
             finetuned = finetuned or s.trains == "teacher"
             if s.data == "task" and not self.task_data:
                 raise ConfigError(f"task_data: empty, but stage {s.name!r} trains on the task data")
+        if self.init.kind in ("layers", "prune") and self.init.source == "finetuned" and not self.finetuned_teacher:
+            first = next((i for i, s in enumerate(self.stages) if s.trains == "student"), len(self.stages))
+            if not any(s.trains == "teacher" for s in self.stages[:first]):
+                raise ConfigError("init.source: finetuned, but no stage before the first student stage fine-tunes "
+                                  "the teacher (trains: teacher) and finetuned_teacher is empty")
+        if self.init.kind == "prune" and self.init.calibration_data == "task" and not self.task_data:
+            raise ConfigError("init.calibration_data: task, but task_data is empty")
 
 
 def _open_data(cfg: CompressConfig) -> dict[str, PackedDataset]:
@@ -208,16 +227,21 @@ def run(cfg: CompressConfig) -> Path:
     dist.on_main(owner.lock)
     try:
         steps = _plan(cfg, root, pretrained.path, finetuned_dir.path if finetuned_dir else None, data)
-        dist.on_main(lambda: _check_launch(cfg, pretrained, steps, root / "init"))
+        source = _init_source(cfg, pretrained.path, finetuned_dir.path if finetuned_dir else None, steps)
+        dist.on_main(lambda: _check_launch(cfg, source, steps, root / "init"))
         if dist.is_main():
             owner.write_config(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        origin = _prepare_init(cfg, pretrained, data["general"], root / "init")
+        origin = None  # the init is made just before the first student stage: it may be cut from a fine-tuned teacher
         for step in steps:
+            if origin is None and step.stage.trains == "student":
+                origin = _prepare_init(cfg, pretrained, source, data, root / "init")
             if step.finished:
                 if dist.is_main():
                     print(f"[{step.stage.name}] finished: {step.final}", flush=True)
             else:
                 _run_stage(cfg, step, data[step.stage.data], origin)
+        if origin is None:  # no student stage: the init is the result
+            _prepare_init(cfg, pretrained, source, data, root / "init")
     finally:
         if dist.is_main():
             owner.unlock()
@@ -241,11 +265,22 @@ def _plan(cfg: CompressConfig, root: Path, pretrained: Path, finetuned: Path | N
     return steps
 
 
-def _check_launch(cfg: CompressConfig, pretrained: ModelDir, steps: list[_Step], init: Path) -> None:
+def _init_source(cfg: CompressConfig, pretrained: Path, finetuned: Path | None, steps: list[_Step]) -> Path:
+    """The model a layers or prune init is cut from (init.source); the pretrained teacher for the other kinds (its
+    fingerprint is part of the init's identity). A fine-tuned teacher made by a stage need not exist yet."""
+    source = cfg.init.source if cfg.init.kind in ("layers", "prune") else "pretrained"
+    if source == "pretrained":
+        return pretrained
+    if source == "finetuned":
+        return finetuned or next(s.final for s in steps if s.stage.trains == "teacher")
+    return Path(source)
+
+
+def _check_launch(cfg: CompressConfig, source: Path, steps: list[_Step], init: Path) -> None:
     """The checks of a relaunch, all before anything is written: the init's settings, every finished stage's
     record and Trainer config against this launch, no new stage before a finished one, and an interrupted stage's
     config against its checkpoint."""
-    _check_init(cfg, pretrained, init)
+    _check_init(cfg, source, init)
     for i, step in enumerate(steps):
         later = [s.stage.name for s in steps[i + 1:] if s.finished]
         if not step.finished and later:
@@ -273,12 +308,12 @@ def _extra_inputs(step: _Step) -> dict[str, str]:
     return {"teacher": str(step.teacher)} if step.teacher is not None and step.stage.teacher != "none" else {}
 
 
-def _init_identity(cfg: CompressConfig, pretrained: ModelDir) -> dict[str, Any]:
-    return {"init": to_dict(cfg.init), "teacher": pretrained.fingerprint(),
+def _init_identity(cfg: CompressConfig, source: Path) -> dict[str, Any]:
+    return {"init": to_dict(cfg.init), "teacher": ModelDir(source).fingerprint(),
             "shape": {k: getattr(cfg.model, k) for k in _SHAPE} if cfg.init.kind in ("random", "prune") else None}
 
 
-def _check_init(cfg: CompressConfig, pretrained: ModelDir, out: Path) -> None:
+def _check_init(cfg: CompressConfig, source: Path, out: Path) -> None:
     """run_dir/init, when it exists, was made by this tool with this launch's settings (the stages after it
     would otherwise resume on another student)."""
     record = out / INIT_RECORD
@@ -287,25 +322,39 @@ def _check_init(cfg: CompressConfig, pretrained: ModelDir, out: Path) -> None:
                         "init. Use another run_dir")
     if record.is_file():
         made = json.loads(record.read_text(encoding="utf-8"))
-        diff = record_diff(made["identity"], _init_identity(cfg, pretrained))
+        diff = record_diff(made["identity"], _init_identity(cfg, source))
         if diff:
             raise UserError(f"run_dir={cfg.run_dir}: its init/ was made with other settings ({'; '.join(diff[:3])});"
                             " use another run_dir, or delete it to start over")
 
 
-def _prepare_init(cfg: CompressConfig, pretrained: ModelDir, data: PackedDataset, out: Path) -> dict[str, Any]:
-    """Make run_dir/init on rank 0 unless it exists (checked by `_check_init`). Returns where its blocks and heads
-    came from (make_student)."""
+def _prepare_init(cfg: CompressConfig, pretrained: ModelDir, source: Path, data: dict[str, PackedDataset],
+                  out: Path) -> dict[str, Any]:
+    """Make run_dir/init on rank 0 unless it exists (checked by `_check_init`). Returns where its blocks, heads and
+    channels came from (make_student): the teacher's, so the latent losses map the student onto them; none when
+    the student was cut from a model of another shape than the teacher's."""
     record = out / INIT_RECORD
     if not record.is_file() and dist.is_main():
-        torch.manual_seed(cfg.seed)  # a random init (and pruning's calibration) must not depend on the process
+        torch.manual_seed(cfg.seed)  # a random init must not depend on the process
+        calibration = data[cfg.init.calibration_data] if cfg.init.kind == "prune" else data["general"]
         with atomic_output_dir(out, (*MODEL_FILES, INIT_RECORD), field="run_dir/init") as tmp:
-            origin = make_student(cfg.init, cfg.model, pretrained, data, tmp)
-            (tmp / INIT_RECORD).write_text(json.dumps({"identity": _init_identity(cfg, pretrained), **origin},
+            origin = make_student(cfg.init, cfg.model, ModelDir(source, "init.source"), calibration, tmp, cfg.seed)
+            # the mapping holds for this launch's teachers: the pretrained one, or one fine-tuned from it
+            teachers = {pretrained.fingerprint(), *([ModelDir(cfg.finetuned_teacher).fingerprint()]
+                                                    if cfg.finetuned_teacher else [])}
+            if origin["cut_from"] not in teachers and not (
+                    cfg.init.kind in ("layers", "prune") and _same_shape(ModelDir(source).config(), pretrained.config())):
+                origin = dict.fromkeys(origin)
+            (tmp / INIT_RECORD).write_text(json.dumps({"identity": _init_identity(cfg, source), **origin},
                                                       indent=2))
     dist.barrier()
     made = json.loads(record.read_text(encoding="utf-8"))
-    return {"teacher_blocks": made.get("teacher_blocks"), "teacher_heads": made.get("teacher_heads")}
+    return {k: made.get(k) for k in ORIGIN}
+
+
+def _same_shape(a: PretrainedConfig, b: PretrainedConfig) -> bool:
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+    return all(getattr(a, k, None) == getattr(b, k, None) for k in keys)
 
 
 def _stage_record(cfg: CompressConfig, step: _Step) -> dict:
@@ -343,13 +392,20 @@ def _check_plan(cfg: CompressConfig, data: dict[str, PackedDataset], teachers: l
         for t in teachers:
             t.check_vocabulary(d, "the teacher must use the data's tokenizer")
             t.check_context(d.seq_len, "the teacher reads the data's sequences")
-    t_cfg = teachers[0].config()  # the pretrained LLM: the init and the layer maps come from it
+    t_cfg = teachers[0].config()  # the pretrained LLM: the layer maps come from it
+    src_cfg = t_cfg  # what the init is cut from: a fine-tuned teacher has the pretrained one's shape
+    if cfg.init.kind in ("layers", "prune") and cfg.init.source not in ("pretrained", "finetuned"):
+        src = ModelDir.open(cfg.init.source, "init.source")
+        for d in data.values():
+            src.check_vocabulary(d, "the student is cut from it and must use the data's tokenizer")
+            src.check_context(d.seq_len, "the student reads the data's sequences")
+        src_cfg = src.config()
     if cfg.init.kind == "random":
         n_student, heads = cfg.model.num_layers, cfg.model.num_heads
     elif cfg.init.kind == "layers":
-        n_student, heads = len(chosen_layers(cfg.init, t_cfg.num_hidden_layers)), t_cfg.num_attention_heads
+        n_student, heads = len(chosen_layers(cfg.init, src_cfg.num_hidden_layers)), src_cfg.num_attention_heads
     elif cfg.init.kind == "prune":
-        check_prune_targets(t_cfg, **prune_targets(cfg.model, t_cfg))
+        check_prune_targets(src_cfg, **prune_targets(cfg.model, src_cfg), axes=cfg.init.axes)
         n_student, heads = cfg.model.num_layers, cfg.model.num_heads
     else:
         src = ModelDir.open(cfg.init.path, "init.path")
@@ -370,9 +426,26 @@ def _check_plan(cfg: CompressConfig, data: dict[str, PackedDataset], teachers: l
         if stage.patience and not data[stage.data].has_split("validation"):
             raise UserError(f"{field}.patience={stage.patience}: the {stage.data} data ({data[stage.data].path}) "
                             "has no validation split")
+    if "task" in data and dist.is_main():
+        _warn_overlap(cfg, data)
 
 
-def _run_stage(cfg: CompressConfig, step: _Step, data: PackedDataset, origin: dict[str, Any]) -> None:
+OVERLAP_WARNING = 0.01
+"""The share of the task's 16-token spans found in the general data above which a launch warns."""
+
+
+def _warn_overlap(cfg: CompressConfig, data: dict[str, PackedDataset]) -> None:
+    """General stages that read the task's text blur what the task stages add, and a task validation split the
+    general data contains is no longer held out: say how much of the task the general data holds."""
+    share, searched = shared_span_share(data["task"], data["general"])
+    if share > OVERLAP_WARNING:
+        sample = "" if searched >= 1 else f" (in a sample of {searched:.0%} of its rows)"
+        print(f"warning: task_data={cfg.task_data}: {share:.1%} of its 16-token spans also occur in general_data="
+              f"{cfg.general_data}{sample}; the general stages see the task's text, and its validation split may not "
+              "be held out", flush=True)
+
+
+def _run_stage(cfg: CompressConfig, step: _Step, data: PackedDataset, origin: dict[str, Any] | None) -> None:
     run_data = RunData(step.tcfg, inputs=_extra_inputs(step))
     try:
         trainer = _stage_trainer(cfg, step, data, origin, run_data)
@@ -380,15 +453,16 @@ def _run_stage(cfg: CompressConfig, step: _Step, data: PackedDataset, origin: di
         run_data.release()
         raise
     result = trainer.fit()
-    if dist.is_main():
-        append_stage(step.final, {**_stage_record(cfg, step),
+    if dist.is_main():  # a student's origin travels with it: a later compress run may start from it (init: model)
+        carried = origin if step.stage.trains == "student" and origin and origin.get("cut_from") else None
+        append_stage(step.final, {**_stage_record(cfg, step), **({"origin": carried} if carried else {}),
                                   "metrics": {"val_loss": result["val_loss"], "steps": result["step"]}})
     dist.barrier()
     del trainer
     gc.collect()
 
 
-def _stage_trainer(cfg: CompressConfig, step: _Step, data: PackedDataset, origin: dict[str, Any],
+def _stage_trainer(cfg: CompressConfig, step: _Step, data: PackedDataset, origin: dict[str, Any] | None,
                    run_data: RunData) -> Trainer:
     """The Trainer of a stage: its teacher loaded, its objective built (the student's blocks and heads mapped to
     the teacher's they came from)."""
@@ -403,11 +477,13 @@ def _stage_trainer(cfg: CompressConfig, step: _Step, data: PackedDataset, origin
             print(f"[{stage.name}] teacher {step.teacher}: {gib:.2f} GiB of weights per rank ({dtype})", flush=True)
     student_config = ModelDir.open(step.start).config()
     # a student copied or pruned from the teacher learns each block (and head) from the one it came from
-    blocks = origin["teacher_blocks"]
-    mapped = stage.trains == "student" and blocks and len(blocks) == student_config.num_hidden_layers
+    origin = origin if stage.trains == "student" else {}  # a teacher stage may run before the init is made
+    blocks = origin.get("teacher_blocks")
+    mapped = blocks and len(blocks) == student_config.num_hidden_layers
     objective = CompressObjective(stage.loss, teacher, student_config, len(data.tokenizer), f"stages.{stage.name}.loss",
                                   default_map=blocks if mapped else None,
-                                  head_map=origin["teacher_heads"] if mapped else None, z_loss=cfg.train.z_loss)
+                                  head_map=origin["teacher_heads"] if mapped else None, z_loss=cfg.train.z_loss,
+                                  kept_channels=origin.get("teacher_channels"))
     return Trainer(step.tcfg, objective, data=run_data, recipe=RECIPE)
 
 

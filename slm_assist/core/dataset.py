@@ -161,3 +161,42 @@ class PackedDataset:
         if fingerprint != self.tokenizer_fingerprint:
             raise UserError(f"{who}: tokenizer fingerprint {fingerprint} differs from the data's "
                             f"{self.tokenizer_fingerprint} ({self.path}); {why}")
+
+
+def _span_hashes(rows: np.ndarray, n: int, stride: int) -> np.ndarray:
+    """A 64-bit polynomial hash of every n-token window starting at a multiple of `stride` in each row (wrapping
+    uint64 arithmetic: exact as a hash, no overflow checks wanted)."""
+    rows = rows.astype(np.uint64)
+    starts = np.arange(0, rows.shape[1] - n + 1, stride)
+    h = np.zeros((rows.shape[0], len(starts)), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            h = h * np.uint64(1_000_003) + rows[:, starts + k] + np.uint64(1)
+    return h.reshape(-1)
+
+
+def _sample_rows(data: PackedDataset, max_tokens: int) -> tuple[np.ndarray, float]:
+    """Every split's rows, or evenly spaced ones up to `max_tokens`; and the share of the rows taken."""
+    parts, total = [], sum(s["tokens"] for s in data.manifest["splits"].values())
+    keep = min(1.0, max_tokens / max(1, total))
+    for name in data.manifest["splits"]:
+        split = data.split(name)
+        idx = np.unique(np.linspace(0, len(split) - 1, max(1, round(len(split) * keep))).astype(np.int64)) \
+            if len(split) else np.zeros(0, np.int64)
+        if len(idx):
+            parts.append(np.asarray(split.select(idx)["input_ids"]))
+    return (np.concatenate(parts) if parts else np.zeros((0, data.seq_len), np.int32)), keep
+
+
+def shared_span_share(data: PackedDataset, other: PackedDataset, n: int = 16,
+                      max_tokens: int = 16_000_000) -> tuple[float, float]:
+    """The share of `data`'s n-token spans (non-overlapping, every split) that also occur anywhere in `other`: how
+    much of one corpus the other contains (same tokenizer). Large datasets are sampled by evenly spaced rows up to
+    `max_tokens` each; returns (share, the share of `other`'s rows searched)."""
+    mine, _ = _sample_rows(data, max_tokens)
+    theirs, searched = _sample_rows(other, max_tokens)
+    if not len(mine) or not len(theirs) or data.seq_len < n:
+        return 0.0, searched
+    spans = _span_hashes(mine, n, n)
+    found = np.isin(spans, np.unique(_span_hashes(theirs, n, 1)))
+    return float(found.mean()), searched
