@@ -90,3 +90,25 @@ class Jobs:
             raise
         if self.first_error is not None:
             raise self.first_error
+
+
+class Plan:
+    """Runs in plan order, `n` at a time (parallel.Jobs); a run waits for those it needs, started earlier."""
+
+    def __init__(self, n: int) -> None:
+        self.jobs, self.done = Jobs(n), {}
+
+    def add(self, name: str, fn: Callable[[], None], deps: tuple[str, ...]) -> None:
+        if missing := [d for d in deps if d not in self.done]:
+            raise ValueError(f"{name}: {missing} must start earlier in the plan")
+        self.done[name] = done = threading.Event()
+
+        def job() -> None:
+            for d in deps:
+                while not self.done[d].wait(1.0):
+                    if self.jobs.first_error is not None:
+                        raise RuntimeError(f"skipped: {d} failed")
+            fn()
+            done.set()
+
+        self.jobs.submit(job)
