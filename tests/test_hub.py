@@ -199,6 +199,9 @@ def test_reports_and_cards_share_one_recipe_text():
     salt = recipe("distill.source.kind=teacher", "distill.source.teachers=[runs/x/slm/final]", "train.max_steps=1000")
     assert salt.short == "SALT: KD from slm, step w=0.667 for 20% of steps" and salt.tags == ["salt", "distillation"]
     assert "- schedule: step, w = 0.667, n_KD = 200 steps" in salt.lines
+    gentle = recipe("distill.source.kind=teacher", "distill.source.teachers=[runs/x/slm/final]", "train.max_steps=1000",
+                    "distill.schedule.exit_fraction=0.1", "distill.schedule.exit_shape=cosine")
+    assert "- schedule: step, w = 0.667, n_KD = 200 steps, then w decays to 0 over 100 steps (cosine)" in gentle.lines
 
 
 @pytest.fixture

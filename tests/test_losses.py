@@ -219,6 +219,21 @@ def test_wsd():
     assert _w("wsd", 20, **kw) == 0.0
 
 
+def test_step_with_a_gentle_exit():
+    """n_kd = 20 of 100 steps, then a 9-step exit window (0.09 of the run): w falls to 0 at step 29."""
+    lin = [_w("step", s, exit_fraction=0.09) for s in (19, 20, 24, 28, 29)]
+    assert lin == pytest.approx([0.6, 0.6 * 9 / 10, 0.6 * 5 / 10, 0.6 * 1 / 10, 0.0])
+    cos = [_w("step", s, exit_fraction=0.09, exit_shape="cosine") for s in (19, 20, 24, 28, 29)]
+    assert cos == pytest.approx([0.6, 0.6 * 0.5 * (1 - math.cos(math.pi * 0.9)), 0.3,
+                                 0.6 * 0.5 * (1 - math.cos(math.pi * 0.1)), 0.0])
+    assert cos[1] > lin[1] and cos[3] < lin[3]  # cosine holds w longer, then falls faster
+    assert KDScheduleConfig(kind="step", n_kd_steps=20, exit_fraction=0.09).n_exit(100) == 9
+    with pytest.raises(ConfigError, match=r"exit_fraction=0\.1 has no effect with schedule\.kind=linear"):
+        KDScheduleConfig(kind="linear", exit_fraction=0.1)
+    with pytest.raises(ConfigError, match=r"exit_shape='cosine' has no effect with exit_fraction=0"):
+        KDScheduleConfig(kind="step", exit_shape="cosine")
+
+
 def test_n_kd_as_fraction_of_the_run():
     cfg = KDScheduleConfig(kind="step", weight=0.5, n_kd_fraction=0.17)
     assert cfg.n_kd(208_000) == 35_360

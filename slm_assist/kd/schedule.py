@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,12 @@ class KDScheduleConfig:
     """wsd only."""
     decay_fraction: float = 0.2
     """wsd only: fraction of the KD phase spent decaying."""
+    exit_fraction: float = 0.0
+    """step only: leave the KD phase gently. After n_kd, w decays from its KD-phase level to 0 over this fraction
+    of train.max_steps instead of dropping at once (0 = SALT's step). The student leads the CE baseline most when
+    the KD phase ends and loses part of that lead right after an abrupt drop (bench/RESULTS.md, issue 13)."""
+    exit_shape: Literal["linear", "cosine"] = "linear"
+    """The exit window's decay: linear, or cosine (slow at first, then fast)."""
 
     def __post_init__(self) -> None:
         check(0.0 <= self.weight <= 1.0, "weight", self.weight, "in [0, 1]")
@@ -31,8 +38,13 @@ class KDScheduleConfig:
         check(0.0 <= self.n_kd_fraction <= 1.0, "n_kd_fraction", self.n_kd_fraction, "in [0, 1]")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
         check(0.0 < self.decay_fraction <= 1.0, "decay_fraction", self.decay_fraction, "in (0, 1]")
+        check(0.0 <= self.exit_fraction <= 1.0, "exit_fraction", self.exit_fraction, "in [0, 1]")
         if self.kind != "wsd":
             check_no_effect(self, ["warmup_steps", "decay_fraction"], f"with schedule.kind={self.kind}")
+        if self.kind != "step":
+            check_no_effect(self, ["exit_fraction"], f"with schedule.kind={self.kind} (its w does not drop at n_kd)")
+        if not self.exit_fraction:
+            check_no_effect(self, ["exit_shape"], "with exit_fraction=0")
         if self.kind == "constant":
             check_no_effect(self, ["n_kd_steps", "n_kd_fraction"], "with schedule.kind=constant (KD throughout)")
         elif self.n_kd_steps >= 0:
@@ -42,12 +54,22 @@ class KDScheduleConfig:
         """The KD phase length in steps: steps [0, n_kd) are the KD phase."""
         return self.n_kd_steps if self.n_kd_steps >= 0 else round(self.n_kd_fraction * total_steps)
 
+    def n_exit(self, total_steps: int) -> int:
+        """The exit window's length in steps: steps [n_kd, n_kd + n_exit) still have 0 < w_t < w."""
+        return round(self.exit_fraction * total_steps)
+
 
 def kd_weight(step: int, total_steps: int, cfg: KDScheduleConfig) -> float:
     """w_t for optimizer step `step` (0-based)."""
     w, n = cfg.weight, cfg.n_kd(total_steps)
     if cfg.kind == "constant":
         return w
+    if cfg.kind == "step" and step >= n:
+        k, e = step - n + 1, cfg.n_exit(total_steps)  # k-th step of the exit window; w reaches 0 at k = e + 1
+        if k > e:
+            return 0.0
+        left = 1 - k / (e + 1)
+        return w * (left if cfg.exit_shape == "linear" else 0.5 * (1 - math.cos(math.pi * left)))
     if step >= n:
         return 0.0
     if cfg.kind == "step":

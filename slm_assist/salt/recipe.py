@@ -57,8 +57,9 @@ def _trainer(cfg: RunConfig, data: RunData) -> Trainer:
         kd_stream = streams["kd"] if rows is not None else streams.setdefault("main", data.stream())
         scores = ScoresDir.open(d.data.curriculum_scores, "distill.data.curriculum_scores")
         t = cfg.train
+        kd_steps = d.schedule.n_kd(t.max_steps) + d.schedule.n_exit(t.max_steps)  # every step with w_t > 0
         kd_stream.order_first(scores.train_column(d.data.curriculum, data.dataset),
-                              d.schedule.n_kd(t.max_steps) * t.micro_batch_size * t.grad_accum * dist.world_size())
+                              kd_steps * t.micro_batch_size * t.grad_accum * dist.world_size())
     return Trainer(cfg, objective, streams, data, recipe=RECIPE)
 
 
@@ -132,7 +133,9 @@ def describe(meta: dict[str, Any], run_dir: str | Path) -> RecipeSummary:
     what = {"teacher": "teacher", "cache": "soft labels from the cache", "label_smoothing": "control"}[src["kind"]]
     shown = ", ".join(f"`{path_name(m)}`" for m in members) or f"label smoothing ε = {src.get('epsilon')}"
     lines = ["Loss `(1 - w_t)·CE + w_t·KD(student, SLM teacher; τ)`:", "", f"- {what}: {shown}",
-             f"- KD: {loss['kind']}, τ = {loss['tau']}", f"- schedule: {s['kind']}, w = {s['weight']}, n_KD = {n_kd} steps"]
+             f"- KD: {loss['kind']}, τ = {loss['tau']}", f"- schedule: {s['kind']}, w = {s['weight']}, n_KD = {n_kd} steps"
+             + (f", then w decays to 0 over {KDScheduleConfig(**s).n_exit(run_config['train']['max_steps'])} steps "
+                f"({s.get('exit_shape', 'linear')})" if s.get("exit_fraction") else "")]
     if selection:
         summary = summary or {}
         lines.append(f"- KD-phase data: the `{policy or '?'}` subset ({summary.get('kept', '?')} of "
