@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from slm_assist.compress.latent import Projections, attention_kl, hidden_loss, layer_map
+from slm_assist.compress.latent import attention_kl, layer_map
 from slm_assist.compress.objective import CompressObjective, LossConfig
 from slm_assist.core.config import load_config
 from slm_assist.core.errors import ConfigError, UserError
 from slm_assist.core.model_dir import ModelDir
+from slm_assist.kd.latent import Projections, hidden_loss
 from slm_assist.training.batches import Batch
 from slm_assist.training.checkpoint import read_deepspeed_file
 

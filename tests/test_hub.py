@@ -202,6 +202,10 @@ def test_reports_and_cards_share_one_recipe_text():
     gentle = recipe("distill.source.kind=teacher", "distill.source.teachers=[runs/x/slm/final]", "train.max_steps=1000",
                     "distill.schedule.exit_fraction=0.1", "distill.schedule.exit_shape=cosine")
     assert "- schedule: step, w = 0.667, n_KD = 200 steps, then w decays to 0 over 100 steps (cosine)" in gentle.lines
+    aligned = recipe("distill.source.kind=teacher", "distill.source.teachers=[runs/x/slm/final]",
+                     "distill.align.weight=0.1", "distill.align.layer=2")
+    assert ("- representation alignment (LET): student block 2 → the SLM's last hidden state (cosine), weight 0.1 "
+            "decaying to 0 over 20% of steps") in aligned.lines
 
 
 @pytest.fixture

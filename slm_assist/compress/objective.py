@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from slm_assist.compress.latent import Projections, attention_kl, hidden_loss, layer_map
+from slm_assist.compress.latent import attention_kl, layer_map
 from slm_assist.core.config import check, check_no_effect
 from slm_assist.core.errors import UserError
+from slm_assist.kd.latent import Projections, hidden_loss
 from slm_assist.kd.losses import KDLossConfig, SoftTargets, chunk_tokens, kd_loss, mixed_ce_kd
 from slm_assist.training.batches import Batch
 from slm_assist.training.objective import Objective, ce_with_z_loss

@@ -282,6 +282,8 @@ class SoftTargets:
     """> 0: the one-hot target smoothed by this epsilon (the label-smoothing control)."""
     gate: torch.Tensor | None = None
     """[B·P] 1.0 where the KD term applies, 0.0 where the token is CE only (token gating); None = every token."""
+    hidden: torch.Tensor | None = None
+    """[B, T, d] the online teacher's last hidden state (every position), when asked for (representation alignment)."""
 
 
 def mixed_ce_kd(student_logits: torch.Tensor, targets: torch.Tensor, weight: float, soft: SoftTargets, *,

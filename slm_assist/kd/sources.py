@@ -107,15 +107,16 @@ class OnlineTeacher:
     def attach(self, batch: Batch) -> Batch:
         return batch  # nothing to read on the host
 
-    def __call__(self, batch: Batch, vocab: int) -> SoftTargets:
-        logits = combine_logits([m(input_ids=batch.input_ids).logits[:, :-1, :vocab] for m in self.models],
-                                self.combine)
+    def __call__(self, batch: Batch, vocab: int, hidden: bool = False) -> SoftTargets:
+        """`hidden`: also the (one) teacher's last hidden state, from the same forward."""
+        outs = [m(input_ids=batch.input_ids, output_hidden_states=hidden) for m in self.models]
+        logits = combine_logits([o.logits[:, :-1, :vocab] for o in outs], self.combine)
         gate = None
         if self.gate_topk or self.gate_confidence:
             top = logits.topk(max(1, self.gate_topk), dim=-1)
             logprobs = top.values.float() - logits.float().logsumexp(-1, keepdim=True)
             gate = token_gate(top.indices, logprobs, batch.targets(), self.gate_topk, self.gate_confidence)
-        return SoftTargets(logits=logits, gate=gate)
+        return SoftTargets(logits=logits, gate=gate, hidden=outs[0].hidden_states[-1] if hidden else None)
 
 
 class CachedSoftLabels:

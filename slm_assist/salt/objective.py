@@ -13,6 +13,7 @@ from slm_assist.core.config import PathSetting, check, check_no_effect
 from slm_assist.core.errors import UserError
 from slm_assist.core.model_dir import decoder_and_head
 from slm_assist.kd.fused_linear import fused_linear_ce_kd
+from slm_assist.kd.latent import Projections, hidden_loss
 from slm_assist.kd.losses import KDLossConfig, chunk_tokens, mixed_ce_kd
 from slm_assist.kd.schedule import KDScheduleConfig, kd_weight
 from slm_assist.kd.sources import SoftTargetSource
@@ -112,6 +113,33 @@ class HandoverConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Representation alignment (LET, arXiv 2602.05393; beyond SALT): an early student block's output pulled
+    toward the SLM's last hidden state through a learned projection, with its own weight decaying to 0. The SLM
+    must run online: a cache stores no hidden states."""
+
+    weight: float = 0.0
+    """The alignment term's weight at step 0 (LET: about 0.1); 0 = off."""
+    layer: int = 1
+    """The student block (1-based) whose output is aligned: an early one."""
+    kind: Literal["cosine", "mse"] = "cosine"
+    """1 - cosine (direction), or squared error relative to the SLM states' mean square (magnitude too)."""
+    fraction: float = 0.2
+    """The weight decays linearly from `weight` to 0 over this fraction of train.max_steps."""
+
+    def __post_init__(self) -> None:
+        check(self.weight >= 0, "weight", self.weight, ">= 0 (0 = off)")
+        check(self.layer >= 1, "layer", self.layer, ">= 1 (a student block, 1-based)")
+        check(0 < self.fraction <= 1, "fraction", self.fraction, "in (0, 1]")
+        if not self.weight:
+            check_no_effect(self, ["layer", "kind", "fraction"], "with weight=0")
+
+    def weight_at(self, step: int, total_steps: int) -> float:
+        n = max(1, round(self.fraction * total_steps))
+        return self.weight * max(0.0, 1 - step / n)
+
+
+@dataclass
 class DistillConfig:
     """SALT's KD term, in sections: where the soft targets come from, how the divergence is computed, which
     tokens get it, which sequences the KD phase draws, its weight over the run, and an automatic end to it."""
@@ -122,6 +150,7 @@ class DistillConfig:
     data: KDDataConfig = field(default_factory=KDDataConfig)
     schedule: KDScheduleConfig = field(default_factory=KDScheduleConfig)
     handover: HandoverConfig = field(default_factory=HandoverConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
     MOVED = {"teacher": "distill.source.teachers (with distill.source.kind=teacher)",
              "ensemble_teachers": "distill.source.teachers (every teacher in one list)",
@@ -140,7 +169,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         src = self.source
         if src.kind == "none":
-            check_no_effect(self, ["loss", "gate", "data", "schedule", "handover"], "with source.kind=none (the "
+            check_no_effect(self, ["loss", "gate", "data", "schedule", "handover", "align"], "with source.kind=none (the "
                             "run is plain CE); set source.kind (teacher, cache or label_smoothing) or remove them")
             return
         if src.kind == "cache":
@@ -159,6 +188,11 @@ class DistillConfig:
                   '"" with kind=teacher (source.teachers is it)')
             check(len(src.teachers) <= 1, "handover.every", self.handover.every, "0 with a teacher ensemble (the "
                   "handover compares the student with one teacher)")
+        if self.align.weight:
+            check(src.kind == "teacher" and len(src.teachers) == 1, "align.weight", self.align.weight,
+                  "0 unless one SLM runs online (source.kind=teacher with one teacher): a cache stores no hidden "
+                  "states, and an ensemble has no one representation")
+            check(not self.loss.fused_linear, "align.weight", self.align.weight, "0 with loss.fused_linear")
         if self.data.curriculum != "none":
             sched = self.schedule
             check(sched.kind != "constant" and sched.n_kd_steps != 0 and sched.n_kd_fraction > 0, "data.curriculum",
@@ -178,14 +212,21 @@ class DistillConfig:
 
 
 class SALTObjective(Objective):
-    """Loss for one micro-batch at step t; metrics: ce, kd (when w_t > 0), w_t, kd_phase, gate_frac.
-    `teacher` (an online SLM) is needed only for the auto handover's loss comparison."""
+    """Loss for one micro-batch at step t; metrics: ce, kd (when w_t > 0), w_t, kd_phase, gate_frac, and align /
+    align_w while the representation alignment lasts. `teacher` (an online SLM) is needed for the auto handover's
+    loss comparison; `student_shape` (hidden size, blocks) for the alignment's projection and layer check."""
 
     def __init__(self, cfg: DistillConfig, source: SoftTargetSource, vocab: int, total_steps: int,
                  teacher: torch.nn.Module | None = None, probe_batch: torch.Tensor | None = None,
-                 z_loss: float = 0.0) -> None:
+                 z_loss: float = 0.0, student_shape: tuple[int, int] | None = None) -> None:
         self.cfg, self.source, self.vocab, self.total_steps, self.teacher = cfg, source, vocab, total_steps, teacher
         self.z_loss = z_loss
+        self.proj: Projections | None = None
+        if cfg.align.weight:
+            width, blocks = student_shape
+            if cfg.align.layer > blocks:
+                raise UserError(f"distill.align.layer={cfg.align.layer}: the student has {blocks} blocks")
+            self.proj = Projections([(cfg.align.layer, 0)], width, teacher.config.hidden_size)
         if cfg.handover.every and probe_batch is None:
             raise UserError("distill.handover.every needs a validation split (a fixed batch to compare losses on)")
         self.probe = probe_batch
@@ -201,6 +242,12 @@ class SALTObjective(Objective):
     def attach(self, batch: Batch) -> Batch:
         """The source's host-side data (cached labels) read with the batch, while the KD phase lasts."""
         return self.source.attach(batch) if self.wants_soft_targets() else batch
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        return [self.proj] if self.proj is not None and not self.proj.identity else []
+
+    def align_weight(self, step: int) -> float:
+        return self.cfg.align.weight_at(step, self.total_steps) if self.proj is not None else 0.0
 
     def weight(self, step: int) -> float:
         if self.handover_step is not None and step >= self.handover_step:
@@ -242,15 +289,23 @@ class SALTObjective(Objective):
             metrics["handover_step"] = torch.tensor(float(self.handover_step))
         if self.cfg.loss.fused_linear and w > 0:
             return self._fused_linear(model, batch, targets, w, metrics)
+        a = self.align_weight(step)
+        out = model(input_ids=batch.input_ids, output_hidden_states=a > 0)
         # Only the real vocabulary is compared and scored: padded rows of either model are cut off.
-        logits = model(input_ids=batch.input_ids).logits[:, :-1, : self.vocab]
+        logits = out.logits[:, :-1, : self.vocab]
+        soft = self.source(batch, self.vocab, hidden=True) if a > 0 else \
+            self.source(batch, self.vocab) if w > 0 else None
         if w == 0.0:
             loss, parts = ce_with_z_loss(logits, targets, self.z_loss)
-            return loss, {**parts, **metrics}
-        loss_cfg = self.cfg.loss
-        chunk = chunk_tokens(loss_cfg.chunk_tokens, self.vocab, logits.is_cuda)
-        loss, parts = mixed_ce_kd(logits, targets, w, self.source(batch, self.vocab), **loss_cfg.terms(),
-                                  chunk=chunk, z_loss=self.z_loss)
+        else:
+            loss_cfg = self.cfg.loss
+            chunk = chunk_tokens(loss_cfg.chunk_tokens, self.vocab, logits.is_cuda)
+            loss, parts = mixed_ce_kd(logits, targets, w, soft, **loss_cfg.terms(), chunk=chunk, z_loss=self.z_loss)
+        if a > 0:  # the early block's states, projected, against the SLM's last ones at every position
+            layer = self.cfg.align.layer
+            h = hidden_loss(self.proj(layer, out.hidden_states[layer]), soft.hidden, self.cfg.align.kind)
+            loss = loss + a * h
+            parts = {**parts, "align": h.detach(), "align_w": torch.tensor(a, dtype=torch.float64)}
         return loss, {**metrics, **parts}
 
     def _fused_linear(self, model: torch.nn.Module, batch: Batch, targets: torch.Tensor, w: float,

@@ -15,6 +15,7 @@ import torch
 
 from slm_assist.core import dist
 from slm_assist.core.errors import UserError
+from slm_assist.core.model_dir import ModelDir
 from slm_assist.core.run_dir import RecipeSummary, path_name
 from slm_assist.core.scores import ScoresDir
 from slm_assist.core.selection import read_index, read_summary
@@ -76,7 +77,15 @@ def build_objective(cfg: RunConfig, data: RunData, kd_rows: np.ndarray | None = 
     source = build_source(cfg, data, teacher, kd_rows)
     probe = data.val_batches[0] if data.val_batches else None
     return SALTObjective(d, source, len(data.tokenizer), cfg.train.max_steps, teacher=teacher, probe_batch=probe,
-                         z_loss=cfg.train.z_loss)
+                         z_loss=cfg.train.z_loss, student_shape=_student_shape(cfg) if d.align.weight else None)
+
+
+def _student_shape(cfg: RunConfig) -> tuple[int, int]:
+    """(hidden size, blocks) of the model this run trains, before it is built: what the alignment projects from."""
+    if cfg.model.pretrained:
+        c = ModelDir.open(cfg.model.pretrained, "model.pretrained").config()
+        return c.hidden_size, c.num_hidden_layers
+    return cfg.model.hidden_size, cfg.model.num_layers
 
 
 def build_source(cfg: RunConfig, data: RunData, teacher: torch.nn.Module | None,
@@ -150,6 +159,10 @@ def describe(meta: dict[str, Any], run_dir: str | Path) -> RecipeSummary:
         lines.append(f"- confidence gating: no KD where the teacher is wrong at p >= {d['gate']['confidence']}")
     if d["handover"].get("every"):
         lines.append(f"- auto handover checked every {d['handover']['every']} steps")
+    align = d.get("align") or {}
+    if align.get("weight"):
+        lines.append(f"- representation alignment (LET): student block {align['layer']} → the SLM's last hidden state "
+                     f"({align['kind']}), weight {align['weight']} decaying to 0 over {align['fraction']:.0%} of steps")
     tags = ["salt", "distillation"] if src["kind"] in ("teacher", "cache") else []
     return RecipeSummary(short, "SALT recipe", lines, tags, selection=d["data"].get("selection") or "")
 
