@@ -1,31 +1,43 @@
-"""SALT benchmark (issue 13): does a small LM's help make the larger LM reach its baseline's quality in fewer steps,
-which of the seed papers' levers add to it, and does it hold over seeds and corpora?
+"""SALT benchmark (issues 13 and 26): does a small LM's help make the larger LM reach its baseline's quality in fewer
+steps and less compute, which levers add to it, does it hold over seeds and corpora, and how does it scale?
 
-Every run trains the same LLM on the same token budget; the seed sets model init and data order. Two phases:
+Every run trains the same LLM on the same token budget; the seed sets model init and data order. Phases:
 
-  screen   every arm below, seed 0, on train_pydoc (one seed: a pilot, labelled so)
-  confirm  baseline, salt, ls_control and the screen's best levers (the top two alone and the best compatible
+  screen   every arm, seed 0, on train_pydoc (a pilot). Issue 26's run after issue 13's, in stages: the exit and
+           alignment arms; the longer KD phases at the best-screened exit; today's best recipe (issue 13's confirmed
+           combination) and its combination with the new levers that screened best (combo-<levers>)
+  confirm  baseline, salt, ls_control, today's best and the new best (the best-screened issue-26 arm, and the new
            combination), seeds 0..2 on train_pydoc and train_linuxdoc
+  scale    baseline and the best recipe at two larger LLMs, the SLM fixed (the paper's two students share one SLM),
+           2 seeds each on train_pydoc, in the paper's regime
 
-Arms: baseline (CE); salt (the paper: forward KL, tau 1, w 0.667 for the first 20% of steps); ls_control (the
-same schedule with a label-smoothed one-hot instead of the SLM: the part that is regularisation); salt_ds (KD
-phase on the SALT_DS subset); gate_topk / gate_confidence (token gating); handover; ensemble_mean /
-ensemble_vote (three SLMs of different seeds); curriculum (KD phase easy to hard by SLM loss); cl_filter (KD
-phase without the 10% most confidently-wrong sequences); z_loss; tau / w / n_KD sweeps; KD kinds at the best w.
+Arms (bench/salt_arms.py): baseline (CE); salt (the paper: forward KL, tau 1, w 0.667 for the first 20% of steps);
+ls_control (that schedule towards a label-smoothed one-hot); salt_ds; gate_topk / gate_confidence; handover;
+ensemble_mean / _vote (3 SLMs); curriculum; cl_filter; z_loss; tau / w / n_KD sweeps; KD kinds at the best w.
+Issue 26: exit_<linear|cosine>_<f> (after the KD phase w decays to 0 over f of the run); tau_0.5_n_kd_<f>_exit (tau
+0.5, a KD phase of f, then the best exit); align_<f> (LET: block 1 towards the SLM's last hidden state, cosine,
+weight 0.1 decaying to 0 over f).
 
-Reported per corpus and arm: the fraction of the baseline's steps needed to reach the baseline's final validation
-loss (per seed, then mean ± standard error), final and OOD validation loss (train_perldoc), last-word cloze
-accuracy (>= 1000 held-out items), and z against SALT (paired by seed). The paper's regime is checked: the
-baseline must overtake the SLM within the first 60% of the run, or the benchmark exits non-zero.
+Per corpus and arm (bench/salt_report.py): the share of the baseline's steps needed to reach its final validation
+loss (per seed, then mean ± SE); the same share of its compute with each KD step (w_t > 0 or alignment on) charged
+at the FLOP limit (flop fraction), at the KD ÷ CE step time measured here (CPU) and in bench/results/gpu.json (wall
+fractions), and with the SLM's own making charged too; final and OOD (train_perldoc) validation loss, cloze
+accuracy, z against SALT (paired by seed), and the lead over the baseline at the end of the arm's KD phase (its
+last step with w_t > 0 or alignment on), at the goal's share of the run and at the end. The baseline must overtake
+the SLM within the first 60% of the run (the paper's regime), or the benchmark exits non-zero. Goals: the best
+recipe at <= 0.62 of the baseline's steps and <= 0.66 of its FLOPs on both corpora (3 seeds, OOD not worse); the
+scale trend of its saving.
 
-    python bench/salt.py            # full profile (~6 CPU-hours on 2 cores) -> bench/results/salt.json
-    python bench/salt.py --quick    # <= 10 min, test scale
-    python bench/salt.py --phase screen   # only the screen; a later run adds the confirm phase
+    python bench/salt.py            # full profile: screen, confirm, scale -> bench/results/salt.json
+    python bench/salt.py --quick    # test scale: every arm, phase and plot
+    python bench/salt.py --phase screen   # only the screen; --phase confirm: screen and confirm
+    python bench/salt.py --phase scale    # only the scale phase (the best confirmed recipe, else today's best)
     python bench/salt.py --report-only    # results and plots of the runs finished so far (a sweep in progress)
 
-Finished runs and their evaluations are reused (a killed run resumes from its checkpoint), so the sweep may span
-sessions; --seeds N adds seeds to the confirm phase; --fresh starts the profile over. --jobs N (default 2) trains N
-runs side by side with cpu_count / N threads each (bench/parallel.py), each logging to <run_dir>.log.
+Finished runs and their evaluations are reused (a killed run resumes from its checkpoint), so a sweep may span
+sessions; the choices are frozen in runs/bench/salt13_<profile>/ (plan.json, plan26.json, scale_plan.json). --seeds N
+adds confirm seeds; --fresh starts over; --jobs N (default 2) trains N runs side by side, cpu_count / N threads each
+(bench/parallel.py), each logging to <run_dir>.log.
 """
 
 from __future__ import annotations
@@ -43,7 +55,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from parallel import LOCK, Jobs, run_module, threads_per_job  # bench/parallel.py, next to this script
-from salt_report import FIXED, GOAL, best_recipe, plot, rank_key, summarise_arm, summary
+from salt_arms import ARMS, ARMS13, N_KD, STAGED, arm_settings, as_overrides, confirm_plan, plan26_of
+from salt_report import (
+    FIXED,
+    GOAL,
+    best_recipe,
+    cost_figures,
+    gpu_kd_step_ratio,
+    kd_steps,
+    plot,
+    plot_scale,
+    scale_table,
+    scale_trend,
+    summarise_arm,
+    summary,
+)
 
 from data_tools.corpus import joined_documents, write_jsonl
 from slm_assist.core.dataset import load_split, read_manifest
@@ -51,14 +77,14 @@ from slm_assist.core.files import atomic_write_text
 from slm_assist.core.scores import ScoresDir
 from slm_assist.eval import cloze_accuracy, dataset_loss, load_model
 from slm_assist.training.metrics import mean_se, steps_to_reach, val_curve
+from slm_assist.training.models import count_params
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "corpora"
 MAIN_CORPORA = {"pydoc": CORPORA / "train_pydoc.txt.gz", "linuxdoc": CORPORA / "train_linuxdoc.txt.gz"}
 OOD_CORPUS = CORPORA / "train_perldoc.txt.gz"
+GPU_JSON = REPO / "bench" / "results" / "gpu.json"  # bench/gpu/verify.py's figures, when a GPU run left them
 REGIME = 0.6  # the baseline must overtake the SLM within this fraction of the run
-N_KD = 0.2  # the paper's KD phase: the first 20% of steps
-
 _SLM = dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3)
 PROFILES = {
     # 3.4M-param LLM, 800 steps of 8 x 256 tokens (1.6M tokens): ~6 min a run, 51 runs in ~6 h. The SLM (0.37M)
@@ -66,49 +92,20 @@ PROFILES = {
     "full": dict(vocab=4096, seq=256, batch=8, steps=800, warmup=40, eval_every=40, eval_batches=16,
                  corpus_chars=12_000_000, val_fraction=0.08, ood_chars=2_000_000, cloze=1000, ood_rows=256, seeds=3, ensemble=3,
                  slm=_SLM, slm_steps=400, llm=dict(hidden_size=192, num_layers=6, num_heads=3, ffn_size=512, lr=2e-3),
-                 singles=2, combo=3, kd_rounds=4, kd_steps=4),
+                 singles=2, combo=3, kd_rounds=4, kd_steps=4,
+                 # 7.4M, 13.7M: width and depth x4/3, x5/3 (head dim 64), lr ~ 1/d; step FLOPs 2.1x, 3.8x the
+                 # 3.4M's: ~23, ~42 min a run beside another, the 8 runs ~2.3 h with --jobs 2
+                 scale=[dict(hidden_size=256, num_layers=8, num_heads=4, ffn_size=688, lr=1.5e-3),
+                        dict(hidden_size=320, num_layers=10, num_heads=5, ffn_size=864, lr=1.2e-3)], scale_seeds=2),
     # Test scale: every arm, phase and figure in a few minutes; the figures say nothing about SALT.
     "quick": dict(vocab=1024, seq=64, batch=8, steps=40, warmup=4, eval_every=10, eval_batches=4,
                   corpus_chars=250_000, val_fraction=0.2, ood_chars=100_000, cloze=50, ood_rows=32, seeds=2, ensemble=2,
                   slm=dict(_SLM, hidden_size=32, ffn_size=86), slm_steps=20,
                   llm=dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3),
-                  singles=1, combo=2, kd_rounds=1, kd_steps=2),
+                  singles=1, combo=2, kd_rounds=1, kd_steps=2,
+                  scale=[dict(hidden_size=96, num_layers=2, num_heads=2, ffn_size=256, lr=3e-3),
+                         dict(hidden_size=128, num_layers=2, num_heads=2, ffn_size=344, lr=3e-3)], scale_seeds=2),
 }
-
-
-def salt(c: dict, **extra) -> dict:
-    """The paper's recipe (SALT's step schedule, forward KL at tau 1) plus `extra` settings."""
-    return {"distill.source.kind": "teacher", "distill.source.teachers": [c["slm"]], "distill.schedule.kind": "step",
-            "distill.schedule.weight": 0.667, "distill.schedule.n_kd_fraction": N_KD, **extra}
-
-
-ARMS = {
-    "baseline": lambda c: {},
-    "salt": lambda c: salt(c),
-    "ls_control": lambda c: {**{k: v for k, v in salt(c).items() if k != "distill.source.teachers"},
-                             "distill.source.kind": "label_smoothing", "distill.source.epsilon": c["eps"]},
-    "salt_ds": lambda c: salt(c, **{"distill.data.selection": c["select"]["salt_ds"]}),
-    "gate_topk": lambda c: salt(c, **{"distill.gate.topk": 8}),
-    "gate_confidence": lambda c: salt(c, **{"distill.gate.confidence": 0.5}),
-    "handover": lambda c: salt(c, **{"distill.handover.every": c["p"]["eval_every"] // 2}),
-    "ensemble_mean": lambda c: salt(c, **{"distill.source.teachers": [c["slm"], *c["ensemble"]]}),
-    "ensemble_vote": lambda c: salt(c, **{"distill.source.teachers": [c["slm"], *c["ensemble"]],
-                                          "distill.source.combine": "vote"}),
-    "curriculum": lambda c: salt(c, **{"distill.data.curriculum": "mean_loss", "distill.data.curriculum_scores": c["scores"]}),
-    "cl_filter": lambda c: salt(c, **{"distill.data.selection": c["select"]["cl"]}),
-    "z_loss": lambda c: salt(c, **{"train.z_loss": 1e-4}),
-    "tau_0.5": lambda c: salt(c, **{"distill.loss.tau": 0.5}),
-    "tau_2": lambda c: salt(c, **{"distill.loss.tau": 2.0}),
-    "w_0.5": lambda c: salt(c, **{"distill.schedule.weight": 0.5}),
-    "w_0.8": lambda c: salt(c, **{"distill.schedule.weight": 0.8}),
-    "n_kd_0.1": lambda c: salt(c, **{"distill.schedule.n_kd_fraction": 0.1}),
-    "n_kd_0.3": lambda c: salt(c, **{"distill.schedule.n_kd_fraction": 0.3}),
-    # the KD kinds at the w that screened best (the w arms run first)
-    "kind_reverse_kl": lambda c: salt(c, **{"distill.loss.kind": "reverse_kl", "distill.schedule.weight": c["best_w"]}),
-    "kind_jsd": lambda c: salt(c, **{"distill.loss.kind": "jsd", "distill.schedule.weight": c["best_w"]}),
-    "kind_nkd": lambda c: salt(c, **{"distill.loss.kind": "nkd", "distill.schedule.weight": c["best_w"]}),
-}
-W_ARMS = {"salt": 0.667, "w_0.5": 0.5, "w_0.8": 0.8}
 
 
 def run(*cmd: str) -> None:
@@ -139,8 +136,7 @@ def train(run_dir: Path, p: dict, data: Path, size: dict, steps: int, seed: int,
     if (run_dir / "final" / "config.json").is_file() and key in walls:
         return walls[key]
     t0 = time.time()
-    sets = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in extra.items()]
-    sets += [f"train.torch_threads={threads}"] if threads else []
+    sets = as_overrides(extra) + ([f"train.torch_threads={threads}"] if threads else [])
     run_module(REPO, "slm_assist.train", str(REPO / "configs/demo/llm.yaml"), f"run_dir={run_dir}",
                f"data.path={data}", f"seed={seed}", f"data.seed={seed}", f"train.max_steps={steps}",
                f"train.micro_batch_size={p['batch']}", f"train.eval_every={p['eval_every']}",
@@ -207,7 +203,7 @@ def prepare(corpus: str, p: dict, work: Path) -> dict:
             "slm": str(slms[0] / "final"), "slm_dir": slms[0], "ensemble": [str(d / "final") for d in slms[1:]],
             "scores": str(scores), "select": {k: str(v / "index.npy") for k, v in select.items()},
             "cl_cut": cl_cut, "cl_flagged": _json(select["cl"] / "selection.json").get("flagged"),
-            "eps": _json(eps_file)["eps"], "best_w": 0.667}
+            "eps": _json(eps_file)["eps"], **{key: default for key, (_, _, default) in STAGED.items()}}
 
 
 # ---- runs and their figures ------------------------------------------------------------------------------------
@@ -228,9 +224,18 @@ def evaluate(ctx: dict, arm: str, seed: int) -> dict:
 
 
 def run_arm(ctx: dict, arm: str, seed: int, overrides: dict) -> None:
+    """Train one run of `arm` at the ctx's LLM size and evaluate it (the scale phase's runs need only curves)."""
     p = ctx["p"]
-    train(ctx["work"] / arm / f"seed{seed}", p, ctx["data"], p["llm"], p["steps"], seed, overrides, ctx["threads"])
-    evaluate(ctx, arm, seed)
+    train(ctx["work"] / arm / f"seed{seed}", p, ctx["data"], ctx.get("llm", p["llm"]), p["steps"], seed, overrides,
+          ctx["threads"])
+    if ctx.get("eval", True):
+        evaluate(ctx, arm, seed)
+
+
+def submit(jobs: Jobs, ctx: dict, arm: str, seed: int, profile: str) -> None:
+    """Queue one run; a baseline's regime check runs right after it."""
+    jobs.submit(partial(run_arm, ctx, arm, seed, arm_settings(arm, ctx)),
+                then=partial(check_regime, ctx, seed, profile) if arm == "baseline" else None)
 
 
 def crossover(ctx: dict, seed: int) -> float | None:
@@ -249,22 +254,24 @@ def check_regime(ctx: dict, seed: int, profile: str) -> None:
 
 
 def runs_of(ctx: dict, arm: str) -> dict[int, dict]:
-    """Per finished seed of `arm`: its curve and evaluation, and the steps fraction against the same seed's
-    baseline final validation loss."""
-    out = {}
+    """Per finished seed of `arm`: its curve and evaluation, the steps fraction against the same seed's baseline
+    final validation loss, and its lead over that baseline at the end of its own KD phase (its last step with
+    w_t > 0 or alignment on: n_kd plus any exit window; SALT's for the baseline), at GOAL of the run and at the end."""
+    steps, out = ctx["p"]["steps"], {}
+    kd_end = kd_steps(arm_settings(arm, ctx), steps) or round(N_KD * steps)
     for d in sorted(p for p in (ctx["work"] / arm).glob("seed*") if p.is_dir()):  # not the runs' .log files
         seed = int(d.name[4:])
         base = ctx["work"] / "baseline" / d.name
         if not (d / "final" / "config.json").is_file() or not (base / "final" / "config.json").is_file():
             continue
-        ev = _json(ctx["work"] / "evals.json").get(f"{arm}/{d.name}")
+        ev = _json(ctx["work"] / "evals.json").get(f"{arm}/{d.name}") if ctx.get("eval", True) else {}
         if ev is None:
             continue
         curve, base_curve = val_curve(d), val_curve(base)
-        reach, steps = steps_to_reach(curve, base_curve[-1][1]), ctx["p"]["steps"]
+        reach = steps_to_reach(curve, base_curve[-1][1])
         out[seed] = {"final_val_loss": curve[-1][1], "steps_fraction": None if reach is None else reach / steps,
-                     # how far ahead of the same seed's baseline: where SALT's KD phase ends, and at the end
-                     "val_lead_at_kd_end": _at(base_curve, N_KD * steps) - _at(curve, N_KD * steps),
+                     "val_lead_at_kd_end": _at(base_curve, kd_end) - _at(curve, kd_end),
+                     "val_lead_at_goal": _at(base_curve, GOAL * steps) - _at(curve, GOAL * steps),
                      "val_lead_final": base_curve[-1][1] - curve[-1][1],
                      **ev, "wall_s": _json(ctx["work"] / "wall_s.json").get(f"{arm}/{d.name}"), "val_curve": curve}
     return out
@@ -275,45 +282,11 @@ def _at(curve: list[tuple[int, float]], step: float) -> float:
     return float(np.interp(step, *zip(*curve)))
 
 
-# ---- the confirm plan ------------------------------------------------------------------------------------------
-
-def combine(arms: list[str], ctx: dict) -> dict | None:
-    """SALT with several levers at once (each lever's settings that differ from SALT's), or None when two of them
-    set the same key differently."""
-    base, own = salt(ctx), {}
-    for arm in arms:
-        for k, v in ARMS[arm](ctx).items():
-            if base.get(k) == v:
-                continue
-            if k in own and own[k] != v:
-                return None
-            own[k] = v
-    return {**base, **own}
-
-
-def confirm_plan(screen: dict[str, dict], ctx: dict, p: dict) -> dict:
-    """The levers to confirm: the best `singles` by screened steps fraction, and the largest compatible
-    combination (up to `combo` levers) of the best-ranked ones that beat SALT in the screen."""
-    levers = sorted((a for a in screen if a not in FIXED), key=lambda a: rank_key(screen[a]))
-    singles = levers[: p["singles"]]
-    salt_key = rank_key(screen["salt"]) if "salt" in screen else (math.inf, math.inf)
-    chosen: list[str] = []
-    for a in levers:
-        if len(chosen) == p["combo"] or rank_key(screen[a]) >= salt_key:
-            break
-        new = combine(chosen + [a], ctx)
-        if new is None or new == combine(chosen, ctx):  # conflicting, or adds nothing (ensemble_mean + _vote)
-            continue
-        if chosen and any(new == ARMS[b](ctx) for b in ARMS):  # e.g. w_0.5 + kind_jsd at best w 0.5 = kind_jsd
-            continue
-        chosen.append(a)
-    return {"singles": singles, "combo": chosen if len(chosen) >= 2 else [], "ranking": levers}
-
-
-def arm_settings(arm: str, ctx: dict) -> dict:
-    if arm.startswith("combo-"):
-        return combine(arm[len("combo-"):].split("+"), ctx)
-    return ARMS[arm](ctx)
+def best_screened(ctx: dict, arms: dict) -> str | None:
+    """The arm of `arms` whose seed-0 run reached the baseline in the fewest steps (then the lowest final loss)."""
+    done = {a: r for a in arms if (r := runs_of(ctx, a).get(0)) is not None}
+    return min(done, key=lambda a: ((done[a]["steps_fraction"] or math.inf), done[a]["final_val_loss"]),
+               default=None)
 
 
 # ---- KD costs and the results ---------------------------------------------------------------------------------
@@ -336,10 +309,105 @@ def kd_costs(p: dict, ctx: dict, skip_memory: bool) -> dict:
                                                                         mem.get("salt_fused_131_vs_ce"))}
 
 
+# ---- the phases ------------------------------------------------------------------------------------------------
+
+def screen_phase(ctx: dict, jobs: Jobs, train_runs: bool, profile: str, work: Path) -> tuple[dict, dict, bool]:
+    """The screen on pydoc, seed 0: every arm in order (an arm of STAGED runs at the best of its group, so after
+    it), then today's best recipe and issue 26's combination. Returns issue 13's plan, issue 26's and whether the
+    screen is complete; each plan is frozen in its file once its runs are done, so later sessions use the same."""
+    p, chosen = ctx["p"], set()
+    for arm in ARMS:
+        for key, (group, after, _) in STAGED.items():
+            if arm in after and key not in chosen:
+                chosen.add(key)
+                jobs.drain()
+                if (best := best_screened(ctx, group)) is not None:
+                    ctx[key] = group[best]
+        if train_runs:
+            submit(jobs, ctx, arm, 0, profile)
+    jobs.drain()
+    screen = {a: summarise_arm({0: r[0]}, {}, {}) for a in ARMS if 0 in (r := runs_of(ctx, a))}
+    screen13 = {a: s for a, s in screen.items() if a in ARMS13}  # issue 13's plan ranks only its own arms
+    plan_file, plan26_file = work / "plan.json", work / "plan26.json"
+    if not plan_file.is_file() and len(screen13) == len(ARMS13):
+        _save(plan_file, {**confirm_plan(screen13, ctx, p), "best_w": ctx["best_w"]})
+    plan = _json(plan_file) or {"singles": [], "combo": [], "best_w": ctx["best_w"],
+                                "ranking": confirm_plan(screen13, ctx, p)["ranking"] if "salt" in screen13 else []}
+    ctx["best_w"] = plan["best_w"]
+    if not plan26_file.is_file():  # today's best and the new combination, screened after the rest
+        plan26 = plan26_of(plan, screen, ctx)
+        extra = [a for a in (plan26["today"], plan26["combo_arm"]) if a]
+        for a in extra if train_runs else ():
+            submit(jobs, ctx, a, 0, profile)
+        jobs.drain()
+        screen.update({a: summarise_arm({0: r[0]}, {}, {}) for a in extra if 0 in (r := runs_of(ctx, a))})
+        plan26 = plan26_of(plan, screen, ctx)
+        if all(a in screen for a in (*ARMS, *extra)):
+            _save(plan26_file, plan26)
+    plan26 = _json(plan26_file) or plan26
+    ctx["best_exit"] = plan26["best_exit"]
+    return plan, plan26, plan26_file.is_file()
+
+
+def scale_ctxs(ctx: dict) -> dict[str, dict]:
+    """The scale phase's larger LLMs, each in its own directory under pydoc's, on pydoc's data with its SLM; their
+    runs need only their validation curves."""
+    out = {}
+    for size in ctx["p"]["scale"]:
+        name = f"d{size['hidden_size']}_l{size['num_layers']}"
+        out[name] = {**ctx, "work": ctx["work"] / "scale" / name, "llm": size, "eval": False,
+                     "corpus": f"{ctx['corpus']} (LLM {name})"}
+    return out
+
+
+def scale_figures(ctx: dict, sctxs: dict[str, dict], arm: str, n_slm: int | None) -> tuple[dict, dict]:
+    """The scale table (this profile's LLM from the confirm runs, then the larger ones) and per size its LLM and
+    where its baseline overtakes the SLM (larger LLMs overtake earlier)."""
+    rows, sizes = {}, {}
+    for c in (ctx, *sctxs.values()):
+        if (n := _params(c["work"] / "baseline" / "seed0" / "final")) is None or n_slm is None:
+            continue
+        runs = {a: [r["steps_fraction"] for r in runs_of(c, a).values()] for a in ("baseline", arm)}
+        rows[n] = {a: fr for a, fr in runs.items() if fr}
+        cross = [x for s in runs_of(c, "baseline") if (x := crossover(c, s)) is not None]
+        sizes[str(n)] = {"llm": c.get("llm", c["p"]["llm"]), "crossover_fraction": mean_se(cross)[0] if cross else None}
+    kd = {a: kd_steps(arm_settings(a, ctx), ctx["p"]["steps"]) for a in ("baseline", arm)}
+    return scale_table(rows, kd, ctx["p"]["steps"], n_slm or 1), sizes
+
+
+def corpus_figures(ctx: dict, confirm: list[str], profile: str, ratios: dict) -> dict:
+    """One corpus's regime, the lead the goal needs, and every arm with runs: its statistics over seeds, settings
+    and compute figures."""
+    p, tokens = ctx["p"], ctx["p"]["batch"] * ctx["p"]["seq"]
+    base, salt_runs = runs_of(ctx, "baseline"), runs_of(ctx, "salt")
+    costs = {"steps": p["steps"], "n_slm": _params(Path(ctx["slm"])),
+             "n_llm": _params(ctx["work"] / "baseline" / "seed0" / "final"), "slm_tokens": p["slm_steps"] * tokens,
+             "run_tokens": p["steps"] * tokens, "scored_tokens": read_manifest(ctx["data"])["splits"]["train"]["tokens"],
+             **ratios}
+    arms = {}
+    for a in dict.fromkeys((*ARMS, *confirm)):
+        if runs := runs_of(ctx, a):
+            settings = arm_settings(a, ctx)
+            arms[a] = {**summarise_arm(runs, salt_runs, base), "settings": settings,
+                       **cost_figures([r["steps_fraction"] for r in runs.values()], settings, costs)}
+    cross = [crossover(ctx, s) for s in base]
+    reached = [c for c in cross if c is not None]
+    return {"regime_ok": profile == "full" and bool(cross) and all(c is not None and c <= REGIME for c in cross),
+            "crossover_fraction": mean_se(reached)[0] if reached else None,
+            # the lead over the baseline an arm needs at GOAL of the run to meet the goal there
+            "val_lead_needed_for_goal": mean_se([_at(r["val_curve"], GOAL * p["steps"]) - r["final_val_loss"]
+                                                 for r in base.values()])[0] if base else None,
+            "slm_final_val_loss": val_curve(ctx["slm_dir"])[-1][1],
+            "baseline_final_val_loss_mean": arms["baseline"]["final_val_loss_mean"] if "baseline" in arms else None,
+            "label_smoothing_eps": ctx["eps"], "cl_filter_cut": ctx["cl_cut"], "cl_filter_excluded": ctx["cl_flagged"],
+            "data_manifest": read_manifest(ctx["data"]), "arms": arms}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="<= 10 min test-scale profile")
-    ap.add_argument("--phase", choices=("screen", "confirm", "all"), default="all")
+    ap.add_argument("--quick", action="store_true", help="test-scale profile: every arm, phase and plot")
+    ap.add_argument("--phase", choices=("screen", "confirm", "scale", "all"), default="all",
+                    help="screen; confirm (after the screen); scale (only); all: screen, confirm, scale")
     ap.add_argument("--seeds", type=int, default=0, help="confirm-phase seeds (default: the profile's, >= 3 full)")
     ap.add_argument("--fresh", action="store_true", help="delete this profile's earlier runs first")
     ap.add_argument("--jobs", type=int, default=2,
@@ -352,6 +420,8 @@ def main() -> None:
     for name, prof in PROFILES.items():
         if prof["steps"] % prof["eval_every"] or prof["slm_steps"] % prof["eval_every"]:
             sys.exit(f"error: profile {name}: steps and slm_steps must be multiples of eval_every")
+        if any(s["hidden_size"] % s["num_heads"] for s in (prof["llm"], *prof["scale"])):
+            sys.exit(f"error: profile {name}: an LLM's hidden_size is not a multiple of its num_heads")
     if args.check:
         print(f"profiles ok: {', '.join(PROFILES)}; arms: {len(ARMS)}")
         return
@@ -367,76 +437,54 @@ def main() -> None:
     threads = threads_per_job(args.jobs) if args.jobs > 1 else 0  # 0: one run at a time, the config's threads
     torch.set_num_threads(threads or 2)
     t_start = time.time()
-    jobs, w_chosen = Jobs(args.jobs), False
+    jobs = Jobs(args.jobs)
 
     ctxs = {"pydoc": {**prepare("pydoc", p, work), "threads": threads}}
     screen_ctx = ctxs["pydoc"]
-    for arm in ARMS:  # the screen: seed 0, every arm, in order (the w arms before the kind arms)
-        if arm.startswith("kind_") and not w_chosen:
-            w_chosen = True
-            jobs.drain()  # the kind arms run at the w arm that screened best
-            w_runs = {a: runs_of(screen_ctx, a).get(0) for a in W_ARMS}
-            done = {a: r for a, r in w_runs.items() if r is not None}
-            if done:
-                best = min(done, key=lambda a: ((done[a]["steps_fraction"] or math.inf), done[a]["final_val_loss"]))
-                screen_ctx["best_w"] = W_ARMS[best]
-        if not args.report_only:
-            jobs.submit(partial(run_arm, screen_ctx, arm, 0, arm_settings(arm, screen_ctx)),
-                        then=partial(check_regime, screen_ctx, 0, profile) if arm == "baseline" else None)
-    jobs.drain()
-    screen = {a: summarise_arm({0: r[0]}, {}, {}) for a in ARMS if 0 in (r := runs_of(screen_ctx, a))}
-    screen_done = len(screen) == len(ARMS)
-    plan_file = work / "plan.json"
-    if not plan_file.is_file() and screen_done:  # fixed now, so later sessions confirm the same arms
-        _save(plan_file, {**confirm_plan(screen, screen_ctx, p), "best_w": screen_ctx["best_w"]})
-    plan = _json(plan_file) or {"singles": [], "combo": [], "best_w": screen_ctx["best_w"],
-                                "ranking": confirm_plan(screen, screen_ctx, p)["ranking"] if "salt" in screen else []}
-    screen_ctx["best_w"] = plan["best_w"]
-    confirm = [*FIXED, *plan["singles"], *([f"combo-{'+'.join(plan['combo'])}"] if plan["combo"] else [])]
-
-    if args.phase != "screen" and not args.report_only:
-        ctxs["linuxdoc"] = {**prepare("linuxdoc", p, work), "best_w": plan["best_w"], "threads": threads}
+    plan, plan26, screen_done = screen_phase(screen_ctx, jobs, not args.report_only and args.phase != "scale",
+                                             profile, work)
+    confirm = list(dict.fromkeys([*FIXED, plan26["today"], *plan26["new_best"]]))
+    chosen = {"best_w": plan["best_w"], "best_exit": plan26["best_exit"], "threads": threads}
+    if args.phase in ("confirm", "all") and not args.report_only:
+        ctxs["linuxdoc"] = {**prepare("linuxdoc", p, work), **chosen}
         for seed in range(seeds):  # seed-major: a sweep cut short still has whole seeds on both corpora
             for ctx in ctxs.values():
                 for arm in confirm:
-                    jobs.submit(partial(run_arm, ctx, arm, seed, arm_settings(arm, ctx)),
-                                then=partial(check_regime, ctx, seed, profile) if arm == "baseline" else None)
+                    submit(jobs, ctx, arm, seed, profile)
         jobs.drain()
-    elif args.report_only and (work / "linuxdoc" / "scores" / "manifest.json").is_file():
-        ctxs["linuxdoc"] = {**prepare("linuxdoc", p, work), "best_w": plan["best_w"]}
+    elif (work / "linuxdoc" / "scores" / "manifest.json").is_file():
+        ctxs["linuxdoc"] = {**prepare("linuxdoc", p, work), **chosen}
 
-    corpora = {}
-    for name, ctx in ctxs.items():
-        base, salt_runs = runs_of(ctx, "baseline"), runs_of(ctx, "salt")
-        arms = {a: summarise_arm(r, salt_runs, base) for a in (*ARMS, *confirm) if (r := runs_of(ctx, a))}
-        for a, s in arms.items():
-            s["settings"] = {k: v for k, v in arm_settings(a, ctx).items()}
-        cross = [crossover(ctx, s) for s in base]
-        reached = [c for c in cross if c is not None]
-        corpora[name] = {"regime_ok": profile == "full" and bool(cross) and all(c is not None and c <= REGIME for c in cross),
-                         "crossover_fraction": mean_se(reached)[0] if reached else None,
-                         # the lead over the baseline an arm needs at GOAL of the run to meet the goal there
-                         "val_lead_needed_for_goal": mean_se([_at(r["val_curve"], GOAL * p["steps"]) - r["final_val_loss"]
-                                                              for r in base.values()])[0] if base else None,
-                         "slm_final_val_loss": val_curve(ctx["slm_dir"])[-1][1],
-                         "baseline_final_val_loss_mean": arms["baseline"]["final_val_loss_mean"] if "baseline" in arms else None,
-                         "label_smoothing_eps": ctx["eps"], "cl_filter_cut": ctx["cl_cut"],
-                         "cl_filter_excluded": ctx["cl_flagged"],
-                         "data_manifest": read_manifest(ctx["data"]), "arms": arms}
+    kd = (kd_costs(p, screen_ctx, args.skip_memory or profile == "quick")
+          if not args.report_only or (screen_ctx["work"] / "kd_overhead.json").is_file() else
+          dict.fromkeys(("kd_step_ratio_online", "kd_step_ratio_cached", "flop_limit", "kd_loss_mem_ratio_chunked")))
+    ratios = {"kd_step_ratio": kd["kd_step_ratio_online"], "kd_step_ratio_gpu": gpu_kd_step_ratio(GPU_JSON)}
+    corpora = {name: corpus_figures(ctx, confirm, profile, ratios) for name, ctx in ctxs.items()}
     best_arm, goal = best_recipe(corpora, confirm, seeds)
     sizes = {"slm_params": _params(Path(screen_ctx["slm"])),
              "llm_params": _params(screen_ctx["work"] / "baseline" / "seed0" / "final")}
+
+    sctxs, scale_file = scale_ctxs(screen_ctx), work / "scale_plan.json"
+    scale_arm = _json(scale_file).get("arm") or best_arm or plan26["today"]  # frozen when the scale runs start
+    if args.phase in ("scale", "all") and not args.report_only:
+        _save(scale_file, {"arm": scale_arm})
+        for seed in range(p["scale_seeds"]):
+            for sc in sctxs.values():
+                for arm in ("baseline", scale_arm):
+                    submit(jobs, sc, arm, seed, profile)
+        jobs.drain()
+    scale, scale_sizes = scale_figures(screen_ctx, sctxs, scale_arm, sizes["slm_params"])
+
     result = {"profile": profile, "test_scale": profile == "quick", "phase": args.phase, "corpora": corpora,
-              "best_arm": best_arm, "goal": goal, "plan": plan, "confirm_arms": confirm, "seeds": seeds,
-              "ood_corpus": str(OOD_CORPUS), "steps": p["steps"], "token_budget": p["steps"] * p["batch"] * p["seq"],
-              "slm_steps": p["slm_steps"], "n_kd_steps": round(N_KD * p["steps"]), "sizes": {**sizes, "slm": p["slm"],
-                                                                                          "llm": p["llm"]},
-              **(kd_costs(p, screen_ctx, args.skip_memory or profile == "quick")
-                 if not args.report_only or (screen_ctx["work"] / "kd_overhead.json").is_file() else
-                 dict.fromkeys(("kd_step_ratio_online", "kd_step_ratio_cached", "flop_limit",
-                                "kd_loss_mem_ratio_chunked"))),
-              "screen_complete": screen_done,
-              "wall_s_training": round(sum(sum(_json(c["work"] / "wall_s.json").values()) for c in ctxs.values()), 1),
+              "best_arm": best_arm, "goal": goal, "plan": plan, "plan26": plan26, "confirm_arms": confirm,
+              "seeds": seeds, "ood_corpus": str(OOD_CORPUS), "steps": p["steps"],
+              "token_budget": p["steps"] * p["batch"] * p["seq"], "slm_steps": p["slm_steps"],
+              "n_kd_steps": round(N_KD * p["steps"]), "sizes": {**sizes, "slm": p["slm"], "llm": p["llm"]},
+              **kd, "kd_step_ratio_gpu": ratios["kd_step_ratio_gpu"],
+              "scale_arm": scale_arm, "scale_seeds": p["scale_seeds"], "scale": scale, "scale_sizes": scale_sizes,
+              "scale_trend": scale_trend(scale, scale_arm), "screen_complete": screen_done,
+              "wall_s_training": round(sum(sum(_json(c["work"] / "wall_s.json").values())
+                                           for c in (*ctxs.values(), *sctxs.values())), 1),
               "wall_s_this_invocation": round(time.time() - t_start, 1)}
     if profile == "quick":
         result["note"] = ("TEST SCALE: tiny models and a few dozen steps; the figures check that every arm, phase and "
@@ -446,14 +494,17 @@ def main() -> None:
     plot_dir = out / f"salt{suffix}"
     plot_dir.mkdir(exist_ok=True)
     curves = {c: {a: [r["val_curve"] for r in runs_of(ctx, a).values()] for a in confirm} for c, ctx in ctxs.items()}
-    plot(corpora, curves, p["steps"], result["n_kd_steps"], len(ARMS), plot_dir,
-         f"SALT ({profile}): LLM {sizes['llm_params'] / 1e6:.2f}M, SLM {sizes['slm_params'] / 1e6:.2f}M")
+    title = f"SALT ({profile}): LLM {(sizes['llm_params'] or 0) / 1e6:.2f}M, SLM {(sizes['slm_params'] or 0) / 1e6:.2f}M"
+    plot(corpora, curves, p["steps"], result["n_kd_steps"], len(ARMS), plot_dir, title)
+    if scale:
+        plot_scale(scale, scale_arm, plot_dir, f"SALT ({profile}) on pydoc: {scale_arm} by LLM size, SLM fixed")
     _save(out / f"salt{suffix}.json", result)
     print(summary(result))
 
 
-def _params(model_dir: Path) -> int:
-    return sum(t.numel() for t in load_model(model_dir, torch.device("cpu"))[0].parameters())
+def _params(model_dir: Path) -> int | None:
+    """A trained model's parameter count; None before it exists."""
+    return count_params(load_model(model_dir, torch.device("cpu"))[0]) if (model_dir / "config.json").is_file() else None
 
 
 if __name__ == "__main__":

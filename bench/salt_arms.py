@@ -1,0 +1,163 @@
+"""bench/salt.py's arms and plans: every arm's distill settings (a function of the corpus's context: its SLM,
+scores, subsets, and the choices the screen made), SALT with several levers at once, issue 13's confirm plan and
+issue 26's combination. Pure: it trains and reads nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from salt_report import FIXED, rank_key  # bench/salt_report.py, next to this module
+
+from slm_assist.core.config import load_config
+from slm_assist.core.errors import ConfigError
+from slm_assist.salt.recipe import RunConfig
+
+N_KD = 0.2  # the paper's KD phase: the first 20% of steps
+
+
+def salt(c: dict, **extra) -> dict:
+    """The paper's recipe (SALT's step schedule, forward KL at tau 1) plus `extra` settings."""
+    return {"distill.source.kind": "teacher", "distill.source.teachers": [c["slm"]], "distill.schedule.kind": "step",
+            "distill.schedule.weight": 0.667, "distill.schedule.n_kd_fraction": N_KD, **extra}
+
+
+ARMS13 = {
+    "baseline": lambda c: {},
+    "salt": lambda c: salt(c),
+    "ls_control": lambda c: {**{k: v for k, v in salt(c).items() if k != "distill.source.teachers"},
+                             "distill.source.kind": "label_smoothing", "distill.source.epsilon": c["eps"]},
+    "salt_ds": lambda c: salt(c, **{"distill.data.selection": c["select"]["salt_ds"]}),
+    "gate_topk": lambda c: salt(c, **{"distill.gate.topk": 8}),
+    "gate_confidence": lambda c: salt(c, **{"distill.gate.confidence": 0.5}),
+    "handover": lambda c: salt(c, **{"distill.handover.every": c["p"]["eval_every"] // 2}),
+    "ensemble_mean": lambda c: salt(c, **{"distill.source.teachers": [c["slm"], *c["ensemble"]]}),
+    "ensemble_vote": lambda c: salt(c, **{"distill.source.teachers": [c["slm"], *c["ensemble"]],
+                                          "distill.source.combine": "vote"}),
+    "curriculum": lambda c: salt(c, **{"distill.data.curriculum": "mean_loss", "distill.data.curriculum_scores": c["scores"]}),
+    "cl_filter": lambda c: salt(c, **{"distill.data.selection": c["select"]["cl"]}),
+    "z_loss": lambda c: salt(c, **{"train.z_loss": 1e-4}),
+    "tau_0.5": lambda c: salt(c, **{"distill.loss.tau": 0.5}),
+    "tau_2": lambda c: salt(c, **{"distill.loss.tau": 2.0}),
+    "w_0.5": lambda c: salt(c, **{"distill.schedule.weight": 0.5}),
+    "w_0.8": lambda c: salt(c, **{"distill.schedule.weight": 0.8}),
+    "n_kd_0.1": lambda c: salt(c, **{"distill.schedule.n_kd_fraction": 0.1}),
+    "n_kd_0.3": lambda c: salt(c, **{"distill.schedule.n_kd_fraction": 0.3}),
+    # the KD kinds at the w that screened best (the w arms run first)
+    "kind_reverse_kl": lambda c: salt(c, **{"distill.loss.kind": "reverse_kl", "distill.schedule.weight": c["best_w"]}),
+    "kind_jsd": lambda c: salt(c, **{"distill.loss.kind": "jsd", "distill.schedule.weight": c["best_w"]}),
+    "kind_nkd": lambda c: salt(c, **{"distill.loss.kind": "nkd", "distill.schedule.weight": c["best_w"]}),
+}
+W_ARMS = {"salt": 0.667, "w_0.5": 0.5, "w_0.8": 0.8}
+
+
+def exit_window(fraction: float, shape: str) -> dict:
+    return {"distill.schedule.exit_fraction": fraction, "distill.schedule.exit_shape": shape}
+
+
+def align(fraction: float) -> dict:
+    """LET's alignment at its weight (0.1) from block 1 (an early one) to the SLM's last hidden state."""
+    return {"distill.align.weight": 0.1, "distill.align.layer": 1, "distill.align.kind": "cosine",
+            "distill.align.fraction": fraction}
+
+
+# issue 13 lost a third of the KD phase's lead within 40 steps of w's drop to 0 (bench/RESULTS.md): leave it gently
+EXIT_ARMS = {f"exit_{shape}_{f}": exit_window(f, shape) for shape in ("linear", "cosine") for f in (0.1, 0.2)}
+ARMS26 = {
+    **{a: (lambda c, e=e: salt(c, **e)) for a, e in EXIT_ARMS.items()},
+    "align_0.2": lambda c: salt(c, **align(0.2)),  # over the KD phase
+    "align_0.3": lambda c: salt(c, **align(0.3)),  # a bit longer
+    # the sharper teacher over a longer KD phase, left at the exit that screened best (the exit arms run first)
+    "tau_0.5_n_kd_0.3_exit": lambda c: salt(c, **{"distill.loss.tau": 0.5, "distill.schedule.n_kd_fraction": 0.3,
+                                                   **c["best_exit"]}),
+    "tau_0.5_n_kd_0.4_exit": lambda c: salt(c, **{"distill.loss.tau": 0.5, "distill.schedule.n_kd_fraction": 0.4,
+                                                   **c["best_exit"]}),
+}
+ARMS = {**ARMS13, **ARMS26}
+# ctx key -> (the arms it is chosen from, with their setting; the arms that run at the best of them, after them;
+# its value until then)
+STAGED = {"best_w": (W_ARMS, ("kind_reverse_kl", "kind_jsd", "kind_nkd"), W_ARMS["salt"]),
+          "best_exit": (EXIT_ARMS, ("tau_0.5_n_kd_0.3_exit", "tau_0.5_n_kd_0.4_exit"), EXIT_ARMS["exit_linear_0.1"])}
+
+
+def as_overrides(settings: dict) -> list[str]:
+    return [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in settings.items()]
+
+
+def combine(arms: list[str], ctx: dict) -> dict | None:
+    """SALT with several levers at once (each lever's settings that differ from SALT's), or None when two of them
+    set the same key differently or the run config refuses them together (e.g. alignment with an ensemble)."""
+    base, own = salt(ctx), {}
+    for arm in arms:
+        for k, v in ARMS[arm](ctx).items():
+            if base.get(k) == v:
+                continue
+            if k in own and own[k] != v:
+                return None
+            own[k] = v
+    try:
+        load_config(RunConfig, None, as_overrides({**base, **own}))
+    except ConfigError:
+        return None
+    return {**base, **own}
+
+
+def confirm_plan(screen: dict[str, dict], ctx: dict, p: dict) -> dict:
+    """The levers to confirm: the best `singles` by screened steps fraction, and the largest compatible
+    combination (up to `combo` levers) of the best-ranked ones that beat SALT in the screen."""
+    levers = sorted((a for a in screen if a not in FIXED), key=lambda a: rank_key(screen[a]))
+    singles = levers[: p["singles"]]
+    salt_key = rank_key(screen["salt"]) if "salt" in screen else (math.inf, math.inf)
+    chosen: list[str] = []
+    for a in levers:
+        if len(chosen) == p["combo"] or rank_key(screen[a]) >= salt_key:
+            break
+        new = combine(chosen + [a], ctx)
+        if new is None or new == combine(chosen, ctx):  # conflicting, or adds nothing (ensemble_mean + _vote)
+            continue
+        if chosen and any(new == ARMS[b](ctx) for b in ARMS):  # e.g. w_0.5 + kind_jsd at best w 0.5 = kind_jsd
+            continue
+        chosen.append(a)
+    return {"singles": singles, "combo": chosen if len(chosen) >= 2 else [], "ranking": levers}
+
+
+def today_levers(plan: dict) -> list[str]:
+    """Issue 13's best recipe, as levers: its confirmed combination (tau_0.5 + cl_filter + w_0.8), else its best
+    single lever (the quick profile's plan may have no combination)."""
+    return plan["combo"] or plan["singles"][:1]
+
+
+def combo_name(levers: list[str]) -> str:
+    return f"combo-{'+'.join(levers)}" if len(levers) > 1 else (levers or ["salt"])[0]
+
+
+def new_combo(today: list[str], screen: dict[str, dict], ctx: dict) -> list[str]:
+    """Issue 26's combination: today's best levers plus issue 26's, best-screened first, each compatible with those
+    chosen, adding something, and beating SALT in the screen (the first is tried regardless, so the combination
+    always tests one); [] when none can be added."""
+    chosen, salt_key = list(today), rank_key(screen["salt"])
+    for a in sorted((a for a in ARMS26 if a in screen), key=lambda a: rank_key(screen[a])):
+        if len(chosen) > len(today) and rank_key(screen[a]) >= salt_key:
+            break
+        new = combine(chosen + [a], ctx)
+        if new is not None and new != combine(chosen, ctx):
+            chosen.append(a)
+    return chosen if len(chosen) > max(1, len(today)) else []
+
+
+def plan26_of(plan: dict, screen: dict[str, dict], ctx: dict) -> dict:
+    """Issue 26's plan from the screen so far (`plan`: issue 13's): today's best recipe, its combination with the
+    new levers (once every arm screened; combo_arm: its name, None without one), the issue-26 arms and that
+    combination ranked, and the new best to confirm: the best-ranked, and the combination."""
+    today = today_levers(plan)
+    levers = new_combo(today, screen, ctx) if all(a in screen for a in ARMS) else []
+    combo = combo_name(levers) if levers else None
+    ranked = sorted((a for a in (*ARMS26, combo) if a in screen), key=lambda a: rank_key(screen[a]))
+    return {"today": combo_name(today), "best_exit": ctx["best_exit"], "combo": levers, "combo_arm": combo,
+            "ranking": ranked, "new_best": list(dict.fromkeys([*ranked[:1], *([combo] if combo else [])]))}
+
+
+def arm_settings(arm: str, ctx: dict) -> dict:
+    if arm.startswith("combo-"):
+        return combine(arm[len("combo-"):].split("+"), ctx)
+    return ARMS[arm](ctx)
