@@ -1,7 +1,8 @@
 """SALT benchmark (issues 13 and 26): does a small LM's help make the larger LM reach its baseline's quality in fewer
 steps and less compute, which levers add to it, does it hold over seeds and corpora, and how does it scale?
 
-Every run trains the same LLM on the same token budget; the seed sets model init and data order. Phases:
+Every run trains the same LLM on the same token budget; the seed sets model init and data order. Phases
+(the arms and their settings: bench/salt_arms.py):
 
   screen   every arm, seed 0, on train_pydoc (a pilot). Issue 26's run after issue 13's, in stages: the exit and
            alignment arms; the longer KD phases at the best-screened exit; today's best recipe (issue 13's confirmed
@@ -10,13 +11,6 @@ Every run trains the same LLM on the same token budget; the seed sets model init
            combination), seeds 0..2 on train_pydoc and train_linuxdoc
   scale    baseline and the best recipe at two larger LLMs, the SLM fixed (the paper's two students share one SLM),
            2 seeds each on train_pydoc, in the paper's regime
-
-Arms (bench/salt_arms.py): baseline (CE); salt (the paper: forward KL, tau 1, w 0.667 for the first 20% of steps);
-ls_control (that schedule towards a label-smoothed one-hot); salt_ds; gate_topk / gate_confidence; handover;
-ensemble_mean / _vote (3 SLMs); curriculum; cl_filter; z_loss; tau / w / n_KD sweeps; KD kinds at the best w.
-Issue 26: exit_<linear|cosine>_<f> (after the KD phase w decays to 0 over f of the run); tau_0.5_n_kd_<f>_exit (tau
-0.5, a KD phase of f, then the best exit); align_<f> (LET: block 1 towards the SLM's last hidden state, cosine,
-weight 0.1 decaying to 0 over f).
 
 Per corpus and arm (bench/salt_report.py): the share of the baseline's steps needed to reach its final validation
 loss (per seed, then mean ± SE); the same share of its compute with each KD step (w_t > 0 or alignment on) charged
@@ -55,7 +49,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from parallel import LOCK, Jobs, run_module, threads_per_job  # bench/parallel.py, next to this script
-from salt_arms import ARMS, ARMS13, N_KD, STAGED, arm_settings, as_overrides, confirm_plan, plan26_of
+from salt_arms import (
+    ARMS,
+    ARMS13,
+    N_KD,
+    STAGED,
+    arm_settings,
+    as_overrides,
+    confirm_plan,
+    plan26_of,
+    scale_ctxs,
+)
 from salt_report import (
     FIXED,
     GOAL,
@@ -63,6 +67,7 @@ from salt_report import (
     cost_figures,
     gpu_kd_step_ratio,
     kd_steps,
+    loss_at,
     plot,
     plot_scale,
     scale_table,
@@ -270,16 +275,11 @@ def runs_of(ctx: dict, arm: str) -> dict[int, dict]:
         curve, base_curve = val_curve(d), val_curve(base)
         reach = steps_to_reach(curve, base_curve[-1][1])
         out[seed] = {"final_val_loss": curve[-1][1], "steps_fraction": None if reach is None else reach / steps,
-                     "val_lead_at_kd_end": _at(base_curve, kd_end) - _at(curve, kd_end),
-                     "val_lead_at_goal": _at(base_curve, GOAL * steps) - _at(curve, GOAL * steps),
+                     "val_lead_at_kd_end": loss_at(base_curve, kd_end) - loss_at(curve, kd_end),
+                     "val_lead_at_goal": loss_at(base_curve, GOAL * steps) - loss_at(curve, GOAL * steps),
                      "val_lead_final": base_curve[-1][1] - curve[-1][1],
                      **ev, "wall_s": _json(ctx["work"] / "wall_s.json").get(f"{arm}/{d.name}"), "val_curve": curve}
     return out
-
-
-def _at(curve: list[tuple[int, float]], step: float) -> float:
-    """The validation loss at `step`, interpolated between evaluations."""
-    return float(np.interp(step, *zip(*curve)))
 
 
 def best_screened(ctx: dict, arms: dict) -> str | None:
@@ -349,17 +349,6 @@ def screen_phase(ctx: dict, jobs: Jobs, train_runs: bool, profile: str, work: Pa
     return plan, plan26, plan26_file.is_file()
 
 
-def scale_ctxs(ctx: dict) -> dict[str, dict]:
-    """The scale phase's larger LLMs, each in its own directory under pydoc's, on pydoc's data with its SLM; their
-    runs need only their validation curves."""
-    out = {}
-    for size in ctx["p"]["scale"]:
-        name = f"d{size['hidden_size']}_l{size['num_layers']}"
-        out[name] = {**ctx, "work": ctx["work"] / "scale" / name, "llm": size, "eval": False,
-                     "corpus": f"{ctx['corpus']} (LLM {name})"}
-    return out
-
-
 def scale_figures(ctx: dict, sctxs: dict[str, dict], arm: str, n_slm: int | None) -> tuple[dict, dict]:
     """The scale table (this profile's LLM from the confirm runs, then the larger ones) and per size its LLM and
     where its baseline overtakes the SLM (larger LLMs overtake earlier)."""
@@ -395,7 +384,7 @@ def corpus_figures(ctx: dict, confirm: list[str], profile: str, ratios: dict) ->
     return {"regime_ok": profile == "full" and bool(cross) and all(c is not None and c <= REGIME for c in cross),
             "crossover_fraction": mean_se(reached)[0] if reached else None,
             # the lead over the baseline an arm needs at GOAL of the run to meet the goal there
-            "val_lead_needed_for_goal": mean_se([_at(r["val_curve"], GOAL * p["steps"]) - r["final_val_loss"]
+            "val_lead_needed_for_goal": mean_se([loss_at(r["val_curve"], GOAL * p["steps"]) - r["final_val_loss"]
                                                  for r in base.values()])[0] if base else None,
             "slm_final_val_loss": val_curve(ctx["slm_dir"])[-1][1],
             "baseline_final_val_loss_mean": arms["baseline"]["final_val_loss_mean"] if "baseline" in arms else None,

@@ -1,6 +1,14 @@
 """bench/salt.py's arms and plans: every arm's distill settings (a function of the corpus's context: its SLM,
 scores, subsets, and the choices the screen made), SALT with several levers at once, issue 13's confirm plan and
-issue 26's combination. Pure: it trains and reads nothing."""
+issue 26's combination. Pure: it trains and reads nothing.
+
+The arms: baseline (CE); salt (the paper: forward KL, tau 1, w 0.667 for the first 20% of steps);
+ls_control (that schedule towards a label-smoothed one-hot); salt_ds; gate_topk / gate_confidence; handover;
+ensemble_mean / _vote (3 SLMs); curriculum; cl_filter; z_loss; tau / w / n_KD sweeps; KD kinds at the best w.
+Issue 26: exit_<linear|cosine>_<f> (after the KD phase w decays to 0 over f of the run); tau_0.5_n_kd_<f>_exit (tau
+0.5, a KD phase of f, then the best exit); align_<f> (LET: block 1 towards the SLM's last hidden state, cosine,
+weight 0.1 decaying to 0 over f).
+"""
 
 from __future__ import annotations
 
@@ -161,3 +169,14 @@ def arm_settings(arm: str, ctx: dict) -> dict:
     if arm.startswith("combo-"):
         return combine(arm[len("combo-"):].split("+"), ctx)
     return ARMS[arm](ctx)
+
+
+def scale_ctxs(ctx: dict) -> dict[str, dict]:
+    """The scale phase's larger LLMs, each in its own directory under pydoc's, on pydoc's data with its SLM; their
+    runs need only their validation curves."""
+    out = {}
+    for size in ctx["p"]["scale"]:
+        name = f"d{size['hidden_size']}_l{size['num_layers']}"
+        out[name] = {**ctx, "work": ctx["work"] / "scale" / name, "llm": size, "eval": False,
+                     "corpus": f"{ctx['corpus']} (LLM {name})"}
+    return out

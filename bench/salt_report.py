@@ -374,3 +374,8 @@ def summary(r: dict) -> str:
     if r.get("note"):
         lines += ["", r["note"]]
     return "\n".join(lines)
+
+
+def loss_at(curve: list[tuple[int, float]], step: float) -> float:
+    """The validation loss at `step`, interpolated between evaluations."""
+    return float(np.interp(step, *zip(*curve)))

@@ -146,7 +146,7 @@ def test_runs_of_measures_each_seed_against_its_own_baseline(bench, tmp_path):
     # KD phase ends at 20% of 50 steps = 10: lead 1.0 and 0.2
     assert runs[0]["val_lead_at_kd_end"] == pytest.approx(1.0) and runs[1]["val_lead_at_kd_end"] == pytest.approx(0.2)
     assert runs[0]["val_lead_final"] == pytest.approx(0.5) and runs[1]["val_lead_final"] == pytest.approx(0.1)
-    mid = bench._at([(10, 6.0), (30, 5.0)], 20)
+    mid = bench.loss_at([(10, 6.0), (30, 5.0)], 20)
     assert mid == pytest.approx(5.5)
 
 

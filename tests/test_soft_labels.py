@@ -67,3 +67,25 @@ def test_cache_round_trip(tmp_path):
     assert type(back) is SampledLabels and torch.equal(back.ids[0], samp.ids.long())
     with pytest.raises(TypeError, match="more than one kind"):
         write_cache([rec, samp], [1, 2, 3], tmp_path / "mixed")
+
+
+def test_top_k_labels_of_a_batch_equal_those_of_each_sequence(tmp_path):
+    """The GPU cache path takes the top-k of all kept rows at once and keeps them as one record: it must match the
+    per-sequence CPU path, on disk too."""
+    import torch
+
+    from data_tools.softlabels import top_k_labels
+    from slm_assist.core.soft_labels import write_cache
+
+    logits = torch.randn(3, 7, 50, generator=torch.Generator().manual_seed(0)) * 4
+    batch = top_k_labels(logits, 5)
+    rows = [top_k_labels(logits[r], 5) for r in range(3)]
+    for r, one in enumerate(rows):
+        for key in ("ids", "logprobs", "tail"):
+            assert (getattr(batch, key)[r] == getattr(one, key)).all(), key
+    assert batch.ids.shape == (3, 7, 5) and batch.tail.shape == (3, 7)
+    assert (batch.ids.dtype, batch.logprobs.dtype, batch.tail.dtype) == (torch.int32, torch.float16, torch.float32)
+    write_cache([batch.map(lambda t: t[:2]), batch.map(lambda t: t[2:])], [4, 8, 9], tmp_path / "batched")
+    write_cache(rows, [4, 8, 9], tmp_path / "rows")
+    for f in sorted((tmp_path / "rows").iterdir()):
+        assert f.read_bytes() == (tmp_path / "batched" / f.name).read_bytes(), f.name
