@@ -6,7 +6,8 @@ Every run trains the same LLM on the same token budget; the seed sets model init
 
   screen   every arm, seed 0, on train_pydoc (a pilot). Issue 26's run after issue 13's, in stages: the exit and
            alignment arms; the longer KD phases at the best-screened exit; today's best recipe (issue 13's confirmed
-           combination) and its combination with the new levers that screened best (combo-<levers>)
+           combination) and its combination with the new levers that screened best (combo-<levers>). Issue 13's
+           plan, frozen in bench/results/salt.json, is reused: its own arms are not screened again (--rescreen13)
   confirm  baseline, salt, ls_control, today's best and the new best (the best-screened issue-26 arm, and the new
            combination), seeds 0..2 on train_pydoc and train_linuxdoc
   scale    baseline and the best recipe at two larger LLMs, the SLM fixed (the paper's two students share one SLM),
@@ -53,12 +54,15 @@ from salt_arms import (
     ARMS,
     ARMS13,
     N_KD,
+    PROFILES,
     STAGED,
     arm_settings,
     as_overrides,
     confirm_plan,
+    frozen_plan13,
     plan26_of,
     scale_ctxs,
+    screen_arms,
 )
 from salt_report import (
     FIXED,
@@ -88,29 +92,9 @@ REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "corpora"
 MAIN_CORPORA = {"pydoc": CORPORA / "train_pydoc.txt.gz", "linuxdoc": CORPORA / "train_linuxdoc.txt.gz"}
 OOD_CORPUS = CORPORA / "train_perldoc.txt.gz"
-GPU_JSON = REPO / "bench" / "results" / "gpu.json"  # bench/gpu/verify.py's figures, when a GPU run left them
+RESULTS = REPO / "bench" / "results"
+GPU_JSON = RESULTS / "gpu.json"  # bench/gpu/verify.py's figures, when a GPU run left them
 REGIME = 0.6  # the baseline must overtake the SLM within this fraction of the run
-_SLM = dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3)
-PROFILES = {
-    # 3.4M-param LLM, 800 steps of 8 x 256 tokens (1.6M tokens): ~6 min a run, 51 runs in ~6 h. The SLM (0.37M)
-    # trains half the LLM's steps, so the baseline overtakes it early: the paper's regime by construction.
-    "full": dict(vocab=4096, seq=256, batch=8, steps=800, warmup=40, eval_every=40, eval_batches=16,
-                 corpus_chars=12_000_000, val_fraction=0.08, ood_chars=2_000_000, cloze=1000, ood_rows=256, seeds=3, ensemble=3,
-                 slm=_SLM, slm_steps=400, llm=dict(hidden_size=192, num_layers=6, num_heads=3, ffn_size=512, lr=2e-3),
-                 singles=2, combo=3, kd_rounds=4, kd_steps=4,
-                 # 7.4M, 13.7M: width and depth x4/3, x5/3 (head dim 64), lr ~ 1/d; step FLOPs 2.1x, 3.8x the
-                 # 3.4M's: ~23, ~42 min a run beside another, the 8 runs ~2.3 h with --jobs 2
-                 scale=[dict(hidden_size=256, num_layers=8, num_heads=4, ffn_size=688, lr=1.5e-3),
-                        dict(hidden_size=320, num_layers=10, num_heads=5, ffn_size=864, lr=1.2e-3)], scale_seeds=2),
-    # Test scale: every arm, phase and figure in a few minutes; the figures say nothing about SALT.
-    "quick": dict(vocab=1024, seq=64, batch=8, steps=40, warmup=4, eval_every=10, eval_batches=4,
-                  corpus_chars=250_000, val_fraction=0.2, ood_chars=100_000, cloze=50, ood_rows=32, seeds=2, ensemble=2,
-                  slm=dict(_SLM, hidden_size=32, ffn_size=86), slm_steps=20,
-                  llm=dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3),
-                  singles=1, combo=2, kd_rounds=1, kd_steps=2,
-                  scale=[dict(hidden_size=96, num_layers=2, num_heads=2, ffn_size=256, lr=3e-3),
-                         dict(hidden_size=128, num_layers=2, num_heads=2, ffn_size=344, lr=3e-3)], scale_seeds=2),
-}
 
 
 def run(*cmd: str) -> None:
@@ -311,12 +295,19 @@ def kd_costs(p: dict, ctx: dict, skip_memory: bool) -> dict:
 
 # ---- the phases ------------------------------------------------------------------------------------------------
 
-def screen_phase(ctx: dict, jobs: Jobs, train_runs: bool, profile: str, work: Path) -> tuple[dict, dict, bool]:
+def screen_phase(ctx: dict, jobs: Jobs, train_runs: bool, profile: str, work: Path,
+                 reuse: dict | None = None) -> tuple[dict, dict, bool]:
     """The screen on pydoc, seed 0: every arm in order (an arm of STAGED runs at the best of its group, so after
     it), then today's best recipe and issue 26's combination. Returns issue 13's plan, issue 26's and whether the
-    screen is complete; each plan is frozen in its file once its runs are done, so later sessions use the same."""
+    screen is complete; each plan is frozen in its file once its runs are done, so later sessions use the same.
+    `reuse`: issue 13's plan as a results file froze it; the screen then runs only the references and issue 26's
+    arms (issue 13's own arms were screened once, and their choices are all the later phases read)."""
     p, chosen = ctx["p"], set()
-    for arm in ARMS:
+    plan_file, plan26_file = work / "plan.json", work / "plan26.json"
+    if not plan_file.is_file() and reuse is not None:
+        _save(plan_file, reuse)
+    ctx["best_w"] = (plan := _json(plan_file)).get("best_w", ctx["best_w"])
+    for arm in screen_arms(plan):
         for key, (group, after, _) in STAGED.items():
             if arm in after and key not in chosen:
                 chosen.add(key)
@@ -328,7 +319,6 @@ def screen_phase(ctx: dict, jobs: Jobs, train_runs: bool, profile: str, work: Pa
     jobs.drain()
     screen = {a: summarise_arm({0: r[0]}, {}, {}) for a in ARMS if 0 in (r := runs_of(ctx, a))}
     screen13 = {a: s for a, s in screen.items() if a in ARMS13}  # issue 13's plan ranks only its own arms
-    plan_file, plan26_file = work / "plan.json", work / "plan26.json"
     if not plan_file.is_file() and len(screen13) == len(ARMS13):
         _save(plan_file, {**confirm_plan(screen13, ctx, p), "best_w": ctx["best_w"]})
     plan = _json(plan_file) or {"singles": [], "combo": [], "best_w": ctx["best_w"],
@@ -342,7 +332,7 @@ def screen_phase(ctx: dict, jobs: Jobs, train_runs: bool, profile: str, work: Pa
         jobs.drain()
         screen.update({a: summarise_arm({0: r[0]}, {}, {}) for a in extra if 0 in (r := runs_of(ctx, a))})
         plan26 = plan26_of(plan, screen, ctx)
-        if all(a in screen for a in (*ARMS, *extra)):
+        if all(a in screen for a in (*screen_arms(plan), *extra)):
             _save(plan26_file, plan26)
     plan26 = _json(plan26_file) or plan26
     ctx["best_exit"] = plan26["best_exit"]
@@ -402,6 +392,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2,
                     help="runs side by side, each with cpu_count / jobs threads and its log in <run_dir>.log")
     ap.add_argument("--skip-memory", action="store_true", help="skip the KD-loss memory probes")
+    ap.add_argument("--rescreen13", action="store_true",
+                    help="screen issue 13's arms again instead of reusing the plan bench/results/salt.json froze")
     ap.add_argument("--check", action="store_true", help="only check the profiles")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: write the results and plots of the runs finished so far")
@@ -430,8 +422,9 @@ def main() -> None:
 
     ctxs = {"pydoc": {**prepare("pydoc", p, work), "threads": threads}}
     screen_ctx = ctxs["pydoc"]
+    reuse = None if args.rescreen13 or args.quick else frozen_plan13(_json(RESULTS / "salt.json"), profile)
     plan, plan26, screen_done = screen_phase(screen_ctx, jobs, not args.report_only and args.phase != "scale",
-                                             profile, work)
+                                             profile, work, reuse)
     confirm = list(dict.fromkeys([*FIXED, plan26["today"], *plan26["new_best"]]))
     chosen = {"best_w": plan["best_w"], "best_exit": plan26["best_exit"], "threads": threads}
     if args.phase in ("confirm", "all") and not args.report_only:
@@ -478,7 +471,7 @@ def main() -> None:
     if profile == "quick":
         result["note"] = ("TEST SCALE: tiny models and a few dozen steps; the figures check that every arm, phase and "
                           "plot runs and say nothing about SALT")
-    out = REPO / "bench" / "results"
+    out = RESULTS
     suffix = "" if profile == "full" else "_quick"
     plot_dir = out / f"salt{suffix}"
     plot_dir.mkdir(exist_ok=True)

@@ -1,6 +1,6 @@
 """bench/salt.py's arms and plans: every arm's distill settings (a function of the corpus's context: its SLM,
 scores, subsets, and the choices the screen made), SALT with several levers at once, issue 13's confirm plan and
-issue 26's combination. Pure: it trains and reads nothing.
+issue 26's combination, and the profiles (model sizes and budgets). Pure: it trains and reads nothing.
 
 The arms: baseline (CE); salt (the paper: forward KL, tau 1, w 0.667 for the first 20% of steps);
 ls_control (that schedule towards a label-smoothed one-hot); salt_ds; gate_topk / gate_confidence; handover;
@@ -22,6 +22,28 @@ from slm_assist.core.errors import ConfigError
 from slm_assist.salt.recipe import RunConfig
 
 N_KD = 0.2  # the paper's KD phase: the first 20% of steps
+
+SLM_SHAPE = dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3)
+PROFILES = {
+    # 3.4M-param LLM, 800 steps of 8 x 256 tokens (1.6M tokens): ~6 min a run, 51 runs in ~6 h. The SLM (0.37M)
+    # trains half the LLM's steps, so the baseline overtakes it early: the paper's regime by construction.
+    "full": dict(vocab=4096, seq=256, batch=8, steps=800, warmup=40, eval_every=40, eval_batches=16,
+                 corpus_chars=12_000_000, val_fraction=0.08, ood_chars=2_000_000, cloze=1000, ood_rows=256, seeds=3, ensemble=3,
+                 slm=SLM_SHAPE, slm_steps=400, llm=dict(hidden_size=192, num_layers=6, num_heads=3, ffn_size=512, lr=2e-3),
+                 singles=2, combo=3, kd_rounds=4, kd_steps=4,
+                 # 7.4M, 13.7M: width and depth x4/3, x5/3 (head dim 64), lr ~ 1/d; step FLOPs 2.1x, 3.8x the
+                 # 3.4M's: ~23, ~42 min a run beside another, the 8 runs ~2.3 h with --jobs 2
+                 scale=[dict(hidden_size=256, num_layers=8, num_heads=4, ffn_size=688, lr=1.5e-3),
+                        dict(hidden_size=320, num_layers=10, num_heads=5, ffn_size=864, lr=1.2e-3)], scale_seeds=2),
+    # Test scale: every arm, phase and figure in a few minutes; the figures say nothing about SALT.
+    "quick": dict(vocab=1024, seq=64, batch=8, steps=40, warmup=4, eval_every=10, eval_batches=4,
+                  corpus_chars=250_000, val_fraction=0.2, ood_chars=100_000, cloze=50, ood_rows=32, seeds=2, ensemble=2,
+                  slm=dict(SLM_SHAPE, hidden_size=32, ffn_size=86), slm_steps=20,
+                  llm=dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3),
+                  singles=1, combo=2, kd_rounds=1, kd_steps=2,
+                  scale=[dict(hidden_size=96, num_layers=2, num_heads=2, ffn_size=256, lr=3e-3),
+                         dict(hidden_size=128, num_layers=2, num_heads=2, ffn_size=344, lr=3e-3)], scale_seeds=2),
+}
 
 
 def salt(c: dict, **extra) -> dict:
@@ -82,6 +104,7 @@ ARMS26 = {
                                                    **c["best_exit"]}),
 }
 ARMS = {**ARMS13, **ARMS26}
+SCREEN26 = (*FIXED, *ARMS26)  # what issue 26's choices read: the references and the new levers
 # ctx key -> (the arms it is chosen from, with their setting; the arms that run at the best of them, after them;
 # its value until then)
 STAGED = {"best_w": (W_ARMS, ("kind_reverse_kl", "kind_jsd", "kind_nkd"), W_ARMS["salt"]),
@@ -129,6 +152,21 @@ def confirm_plan(screen: dict[str, dict], ctx: dict, p: dict) -> dict:
     return {"singles": singles, "combo": chosen if len(chosen) >= 2 else [], "ranking": levers}
 
 
+def frozen_plan13(result: dict, profile: str) -> dict | None:
+    """Issue 13's plan as a committed results file froze it (its screen ranked only issue 13's arms, so it needs
+    none of them again), or None when the file is of another profile or has no complete plan."""
+    plan = result.get("plan") or {}
+    if result.get("profile") != profile or not plan.get("ranking") or "best_w" not in plan:
+        return None
+    return {k: plan[k] for k in ("singles", "combo", "ranking", "best_w")} | {
+        "reused_from": plan.get("reused_from", "issue 13's screen")}
+
+
+def screen_arms(plan13: dict) -> list[str]:
+    """The screen's arms: every arm, or with issue 13's plan reused only the references and issue 26's levers."""
+    return [a for a in ARMS if a in SCREEN26] if plan13.get("reused_from") else list(ARMS)
+
+
 def today_levers(plan: dict) -> list[str]:
     """Issue 13's best recipe, as levers: its confirmed combination (tau_0.5 + cl_filter + w_0.8), else its best
     single lever (the quick profile's plan may have no combination)."""
@@ -158,7 +196,7 @@ def plan26_of(plan: dict, screen: dict[str, dict], ctx: dict) -> dict:
     new levers (once every arm screened; combo_arm: its name, None without one), the issue-26 arms and that
     combination ranked, and the new best to confirm: the best-ranked, and the combination."""
     today = today_levers(plan)
-    levers = new_combo(today, screen, ctx) if all(a in screen for a in ARMS) else []
+    levers = new_combo(today, screen, ctx) if all(a in screen for a in SCREEN26) else []
     combo = combo_name(levers) if levers else None
     ranked = sorted((a for a in (*ARMS26, combo) if a in screen), key=lambda a: rank_key(screen[a]))
     return {"today": combo_name(today), "best_exit": ctx["best_exit"], "combo": levers, "combo_arm": combo,

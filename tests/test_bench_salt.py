@@ -365,3 +365,21 @@ def test_goal_against_steps_and_flop_fraction_and_why_missed(report):
     assert goal["met"] and goal["flop_met"]
     corpora["linuxdoc"]["arms"]["a"] = arm(0.61, 0.64, ood_z=-2.5)
     assert not report.best_recipe(corpora, ["a"], 3)[1]["met"]
+
+
+def test_issue13s_frozen_plan_is_reused_and_the_screen_needs_only_the_new_arms(arms, bench):
+    result = {"profile": "full", "plan": {"singles": ["tau_0.5", "cl_filter"], "combo": ["tau_0.5", "cl_filter", "w_0.8"],
+                                          "ranking": ["tau_0.5", "cl_filter", "w_0.8"], "best_w": 0.8}}
+    plan13 = arms.frozen_plan13(result, "full")
+    assert plan13["combo"] == ["tau_0.5", "cl_filter", "w_0.8"] and plan13["best_w"] == 0.8 and plan13["reused_from"]
+    assert arms.frozen_plan13(result, "quick") is None  # another profile's plan
+    assert arms.frozen_plan13({"profile": "full", "plan": {"singles": [], "combo": []}}, "full") is None  # incomplete
+    assert arms.frozen_plan13({**result, "plan": {**plan13, "reused_from": "x"}}, "full")["reused_from"] == "x"
+    screened = arms.screen_arms(plan13)
+    assert screened == ["baseline", "salt", "ls_control", *arms.ARMS26]
+    assert arms.screen_arms({"combo": []}) == list(arms.ARMS)
+    # the combination needs only what that screen ran
+    screen = _screen(bench, {a: (0.8 if a == "salt" else 0.7) for a in screened})
+    p26 = arms.plan26_of(plan13, screen, _ctx())
+    assert p26["today"] == "combo-tau_0.5+cl_filter+w_0.8" and p26["combo"][:3] == plan13["combo"]
+    assert len(p26["combo"]) > 3
