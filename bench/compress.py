@@ -339,10 +339,11 @@ class Bench:
         cfg = {"run_dir": str(run_dir), **cfg, "train": {
             "micro_batch_size": p["batch"], "dtype": "bf16", "eval_every": p["eval_every"], "log_every": 10,
             "eval_batches": p["eval_batches"], "torch_threads": self.threads, **cfg.get("train", {})}}
-        path = run_dir.with_suffix(".yaml")
+        # beside the run dir, named after all of it: with_suffix would cut "h0.1_s0" to "h0" (one file for 3 runs)
+        path, log = (run_dir.parent / f"{run_dir.name}{ext}" for ext in (".yaml", ".log"))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        run_module(REPO, module, str(path), log=run_dir.with_suffix(".log") if self.log else None)
+        run_module(REPO, module, str(path), log=log if self.log else None)
 
     def where(self, what: tuple) -> tuple[Path, list[dict], tuple[str, ...]]:
         """A compress run's directory, its stages, and the tasks it is evaluated on."""

@@ -237,3 +237,15 @@ def test_the_result_layout(bench, report, tmp_path):
     assert "progressive" in text and "amortised" in text
     report.plot(r, tmp_path / "flops.png", "test")
     assert (tmp_path / "flops.png").stat().st_size > 0
+
+
+def test_each_run_gets_its_own_config_and_log_even_with_a_dot_in_its_name(bench, tmp_path, monkeypatch):
+    """general/h0.1_s0 and h0.1_s1 run side by side: Path.with_suffix would give both general/h0.yaml."""
+    calls = []
+    monkeypatch.setattr(bench, "run_module", lambda cwd, module, cfg, log=None: calls.append((cfg, log)))
+    b = bench.Bench(bench.PROFILES["quick"], tmp_path, jobs=2)
+    for seed in (0, 1):
+        b.launch("slm_assist.compress", tmp_path / "general" / f"h0.1_s{seed}", {"seed": seed})
+    assert [(c.split("/")[-1], log.name) for c, log in calls] == [("h0.1_s0.yaml", "h0.1_s0.log"),
+                                                                  ("h0.1_s1.yaml", "h0.1_s1.log")]
+    assert [yaml.safe_load(open(c))["run_dir"].endswith(f"h0.1_s{s}") for s, (c, _) in enumerate(calls)] == [True, True]
