@@ -159,10 +159,11 @@ def scratch_loss_at(flops: float, scratch_flops: list[float], losses: list[float
 
 
 def charged_gap(loss: float, flops: float, scratch_flops: list[float], scratch_losses: list[float],
-                teacher: float) -> tuple[float | None, bool]:
-    """Gap recovered when the reference scratch student is given the arm's total FLOPs; and whether clipped."""
+                teacher: float) -> tuple[float | None, bool, float]:
+    """Gap recovered when the reference scratch student is given the arm's total FLOPs (None when that student
+    already beats the teacher: no gap left to recover); whether clipped; the reference's loss."""
     ref, clipped = scratch_loss_at(flops, scratch_flops, scratch_losses)
-    return gap(loss, ref, teacher), clipped
+    return gap(loss, ref, teacher), clipped, ref
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
@@ -239,19 +240,23 @@ def build(runs: dict[str, dict[str, dict[int, dict]]], teachers: dict[str, dict]
         row["teacher_flops"] = meta[a]["flops"]["teacher"]
     mv = minitron_view(perl, multiples, p["budget"] * tokens)
     curve = mv["scratch_curve"]
-    charged, clipped = {}, {}
+    charged, clipped, advantage = {}, {}, {}
     for a, row in perl.items():
         row["tokens_to_match"] = mv["tokens_to_match"].get(a)
         if curve:
             flops = [perl["scratch" if c["multiple"] == 1 else f"scratch_x{c['multiple']}"]["flops"] for c in curve]
-            charged[a], clipped[a] = charged_gap(row["task_val_loss_mean"], row["flops"], flops,
-                                                 [c["task_val_loss_mean"] for c in curve], teacher)
+            charged[a], clipped[a], ref = charged_gap(row["task_val_loss_mean"], row["flops"], flops,
+                                                      [c["task_val_loss_mean"] for c in curve], teacher)
             row["gap_recovered_charged"], row["charged_reference_clipped"] = charged[a], clipped[a]
+            # nats ahead of the scratch student given the same FLOPs: defined even where that student beats the teacher
+            row["charged_reference_loss"], advantage[a] = ref, ref - row["task_val_loss_mean"]
+            row["loss_advantage_charged"] = advantage[a]
     # the best arm at the main student's size (the ~0.3 students are larger); scratch runs are the reference
     rivals = [a for a in perl if meta[a]["same_size"] and meta[a]["group"] != "curve" and a != "scratch"]
     best = min(rivals, key=lambda a: perl[a]["task_val_loss_mean"]) if rivals else None
     scored = [a for a in rivals if charged.get(a) is not None]
     best_charged = max(scored, key=lambda a: charged[a]) if scored else None
+    best_adv = max((a for a in rivals if a in advantage), key=lambda a: advantage[a], default=None)
     runs_perl = runs.get("perl", {})
     margin = (perl["scratch"]["task_val_loss_mean"] - teacher) if "scratch" in perl else None
     am_arms = [a for a in meta if meta[a]["group"] == "amortised"]
@@ -295,6 +300,12 @@ def build(runs: dict[str, dict[str, dict[int, dict]]], teachers: dict[str, dict]
         "best_arm_charged": best_charged,
         "best_gap_recovered_charged": charged[best_charged] if best_charged else None,
         "charged_reference_clipped": bool(best_charged and clipped[best_charged]),
+        "best_arm_advantage_charged": best_adv,
+        "best_loss_advantage_charged": advantage[best_adv] if best_adv else None,
+        # the scratch budget that reaches the fine-tuned teacher: no student distilled from it is likely to match
+        # much more than this, since distillation pulls towards the teacher
+        "teacher_tokens_to_match": tokens_to_match(teacher, [c["multiple"] for c in curve],
+                                                   [c["task_val_loss_mean"] for c in curve]) if curve else None,
         "pareto_front": pareto_front({a: (row["flops"], row["task_val_loss_mean"]) for a, row in perl.items()}),
         "best_recipe_for_init_ablation": "tsd_only",  # the pruning and init arms all run TSD
         "teacher": teachers["perl"], "teacher_tasks": teachers, "speed": speed,
@@ -342,7 +353,9 @@ def summary(r: dict) -> str:
     lines += ["", f"scratch curve (perl): {curve}; best arm matches {_f(r['tokens_to_match_best'], '.2f')}x scratch "
               "tokens", f"best arm {r['best_arm']}: gap {_f(r['best_gap_recovered'], '.3f')}; charged: "
               f"{_f(r['best_arm_charged'])} {_f(r['best_gap_recovered_charged'], '.3f')}"
-              f"{' (past the 16x scratch run: clipped)' if r['charged_reference_clipped'] else ''}; Pareto front "
+              f"{' (past the 16x scratch run: clipped)' if r['charged_reference_clipped'] else ''}; ahead of scratch "
+              f"at equal FLOPs: {_f(r['best_arm_advantage_charged'])} by {_f(r['best_loss_advantage_charged'])} nats; "
+              f"scratch reaches the teacher at {_f(r['teacher_tokens_to_match'], '.2f')}x; Pareto front "
               f"{r['pareto_front']}", f"z (positive = the first is better): progressive vs tsd_only {zs}; vs "
               f"single_stage {_f(r['progressive_vs_single_stage_z'], '.2f')}; pruned vs random "
               f"{_f(r['pruned_vs_random_z'], '.2f')}; width vs depth {_f(r['width_vs_depth_z'], '.2f')}; "

@@ -140,10 +140,14 @@ def test_tokens_to_match_interpolates_in_log_tokens_on_the_running_minimum(repor
 
 def test_charged_gap_gives_scratch_the_arms_flops(report):
     flops, losses = [1e12 * k for k in (1, 2, 4, 8, 16)], [4.0, 3.8, 3.6, 3.5, 3.7]  # overfits at 16x
-    g, clipped = report.charged_gap(3.4, 1e12 * 2 ** 1.5, flops, losses, teacher=3.0)
+    g, clipped, ref = report.charged_gap(3.4, 1e12 * 2 ** 1.5, flops, losses, teacher=3.0)
     assert g == pytest.approx((3.7 - 3.4) / (3.7 - 3.0)) and not clipped  # scratch at 2.83x: 3.7
-    g, clipped = report.charged_gap(3.4, 32e12, flops, losses, teacher=3.0)
+    assert ref == pytest.approx(3.7)
+    g, clipped, ref = report.charged_gap(3.4, 32e12, flops, losses, teacher=3.0)
     assert g == pytest.approx((3.5 - 3.4) / (3.5 - 3.0)) and clipped  # past 16x: the running minimum there
+    # scratch given the arm's FLOPs beats the teacher: no gap left, only the loss behind it
+    g, _, ref = report.charged_gap(3.4, 8e12, flops, losses, teacher=3.55)
+    assert g is None and ref == pytest.approx(3.5)
 
 
 def test_pareto_front(report):
@@ -232,6 +236,11 @@ def test_the_result_layout(bench, report, tmp_path):
     assert r["width_vs_depth_z"] is not None and r["width_vs_depth_z"] > 0
     assert r["flops"]["slm"] == meta["slm"]["flops"]["total"] and r["arms"]["slm"]["flops"] == r["flops"]["slm"]
     assert r["best_arm_charged"] in r["arms"] and r["pareto_front"][0] == "scratch"
+    adv = {a: row["charged_reference_loss"] - row["task_val_loss_mean"] for a, row in r["arms"].items()}
+    assert r["best_loss_advantage_charged"] == pytest.approx(adv[r["best_arm_advantage_charged"]])
+    assert r["best_loss_advantage_charged"] == pytest.approx(max(adv[a] for a in adv if a != "scratch" and
+                                                                 not a.startswith(("scratch_x", "prune_"))))
+    assert r["teacher_tokens_to_match"] == ">16"  # the teacher (3.0) is below every scratch run
     assert "note" in r and json.loads(json.dumps(r, default=str))["amortised"]["general_student_flops"] == 1e12
     text = report.summary({"profile": "quick", "seeds": [0, 1], **r})
     assert "progressive" in text and "amortised" in text
