@@ -56,7 +56,7 @@ def test_arms_spend_equal_task_budgets_and_stage_as_specified(bench):
     prog = bench.stages(arms["progressive"], p)
     assert [(s["name"], s["teacher"], s["data"], s["max_steps"]) for s in prog] == [
         ("ged", "finetuned", "general", 75), ("tad", "finetuned", "task", 75), ("tsd", "finetuned", "task", 150)]
-    assert prog[0]["loss"] == {"kd": 1.0, "hidden": 0.1, "last_layer": "logits"}  # stages.latent_loss()
+    assert prog[0]["loss"] == {"kd": 1.0, "hidden": 0.1, "last_layer": "logits"}  # the bench's main weight
     assert prog[2]["loss"] == {"ce": 1.0, "kd": 1.0}
     assert bench.stages(arms["progressive_h0"], p)[0]["loss"] == {"kd": 1.0}
     assert bench.stages(arms["tad_tsd_h1"], p)[0]["loss"]["hidden"] == 1.0
