@@ -52,7 +52,7 @@ import compress_report as report  # bench/, next to this script
 import numpy as np
 import torch
 import yaml
-from parallel import LOCK, Plan, run_module, threads_per_job
+from parallel import LOCK, Plan, beside, run_module, threads_per_job
 
 from data_tools.corpus import CorpusConfig, joined_documents, read_documents, write_jsonl
 from data_tools.pack import is_validation_doc
@@ -341,8 +341,7 @@ class Bench:
         cfg = {"run_dir": str(run_dir), **cfg, "train": {
             "micro_batch_size": p["batch"], "dtype": "bf16", "eval_every": p["eval_every"], "log_every": 10,
             "eval_batches": p["eval_batches"], "torch_threads": self.threads, **cfg.get("train", {})}}
-        # beside the run dir, named after all of it: with_suffix would cut "h0.1_s0" to "h0" (one file for 3 runs)
-        path, log = (run_dir.parent / f"{run_dir.name}{ext}" for ext in (".yaml", ".log"))
+        path, log = beside(run_dir, ".yaml"), beside(run_dir, ".log")  # one pair per run, dots and all
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         run_module(REPO, module, str(path), log=log if self.log else None)

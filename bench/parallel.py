@@ -21,6 +21,11 @@ def threads_per_job(jobs: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // jobs)  # the cores this process may use, not the host's
 
 
+def beside(run_dir: Path, ext: str) -> Path:
+    """A file next to a run dir, named after all of it (Path.with_suffix would cut "h0.1_s0" to "h0")."""
+    return run_dir.parent / f"{run_dir.name}{ext}"
+
+
 def run_module(cwd: Path, *cmd: str, log: Path | None = None) -> None:
     """`python -m cmd...`; with `log`, its output goes there (side-by-side runs would interleave their progress
     bars) and a failure prints the log's tail."""

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from parallel import LOCK, Jobs, run_module, threads_per_job  # bench/parallel.py, next to this script
+from parallel import LOCK, Jobs, beside, run_module, threads_per_job  # bench/parallel.py, next to this script
 from salt_arms import (
     ARMS,
     ARMS13,
@@ -131,7 +131,7 @@ def train(run_dir: Path, p: dict, data: Path, size: dict, steps: int, seed: int,
                f"train.micro_batch_size={p['batch']}", f"train.eval_every={p['eval_every']}",
                f"train.eval_batches={p['eval_batches']}", f"schedule.warmup_steps={p['warmup']}",
                f"checkpoint.every={steps // 4}", *model_overrides(size, p), *sets,
-               log=run_dir.with_suffix(".log") if threads else None)
+               log=beside(run_dir, ".log") if threads else None)
     wall = round(time.time() - t0, 1)
     with LOCK:  # re-read: side-by-side runs share this file
         walls = _json(walls_file)
