@@ -259,6 +259,7 @@ def plot(corpora: dict, curves: dict[str, dict[str, list]], steps: int, n_kd: in
     names = list(corpora)
     fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.6), squeeze=False)
     for ax, corpus in zip(axes[0], names):
+        lowest = np.inf  # every arm's band stays in view, not only the baseline's
         for arm, runs in curves[corpus].items():
             if not runs:
                 continue
@@ -266,6 +267,7 @@ def plot(corpora: dict, curves: dict[str, dict[str, list]], steps: int, n_kd: in
             ys = np.array([[v for _, v in curve] for curve in runs])
             line, = ax.plot(steps_axis, ys.mean(0), label=f"{arm} ({len(runs)} seeds)", lw=2 if arm in FIXED else 1.3)
             ax.fill_between(steps_axis, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+            lowest = min(lowest, float(ys.min()))
         c = corpora[corpus]
         ax.axhline(c["slm_final_val_loss"], color="grey", ls=":", label="SLM final")
         ax.axvline(n_kd, color="k", ls="--", lw=0.8, label=f"end of SALT's KD phase ({n_kd})")
@@ -274,7 +276,7 @@ def plot(corpora: dict, curves: dict[str, dict[str, list]], steps: int, n_kd: in
         base = c["arms"].get("baseline")
         if base:
             finals = [r["final_val_loss"] for r in base["per_seed"].values()]
-            ax.set_ylim(min(finals) - 0.15, max(finals) + 1.0)
+            ax.set_ylim(min(min(finals), lowest) - 0.05, max(finals) + 1.0)
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (mean; band: min-max over seeds)")
         ax.set_title(f"{title}: {corpus}")
