@@ -11,7 +11,7 @@ Every run trains the same LLM on the same token budget; the seed sets model init
   confirm  baseline, salt, ls_control, today's best and the new best (the best-screened issue-26 arm, and the new
            combination), seeds 0..2 on train_pydoc and train_linuxdoc
   scale    baseline and the best recipe at two larger LLMs, the SLM fixed (the paper's two students share one SLM),
-           2 seeds each on train_pydoc, in the paper's regime
+           2 seeds each on train_pydoc, in the paper's regime; each size at the better of two lrs for its baseline
 
 Per corpus and arm (bench/salt_report.py): the share of the baseline's steps needed to reach its final validation
 loss (per seed, then mean ± SE); the same share of its compute with each KD step (w_t > 0 or alignment on) charged
@@ -30,9 +30,9 @@ scale trend of its saving.
     python bench/salt.py --report-only    # results and plots of the runs finished so far (a sweep in progress)
 
 Finished runs and their evaluations are reused (a killed run resumes from its checkpoint), so a sweep may span
-sessions; the choices are frozen in runs/bench/salt13_<profile>/ (plan.json, plan26.json, scale_plan.json). --seeds N
-adds confirm seeds; --fresh starts over; --jobs N (default 2) trains N runs side by side, cpu_count / N threads each
-(bench/parallel.py), each logging to <run_dir>.log.
+sessions; the choices are frozen in runs/bench/salt13_<profile>/ (plan.json, plan26.json, scale_plan.json: the
+scale arm and each size's lr). --seeds N adds confirm seeds; --fresh starts over; --jobs N (default 2) trains N runs
+side by side, cpu_count / N threads each (bench/parallel.py), each logging to <run_dir>.log.
 """
 
 from __future__ import annotations
@@ -339,9 +339,27 @@ def screen_phase(ctx: dict, jobs: Jobs, train_runs: bool, profile: str, work: Pa
     return plan, plan26, plan26_file.is_file()
 
 
+def final_loss(ctx: dict, arm: str, seed: int) -> float | None:
+    """A finished run's final validation loss, else None."""
+    d = ctx["work"] / arm / f"seed{seed}"
+    return val_curve(d)[-1][1] if (d / "final" / "config.json").is_file() else None
+
+
+def pick_lrs(cands: dict[str, dict[str, dict]]) -> dict[str, str]:
+    """Per scale size, the candidate lr whose seed-0 baseline ended lowest: each size's baseline at its better lr,
+    so the trend is not an artefact of one size's lr."""
+    out = {}
+    for name, by_lr in cands.items():
+        finals = {lr: final_loss(sc, "baseline", 0) for lr, sc in by_lr.items()}
+        if None in finals.values():
+            sys.exit(f"error: scale {name}: the lr candidates' baselines did not all finish ({finals})")
+        out[name] = min(finals, key=finals.get)
+    return out
+
+
 def scale_figures(ctx: dict, sctxs: dict[str, dict], arm: str, n_slm: int | None) -> tuple[dict, dict]:
     """The scale table (this profile's LLM from the confirm runs, then the larger ones) and per size its LLM and
-    where its baseline overtakes the SLM (larger LLMs overtake earlier)."""
+    where its baseline overtakes the SLM, and its baseline's final loss (is the larger LLM the stronger one?)."""
     rows, sizes = {}, {}
     for c in (ctx, *sctxs.values()):
         if (n := _params(c["work"] / "baseline" / "seed0" / "final")) is None or n_slm is None:
@@ -349,7 +367,9 @@ def scale_figures(ctx: dict, sctxs: dict[str, dict], arm: str, n_slm: int | None
         runs = {a: [r["steps_fraction"] for r in runs_of(c, a).values()] for a in ("baseline", arm)}
         rows[n] = {a: fr for a, fr in runs.items() if fr}
         cross = [x for s in runs_of(c, "baseline") if (x := crossover(c, s)) is not None]
-        sizes[str(n)] = {"llm": c.get("llm", c["p"]["llm"]), "crossover_fraction": mean_se(cross)[0] if cross else None}
+        base = [r["final_val_loss"] for r in runs_of(c, "baseline").values()]
+        sizes[str(n)] = {"llm": c.get("llm", c["p"]["llm"]), "crossover_fraction": mean_se(cross)[0] if cross else None,
+                         "baseline_final_val_loss_mean": mean_se(base)[0] if base else None}
     kd = {a: kd_steps(arm_settings(a, ctx), ctx["p"]["steps"]) for a in ("baseline", arm)}
     return scale_table(rows, kd, ctx["p"]["steps"], n_slm or 1), sizes
 
@@ -446,16 +466,29 @@ def main() -> None:
     sizes = {"slm_params": _params(Path(screen_ctx["slm"])),
              "llm_params": _params(screen_ctx["work"] / "baseline" / "seed0" / "final")}
 
-    sctxs, scale_file = scale_ctxs(screen_ctx), work / "scale_plan.json"
-    scale_arm = _json(scale_file).get("arm") or best_arm or plan26["today"]  # frozen when the scale runs start
+    cands, scale_file = scale_ctxs(screen_ctx), work / "scale_plan.json"
+    splan = _json(scale_file)
+    scale_arm = splan.get("arm") or best_arm or plan26["today"]  # frozen when the scale runs start
     if args.phase in ("scale", "all") and not args.report_only:
-        _save(scale_file, {"arm": scale_arm})
+        _save(scale_file, {**splan, "arm": scale_arm})
+        if "lr" not in splan:  # each size's lr: its candidates' seed-0 baselines, the lowest final loss wins
+            for by_lr in cands.values():
+                for sc in by_lr.values():
+                    submit(jobs, sc, "baseline", 0, profile)
+            jobs.drain()
+            splan = {"arm": scale_arm, "lr": pick_lrs(cands)}
+            _save(scale_file, splan)
         for seed in range(p["scale_seeds"]):
-            for sc in sctxs.values():
+            for name, by_lr in cands.items():
                 for arm in ("baseline", scale_arm):
-                    submit(jobs, sc, arm, seed, profile)
+                    submit(jobs, by_lr[splan["lr"][name]], arm, seed, profile)
         jobs.drain()
+    chosen_lr = splan.get("lr") or {n: next(iter(by_lr)) for n, by_lr in cands.items()}
+    sctxs = {n: by_lr[chosen_lr[n]] for n, by_lr in cands.items()}
     scale, scale_sizes = scale_figures(screen_ctx, sctxs, scale_arm, sizes["slm_params"])
+    for name, by_lr in cands.items():  # the seed-0 baseline's final loss at each candidate lr
+        if (n := _params(sctxs[name]["work"] / "baseline" / "seed0" / "final")) is not None:
+            scale_sizes[str(n)]["lr_candidates"] = {lr: final_loss(sc, "baseline", 0) for lr, sc in by_lr.items()}
 
     result = {"profile": profile, "test_scale": profile == "quick", "phase": args.phase, "corpora": corpora,
               "best_arm": best_arm, "goal": goal, "plan": plan, "plan26": plan26, "confirm_arms": confirm,

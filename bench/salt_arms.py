@@ -31,18 +31,20 @@ PROFILES = {
                  corpus_chars=12_000_000, val_fraction=0.08, ood_chars=2_000_000, cloze=1000, ood_rows=256, seeds=3, ensemble=3,
                  slm=SLM_SHAPE, slm_steps=400, llm=dict(hidden_size=192, num_layers=6, num_heads=3, ffn_size=512, lr=2e-3),
                  singles=2, combo=3, kd_rounds=4, kd_steps=4,
-                 # 7.4M, 13.7M: width and depth x4/3, x5/3 (head dim 64), lr ~ 1/d; step FLOPs 2.1x, 3.8x the
-                 # 3.4M's: ~23, ~42 min a run beside another, the 8 runs ~2.3 h with --jobs 2
-                 scale=[dict(hidden_size=256, num_layers=8, num_heads=4, ffn_size=688, lr=1.5e-3),
-                        dict(hidden_size=320, num_layers=10, num_heads=5, ffn_size=864, lr=1.2e-3)], scale_seeds=2),
+                 # 7.4M, 13.7M: width and depth x4/3, x5/3 (head dim 64); step FLOPs 2.1x, 3.8x the 3.4M's: ~23,
+                 # ~42 min a run beside another. lr ~1/d or half that, whichever gives the baseline (seed 0) the
+                 # lower final loss (at 7.4M the half led by 0.14 at step 600 in a probe): 10 runs, ~2.8 h
+                 scale=[dict(hidden_size=256, num_layers=8, num_heads=4, ffn_size=688, lrs=(1.5e-3, 7e-4)),
+                        dict(hidden_size=320, num_layers=10, num_heads=5, ffn_size=864, lrs=(1.2e-3, 6e-4))],
+                 scale_seeds=2),
     # Test scale: every arm, phase and figure in a few minutes; the figures say nothing about SALT.
     "quick": dict(vocab=1024, seq=64, batch=8, steps=40, warmup=4, eval_every=10, eval_batches=4,
                   corpus_chars=250_000, val_fraction=0.2, ood_chars=100_000, cloze=50, ood_rows=32, seeds=2, ensemble=2,
                   slm=dict(SLM_SHAPE, hidden_size=32, ffn_size=86), slm_steps=20,
                   llm=dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=172, lr=3e-3),
                   singles=1, combo=2, kd_rounds=1, kd_steps=2,
-                  scale=[dict(hidden_size=96, num_layers=2, num_heads=2, ffn_size=256, lr=3e-3),
-                         dict(hidden_size=128, num_layers=2, num_heads=2, ffn_size=344, lr=3e-3)], scale_seeds=2),
+                  scale=[dict(hidden_size=96, num_layers=2, num_heads=2, ffn_size=256, lrs=(3e-3, 1.5e-3)),
+                         dict(hidden_size=128, num_layers=2, num_heads=2, ffn_size=344, lrs=(3e-3,))], scale_seeds=2),
 }
 
 
@@ -209,12 +211,15 @@ def arm_settings(arm: str, ctx: dict) -> dict:
     return ARMS[arm](ctx)
 
 
-def scale_ctxs(ctx: dict) -> dict[str, dict]:
-    """The scale phase's larger LLMs, each in its own directory under pydoc's, on pydoc's data with its SLM; their
-    runs need only their validation curves."""
+def scale_ctxs(ctx: dict) -> dict[str, dict[str, dict]]:
+    """The scale phase's larger LLMs: size name -> one context per candidate lr (the size's `lrs`),
+    each in its own directory under pydoc's (the size's name at its first lr, `_lr<lr>` added for the others), on
+    pydoc's data with its SLM; their runs need only their validation curves."""
     out = {}
     for size in ctx["p"]["scale"]:
         name = f"d{size['hidden_size']}_l{size['num_layers']}"
-        out[name] = {**ctx, "work": ctx["work"] / "scale" / name, "llm": size, "eval": False,
-                     "corpus": f"{ctx['corpus']} (LLM {name})"}
+        lrs, shape = size["lrs"], {k: v for k, v in size.items() if k != "lrs"}
+        out[name] = {str(lr): {**ctx, "work": ctx["work"] / "scale" / (name if i == 0 else f"{name}_lr{lr}"),
+                               "llm": {**shape, "lr": lr}, "eval": False, "corpus": f"{ctx['corpus']} (LLM {name}, lr {lr})"}
+                     for i, lr in enumerate(lrs)}
     return out

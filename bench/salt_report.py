@@ -368,6 +368,12 @@ def summary(r: dict) -> str:
             for arm, a in arms.items():
                 lines.append(f"| {int(n):,} | {arm} | {a['n_seeds']} | {f(a['steps_fraction_mean'])} ± "
                              f"{f(a['steps_fraction_se'])} | {f(a['flop_fraction_mean'])} |")
+        for n, s in (r.get("scale_sizes") or {}).items():  # is the larger LLM the stronger one, and which lr
+            lr = s["llm"].get("lr")
+            cands = ", ".join(f"{k} {f(v)}" for k, v in (s.get("lr_candidates") or {}).items())
+            lines.append(f"- {int(n):,} params: lr {lr}{f' (seed-0 baseline final by lr: {cands})' if cands else ''}; "
+                         f"baseline final val loss {f(s.get('baseline_final_val_loss_mean'))}, it overtakes the SLM "
+                         f"at {f(s.get('crossover_fraction'), '.0%')} of the run")
         t = r.get("scale_trend") or {}
         if t.get("direction"):
             pts = ", ".join(f"{n / 1e6:.1f}M {v:.3f}" for n, v in zip(t["llm_params"], t["steps_fraction"]))

@@ -383,3 +383,32 @@ def test_issue13s_frozen_plan_is_reused_and_the_screen_needs_only_the_new_arms(a
     p26 = arms.plan26_of(plan13, screen, _ctx())
     assert p26["today"] == "combo-tau_0.5+cl_filter+w_0.8" and p26["combo"][:3] == plan13["combo"]
     assert len(p26["combo"]) > 3
+
+
+def test_scale_sizes_try_each_lr_and_keep_the_one_whose_baseline_ends_lowest(bench, arms, tmp_path):
+    """Each larger LLM has a context per candidate lr (its first lr in the size's own directory, the others with
+    `_lr<lr>`); pick_lrs keeps, per size, the lr whose seed-0 baseline ended lowest, and stops while one is missing."""
+    import json
+
+    p = {"scale": [dict(hidden_size=96, num_layers=2, num_heads=2, ffn_size=256, lrs=(3e-3, 1.5e-3)),
+                   dict(hidden_size=128, num_layers=3, num_heads=2, ffn_size=344, lrs=(2e-3,))]}
+    cands = arms.scale_ctxs({**_ctx(), "work": tmp_path, "corpus": "pydoc", "p": p})
+    assert {n: list(by_lr) for n, by_lr in cands.items()} == {"d96_l2": ["0.003", "0.0015"], "d128_l3": ["0.002"]}
+    assert cands["d96_l2"]["0.003"]["work"] == tmp_path / "scale" / "d96_l2"
+    assert cands["d96_l2"]["0.0015"]["work"] == tmp_path / "scale" / "d96_l2_lr0.0015"
+    assert cands["d96_l2"]["0.0015"]["llm"] == dict(hidden_size=96, num_layers=2, num_heads=2, ffn_size=256, lr=1.5e-3)
+    assert bench.model_overrides(cands["d96_l2"]["0.0015"]["llm"], {"seq": 64})[-2] == "optim.lr=0.0015"
+
+    def baseline(ctx, final):
+        d = ctx["work"] / "baseline" / "seed0"
+        (d / "final").mkdir(parents=True)
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 10, "val_loss": final + 1}) + "\n"
+                                         + json.dumps({"step": 20, "val_loss": final}) + "\n")
+        (d / "final" / "config.json").write_text("{}")
+
+    baseline(cands["d96_l2"]["0.003"], 4.5)
+    baseline(cands["d128_l3"]["0.002"], 4.2)
+    with pytest.raises(SystemExit, match="d96_l2"):  # the 1.5e-3 candidate has not finished
+        bench.pick_lrs(cands)
+    baseline(cands["d96_l2"]["0.0015"], 4.3)
+    assert bench.pick_lrs(cands) == {"d96_l2": "0.0015", "d128_l3": "0.002"}
