@@ -33,7 +33,7 @@ PROFILES = {
                  singles=2, combo=3, kd_rounds=4, kd_steps=4,
                  # 7.4M, 13.7M: width and depth x4/3, x5/3 (head dim 64); step FLOPs 2.1x, 3.8x the 3.4M's: ~23,
                  # ~42 min a run beside another. lr ~1/d or half that, whichever gives the baseline (seed 0) the
-                 # lower final loss (at 7.4M the half led by 0.14 at step 600 in a probe): 10 runs, ~2.8 h
+                 # lower final loss (at 7.4M the half ended 0.11 lower in a probe): 10 runs, ~2.8 h
                  scale=[dict(hidden_size=256, num_layers=8, num_heads=4, ffn_size=688, lrs=(1.5e-3, 7e-4)),
                         dict(hidden_size=320, num_layers=10, num_heads=5, ffn_size=864, lrs=(1.2e-3, 6e-4))],
                  scale_seeds=2),
