@@ -47,9 +47,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
-from parallel import LOCK, Jobs, beside, run_module, threads_per_job  # bench/parallel.py, next to this script
+from parallel import LOCK, Jobs, threads_per_job  # bench/parallel.py, next to this script
 from salt_arms import (
     ARMS,
     ARMS13,
@@ -57,7 +56,6 @@ from salt_arms import (
     PROFILES,
     STAGED,
     arm_settings,
-    as_overrides,
     confirm_plan,
     frozen_plan13,
     plan26_of,
@@ -79,120 +77,16 @@ from salt_report import (
     summarise_arm,
     summary,
 )
+from salt_setup import OOD_CORPUS, REPO, model_overrides, prepare, read_json, save_json, train
 
-from data_tools.corpus import joined_documents, write_jsonl
-from slm_assist.core.dataset import load_split, read_manifest
-from slm_assist.core.files import atomic_write_text
-from slm_assist.core.scores import ScoresDir
+from slm_assist.core.dataset import read_manifest
 from slm_assist.eval import cloze_accuracy, dataset_loss, load_model
 from slm_assist.training.metrics import mean_se, steps_to_reach, val_curve
 from slm_assist.training.models import count_params
 
-REPO = Path(__file__).resolve().parents[1]
-CORPORA = REPO.parent / "shared" / "corpora"
-MAIN_CORPORA = {"pydoc": CORPORA / "train_pydoc.txt.gz", "linuxdoc": CORPORA / "train_linuxdoc.txt.gz"}
-OOD_CORPUS = CORPORA / "train_perldoc.txt.gz"
 RESULTS = REPO / "bench" / "results"
 GPU_JSON = RESULTS / "gpu.json"  # bench/gpu/verify.py's figures, when a GPU run left them
 REGIME = 0.6  # the baseline must overtake the SLM within this fraction of the run
-
-
-def run(*cmd: str) -> None:
-    run_module(REPO, *cmd)
-
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _save(path: Path, obj: dict) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
-
-
-# ---- per-corpus setup: data, SLMs, scores, selections ---------------------------------------------------------
-
-def model_overrides(size: dict, p: dict) -> list[str]:
-    return [f"model.{k}={v}" for k, v in size.items() if k != "lr"] + [
-        f"optim.lr={size['lr']}", f"model.max_position_embeddings={p['seq']}"]
-
-
-def train(run_dir: Path, p: dict, data: Path, size: dict, steps: int, seed: int, extra: dict,
-          threads: int = 0) -> float:
-    """Train one run (or reuse it when finished); returns the wall time its training took. `threads` > 0: a run
-    side by side with others, with that many threads and its output in `run_dir`.log."""
-    walls_file = run_dir.parent.parent / "wall_s.json"
-    walls, key = _json(walls_file), f"{run_dir.parent.name}/{run_dir.name}"
-    if (run_dir / "final" / "config.json").is_file() and key in walls:
-        return walls[key]
-    t0 = time.time()
-    sets = as_overrides(extra) + ([f"train.torch_threads={threads}"] if threads else [])
-    run_module(REPO, "slm_assist.train", str(REPO / "configs/demo/llm.yaml"), f"run_dir={run_dir}",
-               f"data.path={data}", f"seed={seed}", f"data.seed={seed}", f"train.max_steps={steps}",
-               f"train.micro_batch_size={p['batch']}", f"train.eval_every={p['eval_every']}",
-               f"train.eval_batches={p['eval_batches']}", f"schedule.warmup_steps={p['warmup']}",
-               f"checkpoint.every={steps // 4}", *model_overrides(size, p), *sets,
-               log=beside(run_dir, ".log") if threads else None)
-    wall = round(time.time() - t0, 1)
-    with LOCK:  # re-read: side-by-side runs share this file
-        walls = _json(walls_file)
-        walls[key] = wall
-        _save(walls_file, walls)
-    return wall
-
-
-@torch.inference_mode()
-def mean_target_prob(model_dir: Path, data: Path, rows: int = 64) -> float:
-    """The SLM's mean probability of the true next token: 1 minus it sets the control's smoothing, so the
-    smoothed one-hot is as soft as the SLM's labels on average."""
-    model, tok = load_model(model_dir, torch.device("cpu"))
-    ids = torch.tensor(np.asarray(load_split(data, "validation")[:rows]["input_ids"], dtype=np.int64))
-    logp = model(input_ids=ids).logits[:, :-1, : len(tok)].float().log_softmax(-1)
-    return logp.gather(-1, ids[:, 1:, None]).exp().mean().item()
-
-
-def prepare(corpus: str, p: dict, work: Path) -> dict:
-    """The corpus packed (its own tokenizer, ~2000-char documents), the OOD corpus with that tokenizer, a cloze set
-    from held-out documents, the SLM and its ensemble partners, the SLM's scores and the two KD-phase subsets."""
-    w = work / corpus
-    w.mkdir(parents=True, exist_ok=True)
-    data, ood, cloze = w / "data", w / "ood", w / "cloze.jsonl"
-    pack = [str(REPO / "configs/demo/data.yaml"), "overwrite=true", f"pack.seq_len={p['seq']}"]
-    if not (data / "manifest.json").is_file():
-        write_jsonl(w / "corpus.jsonl", joined_documents([MAIN_CORPORA[corpus]], p["corpus_chars"]))
-        run("data_tools.pack", *pack, f"out_dir={data}", f"corpus.paths=[{w / 'corpus.jsonl'}]",
-            f"tokenizer.vocab_size={p['vocab']}", f"pack.val_fraction={p['val_fraction']}")
-    if not (ood / "manifest.json").is_file():
-        write_jsonl(w / "ood.jsonl", joined_documents([OOD_CORPUS], p["ood_chars"]))
-        run("data_tools.pack", *pack, f"out_dir={ood}", f"corpus.paths=[{w / 'ood.jsonl'}]",
-            f"tokenizer.path={data / 'tokenizer'}", "pack.val_fraction=0.1")
-    if not cloze.is_file():
-        run("data_tools.cloze", str(data), str(cloze), "--examples", str(p["cloze"]))
-    n = sum(1 for _ in cloze.open())
-    if n < p["cloze"]:
-        sys.exit(f"error: {cloze}: only {n} cloze items from the held-out documents, fewer than {p['cloze']}")
-    slms = [w / "slm" / f"seed{s}" for s in range(p["ensemble"])]
-    for s, d in enumerate(slms):
-        train(d, p, data, p["slm"], p["slm_steps"], s, {})
-    scores, select = w / "scores", {"salt_ds": w / "select_salt_ds", "cl": w / "select_cl"}
-    if not (scores / "manifest.json").is_file():
-        run("data_tools.score", str(REPO / "configs/demo/score.yaml"), f"model={slms[0] / 'final'}", f"data={data}",
-            f"out_dir={scores}", "overwrite=true")
-    if not (select["salt_ds"] / "index.npy").is_file():
-        run("data_tools.select", str(REPO / "configs/demo/select.yaml"), f"scores={scores}",
-            f"out_dir={select['salt_ds']}", "overwrite=true")
-    flags = ScoresDir.open(scores, "scores").columns()["confident_wrong"]
-    cl_cut = float(np.percentile(flags, 90))  # the 10% most confidently-wrong sequences are left out
-    if not (select["cl"] / "index.npy").is_file():
-        run("data_tools.select", str(REPO / "configs/demo/select.yaml"), f"scores={scores}", f"out_dir={select['cl']}",
-            "overwrite=true", "policy=random", "fraction=1.0", f"max_confident_wrong={cl_cut!r}")
-    eps_file = w / "ls_eps.json"
-    if not eps_file.is_file():
-        _save(eps_file, {"eps": round(1 - mean_target_prob(slms[0] / "final", data), 3)})
-    return {"corpus": corpus, "p": p, "work": w, "data": data, "ood": ood, "cloze": cloze,
-            "slm": str(slms[0] / "final"), "slm_dir": slms[0], "ensemble": [str(d / "final") for d in slms[1:]],
-            "scores": str(scores), "select": {k: str(v / "index.npy") for k, v in select.items()},
-            "cl_cut": cl_cut, "cl_flagged": _json(select["cl"] / "selection.json").get("flagged"),
-            "eps": _json(eps_file)["eps"], **{key: default for key, (_, _, default) in STAGED.items()}}
 
 
 # ---- runs and their figures ------------------------------------------------------------------------------------
@@ -201,14 +95,14 @@ def evaluate(ctx: dict, arm: str, seed: int) -> dict:
     """Final figures of one run, cached next to the corpus's runs."""
     cache_file, key = ctx["work"] / "evals.json", f"{arm}/seed{seed}"
     with LOCK:  # one evaluation at a time, beside the runs still training
-        evals = _json(cache_file)
+        evals = read_json(cache_file)
         if key not in evals:
             p, run_dir = ctx["p"], ctx["work"] / arm / f"seed{seed}"
             model, tok = load_model(run_dir / "final", torch.device("cpu"))
             evals[key] = {"full_val_loss": dataset_loss(model, tok, ctx["data"])["loss"],
                           "ood_val_loss": dataset_loss(model, tok, ctx["ood"], max_rows=p["ood_rows"])["loss"],
                           "cloze_acc": cloze_accuracy(model, tok, ctx["cloze"])["accuracy"]}
-            _save(cache_file, evals)
+            save_json(cache_file, evals)
         return evals[key]
 
 
@@ -253,7 +147,7 @@ def runs_of(ctx: dict, arm: str) -> dict[int, dict]:
         base = ctx["work"] / "baseline" / d.name
         if not (d / "final" / "config.json").is_file() or not (base / "final" / "config.json").is_file():
             continue
-        ev = _json(ctx["work"] / "evals.json").get(f"{arm}/{d.name}") if ctx.get("eval", True) else {}
+        ev = read_json(ctx["work"] / "evals.json").get(f"{arm}/{d.name}") if ctx.get("eval", True) else {}
         if ev is None:
             continue
         curve, base_curve = val_curve(d), val_curve(base)
@@ -262,7 +156,7 @@ def runs_of(ctx: dict, arm: str) -> dict[int, dict]:
                      "val_lead_at_kd_end": loss_at(base_curve, kd_end) - loss_at(curve, kd_end),
                      "val_lead_at_goal": loss_at(base_curve, GOAL * steps) - loss_at(curve, GOAL * steps),
                      "val_lead_final": base_curve[-1][1] - curve[-1][1],
-                     **ev, "wall_s": _json(ctx["work"] / "wall_s.json").get(f"{arm}/{d.name}"), "val_curve": curve}
+                     **ev, "wall_s": read_json(ctx["work"] / "wall_s.json").get(f"{arm}/{d.name}"), "val_curve": curve}
     return out
 
 
@@ -305,8 +199,8 @@ def screen_phase(ctx: dict, jobs: Jobs, train_runs: bool, profile: str, work: Pa
     p, chosen = ctx["p"], set()
     plan_file, plan26_file = work / "plan.json", work / "plan26.json"
     if not plan_file.is_file() and reuse is not None:
-        _save(plan_file, reuse)
-    ctx["best_w"] = (plan := _json(plan_file)).get("best_w", ctx["best_w"])
+        save_json(plan_file, reuse)
+    ctx["best_w"] = (plan := read_json(plan_file)).get("best_w", ctx["best_w"])
     for arm in screen_arms(plan):
         for key, (group, after, _) in STAGED.items():
             if arm in after and key not in chosen:
@@ -320,8 +214,8 @@ def screen_phase(ctx: dict, jobs: Jobs, train_runs: bool, profile: str, work: Pa
     screen = {a: summarise_arm({0: r[0]}, {}, {}) for a in ARMS if 0 in (r := runs_of(ctx, a))}
     screen13 = {a: s for a, s in screen.items() if a in ARMS13}  # issue 13's plan ranks only its own arms
     if not plan_file.is_file() and len(screen13) == len(ARMS13):
-        _save(plan_file, {**confirm_plan(screen13, ctx, p), "best_w": ctx["best_w"]})
-    plan = _json(plan_file) or {"singles": [], "combo": [], "best_w": ctx["best_w"],
+        save_json(plan_file, {**confirm_plan(screen13, ctx, p), "best_w": ctx["best_w"]})
+    plan = read_json(plan_file) or {"singles": [], "combo": [], "best_w": ctx["best_w"],
                                 "ranking": confirm_plan(screen13, ctx, p)["ranking"] if "salt" in screen13 else []}
     ctx["best_w"] = plan["best_w"]
     if not plan26_file.is_file():  # today's best and the new combination, screened after the rest
@@ -333,8 +227,8 @@ def screen_phase(ctx: dict, jobs: Jobs, train_runs: bool, profile: str, work: Pa
         screen.update({a: summarise_arm({0: r[0]}, {}, {}) for a in extra if 0 in (r := runs_of(ctx, a))})
         plan26 = plan26_of(plan, screen, ctx)
         if all(a in screen for a in (*screen_arms(plan), *extra)):
-            _save(plan26_file, plan26)
-    plan26 = _json(plan26_file) or plan26
+            save_json(plan26_file, plan26)
+    plan26 = read_json(plan26_file) or plan26
     ctx["best_exit"] = plan26["best_exit"]
     return plan, plan26, plan26_file.is_file()
 
@@ -442,7 +336,7 @@ def main() -> None:
 
     ctxs = {"pydoc": {**prepare("pydoc", p, work), "threads": threads}}
     screen_ctx = ctxs["pydoc"]
-    reuse = None if args.rescreen13 or args.quick else frozen_plan13(_json(RESULTS / "salt.json"), profile)
+    reuse = None if args.rescreen13 or args.quick else frozen_plan13(read_json(RESULTS / "salt.json"), profile)
     plan, plan26, screen_done = screen_phase(screen_ctx, jobs, not args.report_only and args.phase != "scale",
                                              profile, work, reuse)
     confirm = list(dict.fromkeys([*FIXED, plan26["today"], *plan26["new_best"]]))
@@ -467,17 +361,17 @@ def main() -> None:
              "llm_params": _params(screen_ctx["work"] / "baseline" / "seed0" / "final")}
 
     cands, scale_file = scale_ctxs(screen_ctx), work / "scale_plan.json"
-    splan = _json(scale_file)
+    splan = read_json(scale_file)
     scale_arm = splan.get("arm") or best_arm or plan26["today"]  # frozen when the scale runs start
     if args.phase in ("scale", "all") and not args.report_only:
-        _save(scale_file, {**splan, "arm": scale_arm})
+        save_json(scale_file, {**splan, "arm": scale_arm})
         if "lr" not in splan:  # each size's lr: its candidates' seed-0 baselines, the lowest final loss wins
             for by_lr in cands.values():
                 for sc in by_lr.values():
                     submit(jobs, sc, "baseline", 0, profile)
             jobs.drain()
             splan = {"arm": scale_arm, "lr": pick_lrs(cands)}
-            _save(scale_file, splan)
+            save_json(scale_file, splan)
         for seed in range(p["scale_seeds"]):
             for name, by_lr in cands.items():
                 for arm in ("baseline", scale_arm):
@@ -498,7 +392,7 @@ def main() -> None:
               **kd, "kd_step_ratio_gpu": ratios["kd_step_ratio_gpu"],
               "scale_arm": scale_arm, "scale_seeds": p["scale_seeds"], "scale": scale, "scale_sizes": scale_sizes,
               "scale_trend": scale_trend(scale, scale_arm), "screen_complete": screen_done,
-              "wall_s_training": round(sum(sum(_json(c["work"] / "wall_s.json").values())
+              "wall_s_training": round(sum(sum(read_json(c["work"] / "wall_s.json").values())
                                            for c in (*ctxs.values(), *sctxs.values())), 1),
               "wall_s_this_invocation": round(time.time() - t_start, 1)}
     if profile == "quick":
@@ -513,7 +407,7 @@ def main() -> None:
     plot(corpora, curves, p["steps"], result["n_kd_steps"], len(ARMS), plot_dir, title)
     if scale:
         plot_scale(scale, scale_arm, plot_dir, f"SALT ({profile}) on pydoc: {scale_arm} by LLM size, SLM fixed")
-    _save(out / f"salt{suffix}.json", result)
+    save_json(out / f"salt{suffix}.json", result)
     print(summary(result))
 
 
