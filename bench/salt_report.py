@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -166,18 +167,20 @@ def scale_table(rows: dict[int, dict[str, list[float | None]]], kd: dict[str, in
             sf = _mean_se(fr)
             ff = _mean_se([compute_fraction(f, kd[arm], steps, flop_step_ratio(n_slm, n_llm)) for f in fr])
             out[str(n_llm)][arm] = {"steps_fraction_mean": sf[0], "steps_fraction_se": sf[1], "n_seeds": len(fr),
-                                    "flop_fraction_mean": ff[0], "flop_fraction_se": ff[1]}
+                                    "flop_fraction_mean": ff[0], "flop_fraction_se": ff[1], "per_seed": fr}
     return out
 
 
 def scale_trend(scale: dict, arm: str) -> dict:
     """Does `arm`'s saving grow with the LLM's size? Its steps fraction at the largest size against the smallest
-    (unpaired: different models): direction 'grows' when the fraction falls, z = the difference over its SE."""
+    (unpaired: different models): direction 'grows' when the fraction falls, z = the difference over its SE, and
+    beyond_2se says whether that direction is a result (|z| > 2) or only a direction."""
     sizes = sorted((int(k) for k, a in scale.items() if (a.get(arm) or {}).get("steps_fraction_mean") is not None))
     out = {"arm": arm, "llm_params": sizes,
            "steps_fraction": [scale[str(n)][arm]["steps_fraction_mean"] for n in sizes],
            "steps_fraction_se": [scale[str(n)][arm]["steps_fraction_se"] for n in sizes],
-           "flop_fraction": [scale[str(n)][arm]["flop_fraction_mean"] for n in sizes], "direction": None, "z": None}
+           "flop_fraction": [scale[str(n)][arm]["flop_fraction_mean"] for n in sizes], "direction": None, "z": None,
+           "beyond_2se": None}
     if len(sizes) < 2:
         return out
     small, large = scale[str(sizes[0])][arm], scale[str(sizes[-1])][arm]
@@ -186,6 +189,7 @@ def scale_trend(scale: dict, arm: str) -> dict:
     se = math.hypot(*ses) if None not in ses else None
     out["direction"] = "grows" if diff < 0 else "shrinks" if diff > 0 else "flat"
     out["z"] = diff / se if se else None
+    out["beyond_2se"] = None if out["z"] is None else abs(out["z"]) > 2
     return out
 
 
@@ -317,13 +321,13 @@ def plot_scale(scale: dict, arm: str | None, out: Path, title: str) -> None:
         pts = [(n, scale[str(n)][arm][f"{key}_mean"], scale[str(n)][arm][f"{key}_se"] or 0.0) for n in sizes
                if scale[str(n)][arm][f"{key}_mean"] is not None]
         if pts:
-            ax.errorbar(*zip(*pts), marker="o", capsize=3, label=f"{arm}: {label}")
+            ax.errorbar(*zip(*pts), marker="o", capsize=3, label=label)
     ax.axhline(GOAL, color="tab:green", ls="--", lw=1, label=f"steps goal {GOAL}")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("LLM parameters (the SLM fixed)")
     ax.set_ylabel("share of the baseline's run to reach its final val loss")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 80), fontsize=8)  # arm names are long
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "scale.png", dpi=110)
@@ -363,11 +367,12 @@ def summary(r: dict) -> str:
         lines += [f"- {n}" for n in goal_notes(r)]
     if r.get("scale"):
         lines += ["", f"### scale (pydoc, the SLM fixed): {r.get('scale_arm')} against the baseline", "",
-                  "| LLM params | arm | seeds | steps fraction | flop fraction |", "|---|---|---|---|---|"]
+                  "| LLM params | arm | seeds | steps fraction | per seed | flop fraction |", "|---|---|---|---|---|---|"]
         for n, arms in r["scale"].items():
             for arm, a in arms.items():
+                per_seed = " ".join(f(x) for x in a.get("per_seed", []))
                 lines.append(f"| {int(n):,} | {arm} | {a['n_seeds']} | {f(a['steps_fraction_mean'])} ± "
-                             f"{f(a['steps_fraction_se'])} | {f(a['flop_fraction_mean'])} |")
+                             f"{f(a['steps_fraction_se'])} | {per_seed} | {f(a['flop_fraction_mean'])} |")
         for n, s in (r.get("scale_sizes") or {}).items():  # is the larger LLM the stronger one, and which lr
             lr = s["llm"].get("lr")
             cands = ", ".join(f"{k} {f(v)}" for k, v in (s.get("lr_candidates") or {}).items())
@@ -378,7 +383,8 @@ def summary(r: dict) -> str:
         if t.get("direction"):
             pts = ", ".join(f"{n / 1e6:.1f}M {v:.3f}" for n, v in zip(t["llm_params"], t["steps_fraction"]))
             lines.append(f"scale trend: {t['arm']}'s saving {t['direction']} with size (steps fraction {pts}; "
-                         f"largest vs smallest z {f(t['z'], '.1f')})")
+                         f"largest vs smallest z {f(t['z'], '.2f')}, "
+                         f"{'beyond' if t.get('beyond_2se') else 'within'} 2 SE)")
     if r.get("note"):
         lines += ["", r["note"]]
     return "\n".join(lines)

@@ -288,7 +288,7 @@ def test_scale_table_and_trend(report):
     assert list(scale) == ["3000000", "12000000"]
     small, large = scale["3000000"]["best"], scale["12000000"]["best"]
     assert small["steps_fraction_mean"] == pytest.approx(0.75) and small["steps_fraction_se"] == pytest.approx(0.05)
-    assert small["n_seeds"] == 2
+    assert small["n_seeds"] == 2 and small["per_seed"] == [0.7, 0.8]
     # 160 KD steps at 1 + 0.3M / (3 x 3M) = 1 + 1/30: + 160 / 30 / 800 = 0.00667
     assert small["flop_fraction_mean"] == pytest.approx(0.75 + 1 / 150)
     assert large["flop_fraction_mean"] == pytest.approx(0.61 + 1 / 600)  # 1 + 1/120 at 12M
@@ -296,6 +296,10 @@ def test_scale_table_and_trend(report):
     t = report.scale_trend(scale, "best")
     assert t["direction"] == "grows" and t["llm_params"] == [3_000_000, 12_000_000]
     assert t["z"] == pytest.approx(-0.14 / (0.05**2 + 0.01**2) ** 0.5)
+    assert t["beyond_2se"] is True  # z = -2.75
+    rows[12_000_000]["best"] = [0.6, 0.8]  # smaller and noisier: a direction, not a result
+    assert report.scale_trend(report.scale_table(rows, {"baseline": 0, "best": 160}, 800, 300_000), "best")[
+        "beyond_2se"] is False
     assert report.scale_trend({"3000000": scale["3000000"]}, "best")["direction"] is None  # one size
 
 
