@@ -11,7 +11,7 @@ Every run trains the same LLM on the same token budget; the seed sets model init
   confirm  baseline, salt, ls_control, today's best and the new best (the best-screened issue-26 arm, and the new
            combination), seeds 0..2 on train_pydoc and train_linuxdoc
   scale    baseline and the best recipe at two larger LLMs, the SLM fixed (the paper's two students share one SLM),
-           2 seeds each on train_pydoc, in the paper's regime; each size at the better of two lrs for its baseline
+           3 seeds each on train_pydoc, in the paper's regime; each size at the better of two lrs for its baseline
 
 Per corpus and arm (bench/salt_report.py): the share of the baseline's steps needed to reach its final validation
 loss (per seed, then mean ± SE); the same share of its compute with each KD step (w_t > 0 or alignment on) charged

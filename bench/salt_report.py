@@ -382,9 +382,10 @@ def summary(r: dict) -> str:
         t = r.get("scale_trend") or {}
         if t.get("direction"):
             pts = ", ".join(f"{n / 1e6:.1f}M {v:.3f}" for n, v in zip(t["llm_params"], t["steps_fraction"]))
-            lines.append(f"scale trend: {t['arm']}'s saving {t['direction']} with size (steps fraction {pts}; "
-                         f"largest vs smallest z {f(t['z'], '.2f')}, "
-                         f"{'beyond' if t.get('beyond_2se') else 'within'} 2 SE)")
+            verdict = (f"{t['direction']} with size" if t.get("beyond_2se") else
+                       f"no trend beyond 2 SE (largest vs smallest: {t['direction']})")
+            lines.append(f"scale trend: {t['arm']}'s saving: {verdict} (steps fraction {pts}; "
+                         f"largest vs smallest z {f(t['z'], '.2f')})")
     if r.get("note"):
         lines += ["", r["note"]]
     return "\n".join(lines)
