@@ -258,10 +258,10 @@ def scale_figures(ctx: dict, sctxs: dict[str, dict], arm: str, n_slm: int | None
     for c in (ctx, *sctxs.values()):
         if (n := _params(c["work"] / "baseline" / "seed0" / "final")) is None or n_slm is None:
             continue
-        runs = {a: [r["steps_fraction"] for r in runs_of(c, a).values()] for a in ("baseline", arm)}
-        rows[n] = {a: fr for a, fr in runs.items() if fr}
-        cross = [x for s in runs_of(c, "baseline") if (x := crossover(c, s)) is not None]
-        base = [r["final_val_loss"] for r in runs_of(c, "baseline").values()]
+        runs = {a: runs_of(c, a) for a in ("baseline", arm)}
+        rows[n] = {a: [r["steps_fraction"] for r in by_seed.values()] for a, by_seed in runs.items() if by_seed}
+        cross = [x for s in runs["baseline"] if (x := crossover(c, s)) is not None]
+        base = [r["final_val_loss"] for r in runs["baseline"].values()]
         sizes[str(n)] = {"llm": c.get("llm", c["p"]["llm"]), "crossover_fraction": mean_se(cross)[0] if cross else None,
                          "baseline_final_val_loss_mean": mean_se(base)[0] if base else None}
     kd = {a: kd_steps(arm_settings(a, ctx), ctx["p"]["steps"]) for a in ("baseline", arm)}
@@ -393,7 +393,8 @@ def main() -> None:
               "scale_arm": scale_arm, "scale_seeds": p["scale_seeds"], "scale": scale, "scale_sizes": scale_sizes,
               "scale_trend": scale_trend(scale, scale_arm), "screen_complete": screen_done,
               "wall_s_training": round(sum(sum(read_json(c["work"] / "wall_s.json").values())
-                                           for c in (*ctxs.values(), *sctxs.values())), 1),
+                                           for c in (*ctxs.values(), *(sc for by_lr in cands.values()
+                                                                        for sc in by_lr.values()))), 1),
               "wall_s_this_invocation": round(time.time() - t_start, 1)}
     if profile == "quick":
         result["note"] = ("TEST SCALE: tiny models and a few dozen steps; the figures check that every arm, phase and "

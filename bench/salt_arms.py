@@ -31,10 +31,10 @@ PROFILES = {
                  corpus_chars=12_000_000, val_fraction=0.08, ood_chars=2_000_000, cloze=1000, ood_rows=256, seeds=3, ensemble=3,
                  slm=SLM_SHAPE, slm_steps=400, llm=dict(hidden_size=192, num_layers=6, num_heads=3, ffn_size=512, lr=2e-3),
                  singles=2, combo=3, kd_rounds=4, kd_steps=4,
-                 # 7.4M, 13.7M: width and depth x4/3, x5/3 (head dim 64); step FLOPs 2.1x, 3.8x the 3.4M's: ~23,
-                 # ~42 min a run beside another. lr ~1/d or half that, whichever gives the baseline (seed 0) the
-                 # lower final loss (at 7.4M the half ended 0.11 lower in a probe). 3 seeds: a claim needs 3 (the
-                 # project's rule; 2 gave z -1.96): 14 runs, ~3.8 h
+                 # 7.4M, 13.7M: width and depth x4/3, x5/3 (head dim 64); step FLOPs 2.1x, 3.8x the 3.4M's: ~14,
+                 # ~23 min a run beside another (measured). lr ~1/d or half that, whichever gives the baseline
+                 # (seed 0) the lower final loss (at 7.4M the half ended 0.11 lower in a probe). 3 seeds: a claim
+                 # needs 3 (the project's rule; 2 gave z -1.96): 14 runs, ~2.2 h two at a time
                  scale=[dict(hidden_size=256, num_layers=8, num_heads=4, ffn_size=688, lrs=(1.5e-3, 7e-4)),
                         dict(hidden_size=320, num_layers=10, num_heads=5, ffn_size=864, lrs=(1.2e-3, 6e-4))],
                  scale_seeds=3),
